@@ -1,0 +1,114 @@
+"""Running services: links, RPC servers and the HTTP port, with a graceful shutdown.
+
+`App.start` returns at once and connects in the background (readiness tells when it is
+done); `App.stop` stops consuming, lets in-flight work finish within the grace period, closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import structlog
+
+from service.config import Settings, load_settings
+from service.health import Health
+from service.http import HttpServer
+from service.registry import Service
+from service.rpc_server import RpcServer
+from service.topology import Topology, service_topology
+from service.transport import Transport
+
+__all__ = ["App"]
+
+_log = structlog.get_logger("burrow.app")
+
+
+class App:
+    """One process serving one or more services.
+
+    Args:
+        http: serve `/metrics`, `/healthz` and `/readyz` on `settings.http_port`.
+    """
+
+    def __init__(
+        self, *services: Service, settings: Settings | None = None, http: bool = True
+    ) -> None:
+        if not services:
+            raise ValueError("App needs at least one Service")
+        self.settings = settings or load_settings()
+        self.services = services
+        topology = Topology()
+        for svc in services:
+            topology = topology.merge(service_topology(svc.name, self.settings))
+        self.topology = topology
+        self.transport = Transport(self.settings, topology)
+        self.servers = [RpcServer(svc, self.settings, self.transport.publisher) for svc in services]
+        self.transport.consumer.consumers.extend(server.consumer() for server in self.servers)
+        self.health = Health(links=self.transport.links)
+        self.http = (
+            HttpServer(self.health, self.settings.http_host, self.settings.http_port)
+            if http
+            else None
+        )
+
+    async def start(self) -> None:
+        """Start the HTTP port and begin connecting; does not wait for the broker."""
+        if self.http is not None:
+            await self.http.start()
+        self.transport.start()
+        _log.info(
+            "burrow starting",
+            services=[svc.name for svc in self.services],
+            broker=self.settings.redacted_urls(),
+            http_port=self.http.port if self.http else None,
+        )
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until both links are connected and every consumer is attached."""
+        await self.transport.wait_ready(timeout)
+
+    async def stop(self) -> None:
+        """Graceful shutdown: stop consuming, finish in-flight work (bounded), then close."""
+        self.health.draining = True
+        await self.transport.consumer.cancel_consumers()
+        busy = [server.idle.wait() for server in self.servers if not server.idle.is_set()]
+        if busy:
+            try:
+                async with asyncio.timeout(self.settings.shutdown_grace):
+                    await asyncio.gather(*busy)
+            except TimeoutError:
+                # Unacked deliveries go back to the queue when the channel closes.
+                _log.warning("grace period over; unfinished work returns to the queue")
+        await self.transport.close()
+        if self.http is not None:
+            await self.http.close()
+        _log.info("burrow stopped")
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (exit 0) or a fatal broker error (exit 1)."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        fatal = asyncio.ensure_future(self._watch_fatal())
+        waiter = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({fatal, waiter}, return_when="FIRST_COMPLETED")
+        code = 0
+        if fatal.done() and not fatal.cancelled():
+            _log.error("fatal broker error; exiting", error=fatal.result())
+            code = 1
+        fatal.cancel()
+        waiter.cancel()
+        await self.stop()
+        return code
+
+    async def _watch_fatal(self) -> str:
+        while True:
+            for link in self.transport.links:
+                if link.fatal is not None:
+                    return str(link.fatal)
+            await asyncio.sleep(0.2)

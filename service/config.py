@@ -1,0 +1,91 @@
+"""Settings from `BURROW_*` environment variables, validated once at start.
+
+The AMQP URL holds a password: it is kept as a secret and only ever shown redacted.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.errors import ConfigError
+
+__all__ = ["Settings", "load_settings", "redact_url"]
+
+_NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+
+
+class Settings(BaseSettings):
+    """Every knob Burrow reads, each from `BURROW_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="BURROW_", extra="ignore", frozen=True)
+
+    amqp_url: SecretStr = Field(
+        default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
+        description="One or more AMQP URLs, comma-separated, tried in turn (cluster failover).",
+    )
+    namespace: str = Field(default="burrow", pattern=r"^[a-z][a-z0-9_-]{0,62}$")
+    prefetch: int = Field(default=64, ge=1, le=65535)
+    default_deadline: float = Field(default=30.0, gt=0, le=86400)
+    handler_timeout: float = Field(
+        default=600.0, gt=0, description="Upper bound on one handler run; below consumer timeout."
+    )
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=128 * 1_048_576)
+    publish_timeout: float = Field(default=10.0, gt=0)
+    heartbeat: int = Field(default=10, ge=0, le=600)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    reconnect_min_delay: float = Field(default=0.2, gt=0)
+    reconnect_max_delay: float = Field(default=10.0, gt=0)
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    max_queue_length: int | None = Field(default=None, ge=1)
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_urls(cls, value: SecretStr) -> SecretStr:
+        for url in _split(value.get_secret_value()):
+            parts = urlsplit(url)
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError(f"not an amqp:// or amqps:// URL: {redact_url(url)}")
+        if not _split(value.get_secret_value()):
+            raise ValueError("no URL given")
+        return value
+
+    def amqp_urls(self) -> list[str]:
+        """The URLs to try, in order, with secrets."""
+        return _split(self.amqp_url.get_secret_value())
+
+    def redacted_urls(self) -> list[str]:
+        """The URLs with passwords masked, for logs and errors."""
+        return [redact_url(url) for url in self.amqp_urls()]
+
+
+def _split(urls: str) -> list[str]:
+    return [url.strip() for url in urls.split(",") if url.strip()]
+
+
+def redact_url(url: str) -> str:
+    """Mask the password in an AMQP URL."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; a bad value raises `ConfigError` naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"BURROW_{str(err['loc'][0]).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,39 @@
+"""Liveness and readiness: ready means connected, every consumer attached, and not draining."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from service.transport import Link
+
+__all__ = ["Health"]
+
+
+@dataclass
+class Health:
+    """What `/readyz` reports, computed from the links each time it is asked."""
+
+    links: Sequence[Link] = field(default_factory=tuple)
+    draining: bool = False
+
+    def problems(self) -> list[str]:
+        """Why the service is not ready; empty when it is."""
+        found: list[str] = []
+        if self.draining:
+            found.append("draining: shutting down")
+        for link in self.links:
+            if link.fatal is not None:
+                found.append(f"{link.name}: {link.fatal}")
+            elif not link.ready.is_set():
+                found.append(f"{link.name}: not connected")
+            elif link.attached < len(link.consumers):
+                found.append(f"{link.name}: {link.attached}/{len(link.consumers)} consumers")
+            if link.blocked:
+                found.append(f"{link.name}: blocked by the broker (resource alarm)")
+        return found
+
+    @property
+    def ready(self) -> bool:
+        """True when nothing is wrong."""
+        return not self.problems()

@@ -1,0 +1,142 @@
+"""Prometheus metrics, prefix `burrow_`: RED on the serving and the calling side, plus links.
+
+Label values are bounded (service, operation, outcome, reason, link) — never ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from service.types import Outcome
+
+__all__ = [
+    "MESSAGES_RECEIVED",
+    "MESSAGES_HANDLED",
+    "HANDLER_DURATION",
+    "HANDLER_IN_PROGRESS",
+    "MESSAGES_PUBLISHED",
+    "RPC_CLIENT_CALLS",
+    "RPC_CLIENT_DURATION",
+    "RPC_CLIENT_PENDING",
+    "RPC_LATE_REPLIES",
+    "DEAD_LETTERED",
+    "AMQP_RECONNECTS",
+    "AMQP_CONNECTION_BLOCKED",
+    "CONSUMERS_ATTACHED",
+    "PUBLISH_OUTCOMES",
+    "CALL_OUTCOMES",
+    "DEAD_LETTER_REASONS",
+    "init_operation_labels",
+]
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+MESSAGES_RECEIVED = Counter(
+    "burrow_messages_received_total",
+    "Messages delivered to a Burrow consumer.",
+    ["service", "operation"],
+)
+MESSAGES_HANDLED = Counter(
+    "burrow_messages_handled_total",
+    "Messages whose handling ended, by outcome.",
+    ["service", "operation", "outcome"],
+)
+HANDLER_DURATION = Histogram(
+    "burrow_handler_duration_seconds",
+    "Time from delivery to settled, per operation.",
+    ["service", "operation"],
+    buckets=_LATENCY_BUCKETS,
+)
+HANDLER_IN_PROGRESS = Gauge(
+    "burrow_handler_in_progress",
+    "Messages being handled right now.",
+    ["service"],
+)
+MESSAGES_PUBLISHED = Counter(
+    "burrow_messages_published_total",
+    "Publishes by outcome (confirmed, returned, nacked, timeout).",
+    ["kind", "outcome"],
+)
+RPC_CLIENT_CALLS = Counter(
+    "burrow_rpc_client_calls_total",
+    "Calls made by this process, by outcome (ok or the error code).",
+    ["operation", "outcome"],
+)
+RPC_CLIENT_DURATION = Histogram(
+    "burrow_rpc_client_duration_seconds",
+    "Call latency seen by the caller, publish to reply.",
+    ["operation"],
+    buckets=_LATENCY_BUCKETS,
+)
+RPC_CLIENT_PENDING = Gauge(
+    "burrow_rpc_client_pending",
+    "Calls waiting for their reply.",
+)
+RPC_LATE_REPLIES = Counter(
+    "burrow_rpc_late_replies_total",
+    "Replies that matched no pending call (late, duplicate or unknown correlation id).",
+)
+DEAD_LETTERED = Counter(
+    "burrow_dead_lettered_total",
+    "Messages parked in a dead-letter queue, by reason.",
+    ["service", "reason"],
+)
+AMQP_RECONNECTS = Counter(
+    "burrow_amqp_reconnects_total",
+    "Connections re-established after a loss.",
+    ["link"],
+)
+AMQP_CONNECTION_BLOCKED = Gauge(
+    "burrow_amqp_connection_blocked",
+    "1 while the broker blocks this connection (memory or disk alarm).",
+    ["link"],
+)
+CONSUMERS_ATTACHED = Gauge(
+    "burrow_consumers_attached",
+    "Consumers currently attached to their queues.",
+    ["link"],
+)
+
+PUBLISH_OUTCOMES = ("confirmed", "returned", "nacked", "timeout")
+CALL_OUTCOMES = (
+    "ok",
+    "INVALID_ARGUMENT",
+    "FAILED_PRECONDITION",
+    "NOT_FOUND",
+    "PERMISSION_DENIED",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "INTERNAL",
+)
+DEAD_LETTER_REASONS = (
+    "malformed",
+    "invalid",
+    "unsupported_content",
+    "too_large",
+    "unknown_operation",
+    "missing_reply_to",
+    "invalid_reply_to",
+    "failed",
+)
+
+for _kind in ("request", "reply", "dead_letter"):
+    for _outcome in PUBLISH_OUTCOMES:
+        MESSAGES_PUBLISHED.labels(_kind, _outcome)
+RPC_LATE_REPLIES.inc(0)
+
+
+def init_operation_labels(service: str, operations: Iterable[str]) -> None:
+    """Create every known label set at zero so dashboards show zeros, not gaps."""
+    HANDLER_IN_PROGRESS.labels(service)
+    for reason in DEAD_LETTER_REASONS:
+        DEAD_LETTERED.labels(service, reason)
+    for operation in (*operations, "unknown"):
+        MESSAGES_RECEIVED.labels(service, operation)
+        HANDLER_DURATION.labels(service, operation)
+        for outcome in Outcome:
+            MESSAGES_HANDLED.labels(service, operation, outcome.value)

@@ -1,0 +1,171 @@
+"""The onion around every handler: log → metrics → errors → deadline → endpoint.
+
+Each layer takes the `Request` and the next callable and returns a `Result`; none does I/O
+with the broker. The dispatcher (`rpc_server`) acts on the final `Result`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from service import metrics
+from service.errors import DeadlineExceeded, Internal, ServiceError
+from service.registry import Operation
+from service.types import Delivery, Outcome
+
+__all__ = [
+    "Request",
+    "Result",
+    "Next",
+    "Middleware",
+    "compose",
+    "failure",
+    "log_middleware",
+    "metrics_middleware",
+    "error_middleware",
+    "deadline_middleware",
+    "DEFAULT_MIDDLEWARE",
+]
+
+_log = structlog.get_logger("burrow.handler")
+_MAX_ID = 128  # ids are caller-controlled: cap them before they reach a log line
+
+
+@dataclass(slots=True)
+class Request:
+    """One delivery on its way to a handler, with what the dispatcher learned of it."""
+
+    service: str
+    route: str
+    operation: Operation[Any, Any] | None
+    delivery: Delivery
+    kind: str  # call | cast | submit
+    deadline: float | None  # absolute, seconds since the epoch
+    reply_to: str | None  # validated; None when there is nobody to answer
+    handler_timeout: float
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def has_caller(self) -> bool:
+        """Whether an error can be answered to someone (else it is dead-lettered)."""
+        return self.reply_to is not None
+
+
+@dataclass(slots=True)
+class Result:
+    """How handling ended: a reply body, an error, or a signal (expired)."""
+
+    outcome: Outcome
+    reply: bytes | None = None
+    error: ServiceError | None = None
+    dead_reason: str | None = None
+
+
+Next = Callable[[Request], Awaitable[Result]]
+Middleware = Callable[[Request, Next], Awaitable[Result]]
+
+
+def compose(middleware: Sequence[Middleware], endpoint: Next) -> Next:
+    """Wrap `endpoint` so that the first middleware is the outermost layer."""
+    handler = endpoint
+    for layer in reversed(middleware):
+        handler = _bind(layer, handler)
+    return handler
+
+
+def _bind(layer: Middleware, inner: Next) -> Next:
+    async def call(request: Request) -> Result:
+        return await layer(request, inner)
+
+    return call
+
+
+def failure(request: Request, error: ServiceError, reason: str, outcome: Outcome) -> Result:
+    """An error result: answered when there is a caller, else dead-lettered with `reason`."""
+    if request.has_caller:
+        return Result(outcome, error=error, dead_reason=reason)
+    return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=reason)
+
+
+async def log_middleware(request: Request, call_next: Next) -> Result:
+    """One line per handled message: operation, outcome, duration and ids."""
+    result = await call_next(request)
+    delivery = request.delivery
+    fields: dict[str, Any] = {
+        "service": request.service,
+        "operation": request.route[:_MAX_ID],
+        "kind": request.kind,
+        "outcome": result.outcome.value,
+        "duration_ms": round((time.perf_counter() - request.started) * 1000, 3),
+        "message_id": (delivery.message_id or "")[:_MAX_ID],
+        "correlation_id": (delivery.correlation_id or "")[:_MAX_ID],
+    }
+    if result.error is not None:
+        fields["error_code"] = result.error.code.value
+        fields["error"] = result.error.message[:300]
+    if result.dead_reason is not None:
+        fields["reason"] = result.dead_reason
+    if result.outcome is Outcome.OK:
+        _log.info("handled", **fields)
+    else:
+        _log.warning("handled", **fields)
+    return result
+
+
+async def metrics_middleware(request: Request, call_next: Next) -> Result:
+    """RED metrics: received, handled by outcome, duration, in progress."""
+    operation = request.route if request.operation is not None else "unknown"
+    metrics.MESSAGES_RECEIVED.labels(request.service, operation).inc()
+    in_progress = metrics.HANDLER_IN_PROGRESS.labels(request.service)
+    in_progress.inc()
+    try:
+        result = await call_next(request)
+    finally:
+        in_progress.dec()
+    metrics.MESSAGES_HANDLED.labels(request.service, operation, result.outcome.value).inc()
+    metrics.HANDLER_DURATION.labels(request.service, operation).observe(
+        time.perf_counter() - request.started
+    )
+    if result.outcome is Outcome.DEAD_LETTERED and result.dead_reason is not None:
+        metrics.DEAD_LETTERED.labels(request.service, result.dead_reason).inc()
+    return result
+
+
+async def error_middleware(request: Request, call_next: Next) -> Result:
+    """Map exceptions to structured errors; unexpected ones become INTERNAL, logged here only."""
+    try:
+        return await call_next(request)
+    except ServiceError as exc:
+        return failure(request, exc, "failed", Outcome.ERROR)
+    except Exception:
+        _log.exception("handler raised", operation=request.route[:_MAX_ID])
+        return failure(request, Internal("the handler failed"), "failed", Outcome.ERROR)
+
+
+async def deadline_middleware(request: Request, call_next: Next) -> Result:
+    """Skip requests whose caller gave up; bound the handler by deadline and handler timeout."""
+    budget = request.handler_timeout
+    if request.deadline is not None:
+        remaining = request.deadline - time.time()
+        if remaining <= 0:
+            return Result(Outcome.EXPIRED)
+        budget = min(budget, remaining)
+    try:
+        async with asyncio.timeout(budget):
+            return await call_next(request)
+    except TimeoutError:
+        raise DeadlineExceeded(f"the handler did not finish within {budget:.3f}s") from None
+
+
+DEFAULT_MIDDLEWARE: tuple[Middleware, ...] = (
+    log_middleware,
+    metrics_middleware,
+    error_middleware,
+    deadline_middleware,
+)

@@ -1,0 +1,440 @@
+"""AMQP links: supervised connections that declare topology, restore consumers and publish.
+
+A `Link` is one connection with one channel, kept alive by a reconnect loop with back-off and
+jitter. On every (re)connect it re-applies confirm mode and prefetch, declares exchanges →
+queues → bindings, re-attaches every consumer and counts them before it reports ready.
+aio-pika opens connections and declares; the per-message path (consume, ack, publish) runs on
+its aiormq channel to avoid a second task and wrapper object per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+
+from service import metrics
+from service.config import Settings, redact_url
+from service.errors import (
+    BurrowError,
+    ConnectionLost,
+    MessageTooLarge,
+    PublishFailed,
+    ResourceExhausted,
+    TopologyError,
+    Unavailable,
+    Unroutable,
+)
+from service.topology import Topology
+from service.types import Delivery, DeliveryCallback, Outgoing, Settle
+
+__all__ = ["ConsumerSpec", "Link", "Transport"]
+
+_log = structlog.get_logger("burrow.transport")
+
+_CONNECTION_ERRORS = (
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.IncompleteReadError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSpec:
+    """A consumer to keep attached: re-created on every reconnect."""
+
+    queue: str
+    callback: DeliveryCallback
+    no_ack: bool = False
+    exclusive: bool = False
+
+
+class Link:
+    """One supervised AMQP connection with one confirm-mode channel.
+
+    Args:
+        name: `consumer`, `publisher`, `client`… — a metric label and the connection name.
+        topology: declared on every connect, before consumers attach.
+        prefetch: per-consumer prefetch applied on every connect (None: no QoS).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        *,
+        topology: Topology | None = None,
+        prefetch: int | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.topology = topology or Topology()
+        self.prefetch = prefetch
+        self.consumers: list[ConsumerSpec] = []
+        self.on_lost: list[Callable[[BaseException], None]] = []
+        self.ready = asyncio.Event()
+        self.fatal: BurrowError | None = None
+        self.failed = asyncio.Event()  # set with `fatal`: a failure retrying cannot fix
+        self.attached = 0
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._raw: aiormq.Channel | None = None
+        self._declared: list[Any] = []  # strong references to every declared aio-pika object
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._connects = 0
+        self._attached_gauge = metrics.CONSUMERS_ATTACHED.labels(name)
+        self._blocked_gauge = metrics.AMQP_CONNECTION_BLOCKED.labels(name)
+        self._published = {
+            (kind, outcome): metrics.MESSAGES_PUBLISHED.labels(kind, outcome)
+            for kind in ("request", "reply", "dead_letter", "event")
+            for outcome in metrics.PUBLISH_OUTCOMES
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin connecting in the background; `ready` is set once consumers are attached."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until connected, topology declared and consumers attached; raise on fatal."""
+        fatal = asyncio.get_running_loop().create_task(self.failed.wait())
+        ready = asyncio.get_running_loop().create_task(self.ready.wait())
+        try:
+            _done, _ = await asyncio.wait(
+                {fatal, ready}, timeout=timeout, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            fatal.cancel()
+            ready.cancel()
+        if self.fatal is not None:
+            raise self.fatal
+        if not self.ready.is_set():
+            raise Unavailable(
+                f"{self.name} link not ready after {timeout:.1f}s "
+                f"(broker at {', '.join(self.settings.redacted_urls())})"
+            )
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection."""
+        self._closing = True
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        self.ready.clear()
+
+    async def cancel_consumers(self) -> None:
+        """Stop receiving new deliveries (first step of a graceful shutdown)."""
+        self.consumers.clear()
+        raw = self._raw
+        if raw is None or raw.is_closed:
+            return
+        for tag in list(raw.consumers):
+            with contextlib.suppress(*_CONNECTION_ERRORS, asyncio.TimeoutError):
+                await raw.basic_cancel(tag, timeout=5)
+        self.attached = 0
+        self._attached_gauge.set(0)
+
+    @property
+    def blocked(self) -> bool:
+        """True while the broker blocks publishing on this connection (resource alarm)."""
+        # aiormq tracks Connection.Blocked privately; read it rather than re-parse frames.
+        event = getattr(self._underlay_connection(), "_Connection__connection_unblocked", None)
+        return isinstance(event, asyncio.Event) and not event.is_set()
+
+    def _underlay_connection(self) -> aiormq.Connection | None:
+        transport = getattr(self._connection, "transport", None)
+        return getattr(transport, "connection", None)
+
+    # -- supervision -------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        urls = self.settings.amqp_urls()
+        while not self._closing:
+            url = urls[attempt % len(urls)]
+            try:
+                await self._connect(url)
+                attempt = 0
+                await self._until_lost()
+                reason: BaseException = ConnectionLost("connection to the broker lost")
+            except TopologyError as exc:
+                self.fatal = exc
+                self.failed.set()
+                _log.error("topology conflict; not retrying", link=self.name, error=str(exc))
+                self._lost(exc)
+                return
+            except asyncio.CancelledError:
+                self._lost(ConnectionLost("link closed"))
+                raise
+            except Exception as exc:
+                reason = exc
+                _log.warning(
+                    "broker connection failed",
+                    link=self.name,
+                    url=redact_url(url),
+                    error=_describe(exc),
+                )
+            self._lost(reason)
+            if self._closing:
+                return
+            delay = min(
+                self.settings.reconnect_max_delay,
+                self.settings.reconnect_min_delay * 2 ** min(attempt, 16),
+            )
+            attempt += 1
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _connect(self, url: str) -> None:
+        connection = await aio_pika.connect(
+            _with_heartbeat(url, self.settings.heartbeat),
+            timeout=self.settings.connect_timeout,
+            client_properties={"connection_name": f"burrow:{self.name}"},
+        )
+        self._connection = connection
+        channel = await connection.channel(publisher_confirms=True)
+        raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+        if self.prefetch is not None:
+            await channel.set_qos(prefetch_count=self.prefetch)
+        await self._declare(channel)
+        self._channel, self._raw = channel, raw
+        raw.on_consumer_cancel_callbacks.add(self._on_consumer_cancel)
+        for consumer in list(self.consumers):
+            await self._attach(raw, consumer)
+        self.attached = len(raw.consumers)
+        self._attached_gauge.set(self.attached)
+        if self.attached != len(self.consumers):
+            raise ConnectionLost(f"{self.attached} of {len(self.consumers)} consumers attached")
+        self._connects += 1
+        if self._connects > 1:
+            metrics.AMQP_RECONNECTS.labels(self.name).inc()
+        _log.info("broker connected", link=self.name, url=redact_url(url), consumers=self.attached)
+        self.ready.set()
+
+    async def _declare(self, channel: AbstractChannel) -> None:
+        declared: list[Any] = []
+        try:
+            for ex in self.topology.exchanges:
+                declared.append(await channel.declare_exchange(ex.name, ex.type, durable=True))
+            for queue in self.topology.queues:
+                declared.append(
+                    await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments)
+                )
+            for binding in self.topology.bindings:
+                raw = await channel.get_underlay_channel()
+                await raw.queue_bind(binding.queue, binding.exchange, routing_key=binding.key)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise TopologyError(
+                f"the broker holds an entity declared with other arguments: {_describe(exc)}; "
+                "delete it or align the settings"
+            ) from None
+        self._declared = declared
+
+    async def _attach(self, raw: aiormq.Channel, consumer: ConsumerSpec) -> None:
+        settle = None if consumer.no_ack else _settler(raw)
+        callback = consumer.callback
+
+        async def on_message(message: DeliveredMessage) -> None:
+            props = message.header.properties
+            delivery = Delivery(
+                body=message.body,
+                routing_key=message.routing_key or "",
+                exchange=message.exchange or "",
+                message_id=props.message_id,
+                correlation_id=props.correlation_id,
+                reply_to=props.reply_to,
+                type=props.message_type,
+                headers=props.headers,
+                content_type=props.content_type,
+                content_encoding=props.content_encoding,
+                expiration=props.expiration,
+                redelivered=bool(message.redelivered),
+                delivery_tag=message.delivery_tag or 0,
+                settle_fn=settle,
+            )
+            await callback(delivery)
+
+        await raw.basic_consume(
+            consumer.queue, on_message, no_ack=consumer.no_ack, exclusive=consumer.exclusive
+        )
+
+    async def _until_lost(self) -> None:
+        underlay = self._underlay_connection()
+        assert underlay is not None
+        assert self._raw is not None
+        connection_closed = underlay.closing
+        channel_closed = self._raw.closing
+        await asyncio.wait({connection_closed, channel_closed}, return_when="FIRST_COMPLETED")
+        for fut in (connection_closed, channel_closed):
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # mark retrieved
+            else:
+                fut.cancel()
+
+    async def _on_consumer_cancel(self, frame: spec.Basic.Cancel) -> None:
+        # The broker cancelled a consumer (queue deleted, node down): rebuild the whole link so
+        # the queue is re-declared and every consumer re-attached — never a zombie consumer.
+        _log.warning("consumer cancelled by the broker; re-declaring", link=self.name)
+        if self._raw is not None:
+            self._raw.create_task(self._raw.close())
+
+    def _lost(self, reason: BaseException) -> None:
+        was_ready = self.ready.is_set()
+        self.ready.clear()
+        self.attached = 0
+        self._attached_gauge.set(0)
+        self._channel = self._raw = None
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            asyncio.get_running_loop().create_task(_quiet_close(connection))
+        if was_ready:
+            _log.warning("broker connection lost", link=self.name, error=_describe(reason))
+        for callback in list(self.on_lost):
+            callback(reason)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    async def publish(
+        self, message: Outgoing, *, kind: str, mandatory: bool, timeout: float | None = None
+    ) -> None:
+        """Publish with a broker confirm; raise a `ServiceError` for every way it can fail.
+
+        Args:
+            kind: `request`, `reply`, `dead_letter` or `event` (metric label only).
+            mandatory: have the broker return the message when no queue matches its route.
+            timeout: seconds to wait for the link and the confirm (default: publish_timeout).
+        """
+        if len(message.body) > self.settings.max_body_bytes:
+            raise MessageTooLarge(
+                f"{kind} body of {len(message.body)} bytes exceeds the limit of "
+                f"{self.settings.max_body_bytes}"
+            )
+        timeout = self.settings.publish_timeout if timeout is None else timeout
+        raw = self._raw
+        if raw is None or not self.ready.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.ready.wait()
+            except TimeoutError:
+                raise Unavailable("not connected to the broker") from None
+            raw = self._raw
+            assert raw is not None
+        properties = spec.Basic.Properties(
+            content_type=message.content_type,
+            delivery_mode=2 if message.persistent else 1,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_type=message.type,
+            headers=message.headers or None,
+            expiration=str(message.expiration_ms) if message.expiration_ms is not None else None,
+        )
+        try:
+            result = await raw.basic_publish(
+                message.body,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                properties=properties,
+                mandatory=mandatory,
+                timeout=timeout,
+            )
+        except TimeoutError:
+            self._published[kind, "timeout"].inc()
+            raise PublishFailed(
+                f"no confirm from the broker within {timeout:.1f}s; delivery unknown"
+            ) from None
+        except aiormq.exceptions.DeliveryError:
+            self._published[kind, "nacked"].inc()
+            raise ResourceExhausted(
+                "the broker refused the message (queue full or resource limit)"
+            ) from None
+        except _CONNECTION_ERRORS as exc:
+            self._published[kind, "timeout"].inc()
+            raise ConnectionLost(f"connection lost while publishing: {_describe(exc)}") from None
+        if isinstance(result, DeliveredMessage):
+            self._published[kind, "returned"].inc()
+            raise Unroutable(
+                f"no queue is bound for {message.routing_key!r} on {message.exchange!r} "
+                "(service not deployed?)"
+            )
+        self._published[kind, "confirmed"].inc()
+
+
+class Transport:
+    """The service side's two links: consume on one connection, publish on another."""
+
+    def __init__(self, settings: Settings, topology: Topology) -> None:
+        self.consumer = Link("consumer", settings, topology=topology, prefetch=settings.prefetch)
+        self.publisher = Link("publisher", settings, topology=topology)
+
+    @property
+    def links(self) -> tuple[Link, Link]:
+        """Both links, for health checks."""
+        return (self.consumer, self.publisher)
+
+    def start(self) -> None:
+        """Start both links connecting."""
+        for link in self.links:
+            link.start()
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until both links are ready."""
+        await asyncio.gather(*(link.wait_ready(timeout) for link in self.links))
+
+    async def close(self) -> None:
+        """Close both links."""
+        for link in self.links:
+            await link.close()
+
+
+def _settler(raw: aiormq.Channel) -> Callable[[Delivery, Settle], Any]:
+    async def settle(delivery: Delivery, how: Settle) -> None:
+        if raw.is_closed:
+            # The channel this delivery came on is gone; the broker redelivers it (B8).
+            _log.info("stale delivery not settled; broker will redeliver", how=how.value)
+            return
+        try:
+            if how is Settle.ACK:
+                await raw.basic_ack(delivery.delivery_tag)
+            else:
+                await raw.basic_reject(delivery.delivery_tag, requeue=how is Settle.REQUEUE)
+        except _CONNECTION_ERRORS as exc:
+            _log.info("settle failed; broker will redeliver", how=how.value, error=_describe(exc))
+
+    return settle
+
+
+def _with_heartbeat(url: str, heartbeat: int) -> str:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("heartbeat", str(heartbeat))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+async def _quiet_close(connection: AbstractConnection) -> None:
+    with contextlib.suppress(Exception):
+        await connection.close()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:300]
