@@ -1,0 +1,142 @@
+"""Shared fixtures: a fresh namespace per test on the real broker, apps and clients that clean up.
+
+Every test that touches RabbitMQ gets its own namespace (`bt<run><n>`), so runs never collide;
+at the end of the session every queue and exchange of this run's prefix is deleted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+import structlog
+
+from service import App, Client, Service, Settings, load_settings
+
+AMQP_URL = os.environ.get("BURROW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+RUN_PREFIX = f"bt{uuid.uuid4().hex[:6]}"
+_counter = itertools.count()
+
+AppFactory = Callable[..., Awaitable[App]]
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """Each test starts with structlog's defaults and no bound context."""
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    yield
+    structlog.contextvars.clear_contextvars()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace no other test or run uses."""
+    return f"{RUN_PREFIX}{next(_counter)}"
+
+
+@pytest.fixture
+def settings(namespace: str) -> Settings:
+    """Settings for this test's namespace, with an ephemeral HTTP port and short timeouts."""
+    return load_settings(
+        amqp_url=AMQP_URL,
+        namespace=namespace,
+        http_port=0,
+        http_host="127.0.0.1",
+        default_deadline=5.0,
+        shutdown_grace=5.0,
+        reconnect_min_delay=0.05,
+        reconnect_max_delay=0.5,
+    )
+
+
+@pytest.fixture
+async def start_app(settings: Settings) -> AsyncIterator[AppFactory]:
+    """Start an App for the given services (ready when returned); stopped after the test."""
+    apps: list[App] = []
+
+    async def start(*services: Service, **overrides: Any) -> App:
+        app_settings = settings.model_copy(update=overrides) if overrides else settings
+        app = App(*services, settings=app_settings)
+        apps.append(app)
+        await app.start()
+        await app.wait_ready(10)
+        return app
+
+    yield start
+    for app in apps:
+        await app.stop()
+
+
+@pytest.fixture
+async def make_client(settings: Settings) -> AsyncIterator[ClientFactory]:
+    """Connected Clients on this test's namespace; closed after the test."""
+    clients: list[Client] = []
+
+    async def make(**overrides: Any) -> Client:
+        client = Client(settings.model_copy(update=overrides) if overrides else settings)
+        clients.append(client)
+        await client.start()
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> Client:
+    """One connected Client on this test's namespace."""
+    return await make_client()
+
+
+@pytest.fixture
+async def amqp_channel() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """A raw aio-pika channel, for publishing hand-made (hostile) messages."""
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel(publisher_confirms=True)
+    yield channel
+    await connection.close()
+
+
+def _rabbitmqctl_names(what: str) -> list[str]:
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", "-q", what, "name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip().startswith(RUN_PREFIX)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_run_entities() -> Iterator[None]:
+    """After the run, delete every queue and exchange this run declared."""
+    yield
+    queues, exchanges = _rabbitmqctl_names("list_queues"), _rabbitmqctl_names("list_exchanges")
+    if not queues and not exchanges:
+        return
+    import asyncio
+
+    async def delete() -> None:
+        connection = await aio_pika.connect(AMQP_URL)
+        channel = await connection.channel()
+        raw = await channel.get_underlay_channel()
+        for name in queues:
+            await raw.queue_delete(name)
+        for name in exchanges:
+            await raw.exchange_delete(name)
+        await connection.close()
+
+    asyncio.run(delete())
