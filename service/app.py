@@ -17,6 +17,7 @@ from service.health import Health
 from service.http import HttpServer
 from service.registry import Service
 from service.rpc_server import RpcServer
+from service.scheduler import Forwarder
 from service.topology import Topology, service_topology
 from service.transport import Transport
 
@@ -41,11 +42,15 @@ class App:
         self.services = services
         topology = Topology()
         for svc in services:
-            topology = topology.merge(service_topology(svc.name, self.settings))
+            topology = topology.merge(service_topology(svc, self.settings))
         self.topology = topology
         self.transport = Transport(self.settings, topology)
         self.servers = [RpcServer(svc, self.settings, self.transport.publisher) for svc in services]
-        self.transport.consumer.consumers.extend(server.consumer() for server in self.servers)
+        self.forwarder = Forwarder(self.settings, self.transport.publisher)
+        consumers = self.transport.consumer.consumers
+        for server in self.servers:
+            consumers.extend(server.consumers())
+        consumers.append(self.forwarder.consumer())
         self.health = Health(links=self.transport.links)
         self.http = (
             HttpServer(self.health, self.settings.http_host, self.settings.http_port)

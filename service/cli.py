@@ -15,8 +15,10 @@ from service.app import App
 from service.client import Client
 from service.config import load_settings
 from service.errors import BurrowError, ConfigError, ServiceError
+from service.events import tail
 from service.log import configure_logging
 from service.registry import Service
+from service.topology import Topology, service_topology, to_definitions
 
 __all__ = ["main", "load_target"]
 
@@ -54,21 +56,108 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_call(args: argparse.Namespace) -> int:
+    payload = _payload(args.payload)
+
+    async def call(client: Client) -> None:
+        _print(await client.call(args.operation, payload, timeout=args.timeout))
+
+    return _client_command(args, call)
+
+
+def _payload(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"payload is not JSON: {exc}") from None
+
+
+def _print(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value).decode() + "\n")
+    sys.stdout.flush()
+
+
+def _client_command(args: argparse.Namespace, action: Callable[[Client], Any]) -> int:
     settings = load_settings()
     configure_logging(settings.log_format, "error")
-    try:
-        payload = orjson.loads(args.payload)
-    except orjson.JSONDecodeError as exc:
-        print(f"error: payload is not JSON: {exc}", file=sys.stderr)
-        return 2
 
-    async def call() -> int:
+    async def run() -> int:
         async with Client(settings) as client:
-            reply = await client.call(args.operation, payload, timeout=args.timeout)
-        sys.stdout.write(orjson.dumps(reply).decode() + "\n")
+            await action(client)
         return 0
 
-    return _run(call)
+    return _run(run)
+
+
+def _cmd_cast(args: argparse.Namespace) -> int:
+    payload = _payload(args.payload)
+
+    async def cast(client: Client) -> None:
+        message_id = await client.cast(args.operation, payload, delay=args.delay)
+        _print({"message_id": message_id})
+
+    return _client_command(args, cast)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    payload = _payload(args.payload)
+
+    async def submit(client: Client) -> None:
+        job = await client.submit(args.operation, payload, delay=args.delay)
+        if not args.wait:
+            _print({"job_id": job.id})
+            return
+        _print(await job.result(timeout=args.timeout))
+
+    return _client_command(args, submit)
+
+
+def _cmd_job(args: argparse.Namespace) -> int:
+    async def result(client: Client) -> None:
+        _print(await client.job(args.job_id).result(timeout=args.timeout))
+
+    return _client_command(args, result)
+
+
+def _cmd_emit(args: argparse.Namespace) -> int:
+    payload = _payload(args.payload)
+
+    async def emit(client: Client) -> None:
+        routed = await client.emit(args.event, payload, delay=args.delay)
+        _print({"routed": routed})
+
+    return _client_command(args, emit)
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    configure_logging(settings.log_format, "error")
+
+    async def run() -> int:
+        async for message in tail(settings, args.pattern):
+            try:
+                body = orjson.loads(message.body)
+            except orjson.JSONDecodeError:
+                body = message.body.decode("utf-8", "backslashreplace")
+            _print({"event": message.routing_key, "headers": message.headers, "body": body})
+        return 0
+
+    return _run(run)
+
+
+def _cmd_definitions(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    topology = Topology()
+    for svc in load_target(args.target):
+        topology = topology.merge(service_topology(svc, settings))
+    text = orjson.dumps(
+        to_definitions(topology, vhost=args.vhost), option=orjson.OPT_INDENT_2
+    ).decode()
+    if args.output == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text + "\n")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +173,43 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("payload", help="request as JSON")
     call.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     call.set_defaults(func=_cmd_call)
+
+    cast = commands.add_parser("cast", help="send a fire-and-forget command")
+    cast.add_argument("operation", help="service.operation")
+    cast.add_argument("payload", help="request as JSON")
+    cast.add_argument("--delay", type=float, default=None, help="deliver after S seconds")
+    cast.set_defaults(func=_cmd_cast)
+
+    submit = commands.add_parser("submit", help="submit a job; print its id or (--wait) result")
+    submit.add_argument("operation", help="service.operation")
+    submit.add_argument("payload", help="request as JSON")
+    submit.add_argument("--wait", action="store_true", help="wait for and print the result")
+    submit.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits")
+    submit.add_argument("--delay", type=float, default=None, help="start after S seconds")
+    submit.set_defaults(func=_cmd_submit)
+
+    job = commands.add_parser("job", help="print the result of a submitted job")
+    job.add_argument("job_id")
+    job.add_argument("--timeout", type=float, default=300.0, help="seconds to wait")
+    job.set_defaults(func=_cmd_job)
+
+    emit = commands.add_parser("emit", help="publish a domain event")
+    emit.add_argument("event", help="routing key, e.g. orders.eu.created")
+    emit.add_argument("payload", help="event as JSON")
+    emit.add_argument("--delay", type=float, default=None, help="publish after S seconds")
+    emit.set_defaults(func=_cmd_emit)
+
+    tail_cmd = commands.add_parser("tail", help="print events matching a pattern as JSON lines")
+    tail_cmd.add_argument("pattern", help="topic pattern, e.g. 'calc.#'")
+    tail_cmd.set_defaults(func=_cmd_tail)
+
+    definitions = commands.add_parser(
+        "definitions", help="print the RabbitMQ definitions (exchanges, queues, bindings)"
+    )
+    definitions.add_argument("target", nargs="?", default=DEFAULT_TARGET, help="module:attribute")
+    definitions.add_argument("--vhost", default="/", help="virtual host to declare them in")
+    definitions.add_argument("-o", "--output", default="-", help="file to write (default stdout)")
+    definitions.set_defaults(func=_cmd_definitions)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""`Client`: what other Python services use to reach Burrow services (call; more faces later).
+"""`Client`: how Python code reaches Burrow services — call, cast, submit, emit, later.
 
 One client per process is enough: it multiplexes any number of concurrent calls over one
 connection and one channel.
@@ -6,17 +6,26 @@ connection and one channel.
 
 from __future__ import annotations
 
+import time
+import uuid
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
 
 from service import codec
+from service.codec import H_KIND
 from service.config import Settings, load_settings
+from service.errors import QueueFull
+from service.events import event_message, publish_event
+from service.jobs import H_CALLBACK, H_JOB_ID, Job, job_queue_decl, valid_callback
 from service.registry import Operation
 from service.rpc_client import RpcClient
+from service.scheduler import schedule
 from service.topology import Names
 from service.transport import Link
+from service.types import Outgoing
 
 __all__ = ["Client"]
 
@@ -79,6 +88,7 @@ class Client:
         *,
         reply: type[BaseModel] | None = None,
         timeout: float | None = None,
+        fallback_to_submit: bool = False,
     ) -> Any:
         """Call an operation and wait for its reply, at most `timeout` seconds.
 
@@ -87,16 +97,150 @@ class Client:
             payload: a pydantic model, or anything JSON-serialisable (dict, list…).
             reply: model to validate the reply into (default: the decoded JSON).
             timeout: the call's deadline in seconds (default: `BURROW_DEFAULT_DEADLINE`).
+            fallback_to_submit: when the request queue is full (`QueueFull`), submit the
+                request as a job instead and wait for its result within the same deadline.
 
         Raises:
             ServiceError: the remote error, typed by its code; `DeadlineExceeded` at the
                 deadline; `ConnectionLost` if the connection drops while waiting.
         """
-        if isinstance(operation, Operation):
-            route, reply = operation.route, reply or operation.reply
-        else:
-            route = operation
-        body = await self.rpc.call_raw(route, codec.encode(payload), timeout=timeout)
+        route, reply = _route(operation), reply or _reply_model(operation)
+        timeout = self.settings.default_deadline if timeout is None else timeout
+        started = time.monotonic()
+        body = codec.encode(payload)
+        try:
+            answer = await self.rpc.call_raw(route, body, timeout=timeout)
+        except QueueFull:
+            if not fallback_to_submit:
+                raise
+            job = await self._submit(route, body, callback=None, due_at=None)
+            remaining = max(0.001, timeout - (time.monotonic() - started))
+            result = await job.result(timeout=remaining)
+            return reply.model_validate(result) if reply is not None else result
         if reply is not None:
-            return codec.decode_model(reply, body)
-        return codec.decode_json(body)
+            return codec.decode_model(reply, answer)
+        return codec.decode_json(answer)
+
+    async def cast(
+        self,
+        operation: str | Operation[Any, Any],
+        payload: Any,
+        *,
+        delay: float | None = None,
+        at: datetime | None = None,
+    ) -> str:
+        """Fire-and-forget: return the message id once the broker has confirmed the command.
+
+        Args:
+            delay: deliver this many seconds from now instead of now.
+            at: deliver at this (timezone-aware) time instead of now.
+        """
+        message = self._command(_route(operation), codec.encode(payload), "cast")
+        await self._publish_command(message, _due(delay, at))
+        return message.message_id
+
+    async def submit(
+        self,
+        operation: str | Operation[Any, Any],
+        payload: Any,
+        *,
+        callback: str | None = None,
+        delay: float | None = None,
+        at: datetime | None = None,
+    ) -> Job:
+        """Hand work over; return its `Job` once the broker has confirmed it.
+
+        The result is kept for `BURROW_JOB_RESULT_TTL` seconds after it was last read and is
+        also announced as the `<service>.<op>.completed` (or `.failed`) event.
+
+        Args:
+            callback: also publish the completion on the events exchange with this key.
+            delay: start the job this many seconds from now.
+            at: start the job at this (timezone-aware) time.
+        """
+        return await self._submit(
+            _route(operation), codec.encode(payload), callback=callback, due_at=_due(delay, at)
+        )
+
+    def job(self, job_id: str, route: str = "") -> Job:
+        """A handle on a job submitted elsewhere, by its id."""
+        return Job(job_id, route, self.link, self.names)
+
+    async def emit(
+        self,
+        event: str,
+        payload: Any,
+        *,
+        delay: float | None = None,
+        at: datetime | None = None,
+    ) -> bool:
+        """Publish a domain event (confirmed); False when no subscriber queue matched it.
+
+        Args:
+            event: its routing key, dot-separated words: `orders.eu.created`.
+            delay: publish this many seconds from now (True is returned once scheduled).
+        """
+        message = event_message(self.names, event, codec.encode(payload))
+        due_at = _due(delay, at)
+        if due_at is not None:
+            await self.link.publish(
+                schedule(self.names, message, due_at), kind="scheduled", mandatory=True
+            )
+            return True
+        return await publish_event(self.link, message)
+
+    async def _submit(
+        self, route: str, body: bytes, *, callback: str | None, due_at: float | None
+    ) -> Job:
+        message = self._command(route, body, "submit")
+        if callback is not None:
+            if valid_callback(callback) is None:
+                raise ValueError(f"{callback!r} is not a routing key (dot-separated words)")
+            message.headers[H_CALLBACK] = callback
+        job = Job(message.message_id, route, self.link, self.names)
+        message.headers[H_JOB_ID] = job.id
+        await self.link.declare_queue(
+            job_queue_decl(self.names, job.id, self.settings.job_result_ttl)
+        )
+        await self._publish_command(message, due_at)
+        return job
+
+    def _command(self, route: str, body: bytes, kind: str) -> Outgoing:
+        return Outgoing(
+            exchange=self.names.commands_exchange,
+            routing_key=route,
+            body=body,
+            message_id=uuid.uuid4().hex,
+            type=route,
+            headers={H_KIND: kind},
+            persistent=True,
+        )
+
+    async def _publish_command(self, message: Outgoing, due_at: float | None) -> None:
+        if due_at is not None:
+            message = schedule(self.names, message, due_at)
+            await self.link.publish(message, kind="scheduled", mandatory=True)
+        else:
+            await self.link.publish(message, kind="command", mandatory=True)
+
+
+def _route(operation: str | Operation[Any, Any]) -> str:
+    return operation.route if isinstance(operation, Operation) else operation
+
+
+def _reply_model(operation: str | Operation[Any, Any]) -> type[BaseModel] | None:
+    return operation.reply if isinstance(operation, Operation) else None
+
+
+def _due(delay: float | None, at: datetime | None) -> float | None:
+    if delay is not None and at is not None:
+        raise ValueError("give delay or at, not both")
+    if at is not None:
+        if at.tzinfo is None:
+            raise ValueError("at must be timezone-aware")
+        return at.timestamp()
+    if delay is not None:
+        if delay < 0:
+            raise ValueError("delay must not be negative")
+        return time.time() + delay
+    return None

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     queue_type: Literal["quorum", "classic"] = "quorum"
     max_queue_length: int | None = Field(default=None, ge=1)
     shutdown_grace: float = Field(default=30.0, ge=0)
+    job_result_ttl: float = Field(
+        default=86400.0, ge=1, description="Seconds a job's result is kept after its last read."
+    )
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8000, ge=0, le=65535)
     log_format: Literal["auto", "json", "console"] = "auto"

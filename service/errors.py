@@ -14,7 +14,8 @@ class back. Local failures (configuration, topology) never cross the wire.
         │   └── Unroutable                                no queue for the route (not deployed)
         ├── PermissionDenied         PERMISSION_DENIED    spoofed reply_to, access refused
         ├── DeadlineExceeded         DEADLINE_EXCEEDED    the call's deadline passed
-        ├── ResourceExhausted        RESOURCE_EXHAUSTED   request queue full, overloaded
+        ├── ResourceExhausted        RESOURCE_EXHAUSTED   overloaded, answer too large
+        │   └── QueueFull                                 the broker refused: queue at max-length
         ├── Unavailable              UNAVAILABLE          retryable: broker or service away
         │   ├── ConnectionLost                            connection dropped mid-call
         │   └── PublishFailed                             nacked, or no confirm in time
@@ -40,6 +41,7 @@ __all__ = [
     "PermissionDenied",
     "DeadlineExceeded",
     "ResourceExhausted",
+    "QueueFull",
     "Unavailable",
     "ConnectionLost",
     "PublishFailed",
@@ -154,6 +156,10 @@ class ResourceExhausted(ServiceError):
 
     code = ErrorCode.RESOURCE_EXHAUSTED
     default_retryable = True
+
+
+class QueueFull(ResourceExhausted):
+    """The broker nacked the publish: the target queue is at its length limit."""
 
 
 class Unavailable(ServiceError):

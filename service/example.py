@@ -1,4 +1,5 @@
-"""The bundled example service `calc`: a fast operation, a slow one, and one that can fail."""
+"""The bundled example service `calc`: a fast operation, a slow one meant for submit, one
+that can fail, an event it emits (`calc.square.computed`) and a subscription to it."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ from pydantic import Field
 
 from service.codec import Model
 from service.errors import InvalidArgument
-from service.registry import Service
+from service.registry import Context, Service
 
-__all__ = ["calc", "AddRequest", "AddReply", "SlowSquareRequest", "SlowSquareReply"]
+__all__ = [
+    "calc",
+    "AddRequest",
+    "AddReply",
+    "DivideRequest",
+    "DivideReply",
+    "SlowSquareRequest",
+    "SlowSquareReply",
+    "SquareComputed",
+]
 
 calc = Service("calc", description="A calculator: the example every Burrow guide uses.")
 
@@ -54,6 +64,13 @@ class SlowSquareReply(Model):
     square: int
 
 
+class SquareComputed(Model):
+    """Event: a square was computed by slow_square."""
+
+    x: int
+    square: int
+
+
 @calc.operation()
 async def add(req: AddRequest) -> AddReply:
     """Add two integers (the benchmark operation)."""
@@ -69,7 +86,15 @@ async def divide(req: DivideRequest) -> DivideReply:
 
 
 @calc.operation(timeout=900)
-async def slow_square(req: SlowSquareRequest) -> SlowSquareReply:
-    """Square x after a delay: the operation that takes a while."""
+async def slow_square(req: SlowSquareRequest, ctx: Context) -> SlowSquareReply:
+    """Square x after a delay (meant for submit); emits `calc.square.computed`."""
     await asyncio.sleep(req.delay_ms / 1000)
-    return SlowSquareReply(square=req.x * req.x)
+    square = req.x * req.x
+    await ctx.emit("calc.square.computed", SquareComputed(x=req.x, square=square))
+    return SlowSquareReply(square=square)
+
+
+@calc.subscribe("calc.square.computed", group="calc_audit")
+async def audit_square(event: SquareComputed, ctx: Context) -> None:
+    """Log every computed square (the example subscription)."""
+    ctx.log.info("square computed", x=event.x, square=event.square)

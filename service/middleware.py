@@ -16,7 +16,7 @@ import structlog
 
 from service import metrics
 from service.errors import DeadlineExceeded, Internal, ServiceError
-from service.registry import Operation
+from service.registry import Operation, Subscription
 from service.types import Delivery, Outcome
 
 __all__ = [
@@ -43,18 +43,20 @@ class Request:
 
     service: str
     route: str
-    operation: Operation[Any, Any] | None
+    operation: Operation[Any, Any] | Subscription | None
     delivery: Delivery
-    kind: str  # call | cast | submit
+    kind: str  # call | cast | submit | event
     deadline: float | None  # absolute, seconds since the epoch
-    reply_to: str | None  # validated; None when there is nobody to answer
+    reply_to: str | None  # validated direct reply-to address of a call
     handler_timeout: float
+    job_id: str | None = None  # validated job id of a submit
+    callback: str | None = None  # validated callback routing key of a submit
     started: float = field(default_factory=time.perf_counter)
 
     @property
     def has_caller(self) -> bool:
         """Whether an error can be answered to someone (else it is dead-lettered)."""
-        return self.reply_to is not None
+        return self.reply_to is not None or self.job_id is not None
 
 
 @dataclass(slots=True)

@@ -15,14 +15,20 @@ from typing import Any, Generic, TypeVar
 import structlog
 from pydantic import BaseModel
 
-__all__ = ["Context", "Operation", "Service", "Handler"]
+__all__ = ["Context", "Emit", "Operation", "Subscription", "Service", "Handler"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_PATTERN = re.compile(r"^(\*|#|[A-Za-z0-9_-]+)(\.(\*|#|[A-Za-z0-9_-]+))*$")
 
 Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
 
 Handler = Callable[..., Awaitable[Any]]
+Emit = Callable[[str, BaseModel], Awaitable[None]]
+
+
+async def _no_emit(event: str, payload: BaseModel) -> None:
+    raise RuntimeError("emit is only available while a service is running")
 
 
 @dataclass(slots=True)
@@ -36,6 +42,8 @@ class Context:
     redelivered: bool
     headers: dict[str, Any]
     log: structlog.typing.FilteringBoundLogger
+    routing_key: str = ""
+    emit: Emit = _no_emit  # publish a domain event: await ctx.emit("orders.created", model)
 
 
 @dataclass(slots=True)
@@ -61,6 +69,30 @@ class Operation(Generic[Req, Rep]):
         return f"{self.service}.{self.name}"
 
 
+@dataclass(slots=True)
+class Subscription:
+    """A handler for events whose routing key matches `pattern`.
+
+    Instances of one `group` compete for the events; each group gets every event.
+    """
+
+    service: str
+    name: str
+    pattern: str
+    group: str
+    request: type[BaseModel]
+    handler: Handler
+    wants_context: bool
+    timeout: float | None = None
+    description: str = ""
+    reply: None = None
+
+    @property
+    def route(self) -> str:
+        """Metric and log label: `<service>.<subscription>` (event keys may be unbounded)."""
+        return f"{self.service}.{self.name}"
+
+
 @dataclass
 class Service:
     """A named set of operations.
@@ -75,6 +107,7 @@ class Service:
     name: str
     description: str = ""
     operations: dict[str, Operation[Any, Any]] = field(default_factory=dict)
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -103,6 +136,7 @@ class Service:
         if not inspect.iscoroutinefunction(handler):
             raise TypeError(f"handler for {self.name}.{op_name} must be an async function")
         request, reply, wants_context = _models_of(handler)
+        assert reply is not None
         op: Operation[Any, Any] = Operation(
             service=self.name,
             name=op_name,
@@ -116,20 +150,68 @@ class Service:
         self.operations[op_name] = op
         return op
 
+    def subscribe(
+        self,
+        pattern: str,
+        *,
+        group: str | None = None,
+        name: str | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Handle events matching `pattern` (`orders.*.created`, `#`); the model is annotated.
+
+        Args:
+            group: competing-consumer group (default: the service name).
+            name: the subscription's name (default: the function name).
+        """
+
+        def register(handler: Handler) -> Handler:
+            sub_name = name or handler.__name__
+            sub_group = group or self.name
+            for what, value in (("subscription", sub_name), ("group", sub_group)):
+                if not _NAME.match(value):
+                    raise ValueError(f"{what} name {value!r} must match {_NAME.pattern}")
+            if not _PATTERN.match(pattern):
+                raise ValueError(f"{pattern!r} is not a topic pattern")
+            if sub_name in self.subscriptions:
+                raise ValueError(f"subscription {self.name}.{sub_name} declared twice")
+            if not inspect.iscoroutinefunction(handler):
+                raise TypeError(f"handler for {sub_name} must be an async function")
+            event, _, wants_context = _models_of(handler, returns=False)
+            self.subscriptions[sub_name] = Subscription(
+                service=self.name,
+                name=sub_name,
+                pattern=pattern,
+                group=sub_group,
+                request=event,
+                handler=handler,
+                wants_context=wants_context,
+                timeout=timeout,
+                description=inspect.getdoc(handler) or "",
+            )
+            return handler
+
+        return register
+
     def get(self, route: str) -> Operation[Any, Any] | None:
         """The operation for a full route (`calc.add`), or None."""
         service, _, name = route.partition(".")
         return self.operations.get(name) if service == self.name else None
 
 
-def _models_of(handler: Handler) -> tuple[type[BaseModel], type[BaseModel], bool]:
+def _models_of(
+    handler: Handler, *, returns: bool = True
+) -> tuple[type[BaseModel], type[BaseModel] | None, bool]:
     hints = typing.get_type_hints(handler)
     params = list(inspect.signature(handler).parameters)
     if not params or len(params) > 2:
         raise TypeError(f"{handler.__name__} must take (request) or (request, context)")
     request = hints.get(params[0])
     reply = hints.get("return")
-    for what, model in (("request", request), ("return", reply)):
+    checks = [("request", request)] + ([("return", reply)] if returns else [])
+    for what, model in checks:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise TypeError(f"{handler.__name__}: {what} annotation must be a pydantic model")
-    return request, reply, len(params) == 2  # type: ignore[return-value]
+    if not returns and reply not in (None, type(None)):
+        raise TypeError(f"{handler.__name__}: an event handler returns None")
+    return request, reply if returns else None, len(params) == 2  # type: ignore[return-value]

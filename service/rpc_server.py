@@ -1,22 +1,23 @@
-"""The serving side: consume a service's request queue, dispatch, reply, then ack.
+"""The serving side: consume a service's queues, dispatch, answer, then ack.
 
-Per delivery: read the envelope (kind, deadline, reply_to) → middleware chain → endpoint
-(codec + handler) → publish the reply or dead-letter → settle. Acks follow the reply.
+Calls arrive on the request queue, casts and submits on the commands queue, events on one
+queue per subscription. Per delivery: read the envelope (kind, deadline, who to answer) →
+middleware chain → endpoint (codec + handler) → reply, completion or dead letter → settle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 import structlog
+from pydantic import BaseModel
 
 from service import codec, metrics
 from service.codec import H_DEADLINE, H_KIND, H_STATUS
 from service.config import Settings
+from service.dead_letters import DeadLetterQueue
 from service.errors import (
     InvalidArgument,
     MessageTooLarge,
@@ -26,11 +27,13 @@ from service.errors import (
     ServiceError,
     Unavailable,
 )
+from service.events import event_message, publish_event
+from service.jobs import H_CALLBACK, H_JOB_ID, completion_messages, valid_callback, valid_job_id
 from service.middleware import DEFAULT_MIDDLEWARE, Middleware, Request, Result, compose, failure
-from service.registry import Context, Service
+from service.registry import Context, Service, Subscription
 from service.topology import DIRECT_REPLY_TO, Names
 from service.transport import ConsumerSpec, Link
-from service.types import Delivery, Outcome, Outgoing
+from service.types import Delivery, DeliveryCallback, Outcome, Outgoing
 
 __all__ = ["RpcServer"]
 
@@ -40,10 +43,10 @@ _REPLY_PREFIX = DIRECT_REPLY_TO + "."
 
 
 class RpcServer:
-    """Serves one `Service` from its request queue.
+    """Serves one `Service`: its calls, casts, submits and event subscriptions.
 
     Args:
-        publisher: the link replies and dead letters are published on (not the consuming one).
+        publisher: the link replies, completions and dead letters go out on.
         middleware: layers around the endpoint, outermost first.
     """
 
@@ -59,26 +62,52 @@ class RpcServer:
         self.settings = settings
         self.publisher = publisher
         self.names = Names(settings.namespace)
-        self.queue = self.names.request_queue(service.name)
-        self.dead_letter_queue = self.names.dead_letter_queue(service.name)
+        self.dead_letters = DeadLetterQueue(self.names, service.name, publisher)
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
         self._chain = compose(middleware, self._endpoint)
         metrics.init_operation_labels(
-            service.name, [op.route for op in service.operations.values()]
+            service.name,
+            [op.route for op in service.operations.values()]
+            + [sub.route for sub in service.subscriptions.values()],
         )
 
-    def consumer(self) -> ConsumerSpec:
-        """The consumer to attach to the request queue."""
-        return ConsumerSpec(self.queue, self.on_delivery)
+    def consumers(self) -> list[ConsumerSpec]:
+        """Every consumer this service needs attached."""
+        specs = [
+            ConsumerSpec(self.names.request_queue(self.service.name), self.on_delivery),
+            ConsumerSpec(self.names.commands_queue(self.service.name), self.on_delivery),
+        ]
+        for sub in self.service.subscriptions.values():
+            queue = self.names.subscription_queue(sub.group, sub.name)
+            specs.append(ConsumerSpec(queue, self._event_callback(sub)))
+        return specs
 
     async def on_delivery(self, delivery: Delivery) -> None:
-        """Handle one request end to end; never raises."""
+        """Handle one call, cast or submit end to end; never raises."""
+        await self._handle(delivery, self._request(delivery))
+
+    def _event_callback(self, sub: Subscription) -> DeliveryCallback:
+        async def on_event(delivery: Delivery) -> None:
+            request = Request(
+                service=self.service.name,
+                route=sub.route,
+                operation=sub,
+                delivery=delivery,
+                kind="event",
+                deadline=_deadline(delivery.headers.get(H_DEADLINE)),
+                reply_to=None,
+                handler_timeout=sub.timeout or self.settings.handler_timeout,
+            )
+            await self._handle(delivery, request)
+
+        return on_event
+
+    async def _handle(self, delivery: Delivery, request: Request) -> None:
         self.in_flight += 1
         self.idle.clear()
         try:
-            request = self._request(delivery)
             result = await self._chain(request)
             await self._finish(request, result)
         except Exception:  # a bug here must not kill the consumer; the broker redelivers
@@ -98,6 +127,7 @@ class RpcServer:
         reply_to = delivery.reply_to
         if kind != "call" or not reply_to or not reply_to.startswith(_REPLY_PREFIX):
             reply_to = None
+        job_id = valid_job_id(headers.get(H_JOB_ID)) if kind == "submit" else None
         operation = self.service.get(route)
         timeout = (operation.timeout if operation else None) or self.settings.handler_timeout
         return Request(
@@ -108,20 +138,16 @@ class RpcServer:
             kind=str(kind),
             deadline=_deadline(headers.get(H_DEADLINE)),
             reply_to=reply_to,
+            job_id=job_id,
+            callback=valid_callback(headers.get(H_CALLBACK)) if job_id else None,
             handler_timeout=timeout,
         )
 
     async def _endpoint(self, request: Request) -> Result:
         delivery = request.delivery
-        if request.kind == "call" and request.reply_to is None:
-            # D6/D7: nobody legitimate to answer — park it, never execute, never reply.
-            reason = "invalid_reply_to" if delivery.reply_to else "missing_reply_to"
-            denied = PermissionDenied(
-                f"reply_to must be {DIRECT_REPLY_TO}"
-                if delivery.reply_to
-                else "a call needs reply_to and correlation_id"
-            )
-            return Result(Outcome.DEAD_LETTERED, error=denied, dead_reason=reason)
+        refused = _refusal(request)
+        if refused is not None:
+            return refused
         try:
             codec.check_envelope(delivery, self.settings.max_body_bytes)
         except MessageTooLarge as exc:
@@ -141,11 +167,11 @@ class RpcServer:
             reply = await op.handler(payload, self._context(request))
         else:
             reply = await op.handler(payload)
+        if op.reply is None:
+            return Result(Outcome.OK)
         if not isinstance(reply, op.reply):
-            _log.error(
-                "handler returned the wrong type", operation=op.route, type=type(reply).__name__
-            )
-            raise TypeError("reply type")
+            _log.error("handler returned the wrong type", operation=op.route)
+            raise TypeError(f"{op.route} returned {type(reply).__name__}")
         return Result(Outcome.OK, reply=codec.encode(reply))
 
     def _context(self, request: Request) -> Context:
@@ -158,17 +184,25 @@ class RpcServer:
             redelivered=delivery.redelivered,
             headers=delivery.headers,
             log=_log.bind(operation=request.route, correlation_id=delivery.correlation_id),
+            routing_key=delivery.routing_key,
+            emit=self._emit,
         )
+
+    async def _emit(self, event: str, payload: BaseModel) -> None:
+        await publish_event(self.publisher, event_message(self.names, event, codec.encode(payload)))
 
     async def _finish(self, request: Request, result: Result) -> None:
         delivery = request.delivery
         try:
             if result.outcome is Outcome.DEAD_LETTERED:
-                await self._dead_letter(delivery, result)
-            elif request.reply_to is not None and result.outcome is not Outcome.EXPIRED:
-                await self._reply(request, result)
+                await self.dead_letters.park(delivery, result.dead_reason or "failed", result.error)
+            elif result.outcome is not Outcome.EXPIRED:
+                if request.reply_to is not None:
+                    await self._reply(request, result)
+                elif request.job_id is not None:
+                    await self._complete(request, result)
         except Unavailable as exc:
-            # Could not publish the reply or dead letter: hand the message back, never drop it.
+            # Could not publish the answer or dead letter: hand the message back, never drop it.
             _log.warning("publish failed; requeueing", error=exc.message, route=request.route)
             await delivery.requeue()
             return
@@ -176,10 +210,7 @@ class RpcServer:
 
     async def _reply(self, request: Request, result: Result) -> None:
         assert request.reply_to is not None
-        if result.error is None:
-            body, status = result.reply or b"{}", "ok"
-        else:
-            body, status = codec.encode(result.error.to_wire()), "error"
+        body, status = _answer(result)
         message = Outgoing(
             exchange="",
             routing_key=request.reply_to,
@@ -189,46 +220,61 @@ class RpcServer:
             headers={H_STATUS: status},
             persistent=False,
         )
+        # mandatory=False: RabbitMQ 3.10 returns direct reply-to publishes spuriously.
+        await self._publish_answer(message, kind="reply", mandatory=False)
+
+    async def _complete(self, request: Request, result: Result) -> None:
+        assert request.job_id is not None
+        body, status = _answer(result)
+        first, *rest = completion_messages(
+            self.names,
+            request.route,
+            request.job_id,
+            body,
+            ok=status == "ok",
+            callback=request.callback,
+        )
+        await self._publish_answer(first, kind="completion", mandatory=True)
+        for message in rest:
+            await self._publish_answer(message, kind="completion", mandatory=False)
+
+    async def _publish_answer(self, message: Outgoing, *, kind: str, mandatory: bool) -> None:
         try:
-            # mandatory=False: RabbitMQ 3.10 returns direct reply-to publishes spuriously.
-            await self.publisher.publish(message, kind="reply", mandatory=False)
+            await self.publisher.publish(message, kind=kind, mandatory=mandatory)
         except MessageTooLarge as exc:
-            error = ResourceExhausted(exc.message.replace("reply body", "the reply"))
+            # C5: refuse locally, answer with an error the caller can act on instead.
+            error = ResourceExhausted(f"the answer is too large to send: {exc.message}")
             message.body = codec.encode(error.to_wire())
-            message.headers = {H_STATUS: "error"}
-            await self.publisher.publish(message, kind="reply", mandatory=False)
+            message.headers = {**message.headers, H_STATUS: "error"}
+            await self.publisher.publish(message, kind=kind, mandatory=mandatory)
         except ServiceError as exc:
             if isinstance(exc, Unavailable):
                 raise
-            _log.warning("reply not delivered", error=exc.message)
+            # Unroutable: the caller's reply or job queue is gone; nobody is waiting.
+            _log.info("answer not delivered", route=message.routing_key[:128], error=exc.message)
 
-    async def _dead_letter(self, delivery: Delivery, result: Result) -> None:
-        reason = result.dead_reason or "failed"
-        headers: dict[str, Any] = dict(delivery.headers)
-        headers.update(
-            {
-                codec.H_DEAD_REASON: reason,
-                codec.H_DEAD_ERROR: codec.encode(result.error.to_wire()).decode()
-                if result.error
-                else "",
-                codec.H_ORIGINAL_EXCHANGE: delivery.exchange,
-                codec.H_ORIGINAL_ROUTING_KEY: delivery.routing_key,
-                "x-burrow-dead-at": int(time.time() * 1000),
-            }
+
+def _refusal(request: Request) -> Result | None:
+    """D6/D7: a call or submit with nobody legitimate to answer is parked, never executed."""
+    delivery = request.delivery
+    if request.kind == "call" and request.reply_to is None:
+        reason = "invalid_reply_to" if delivery.reply_to else "missing_reply_to"
+        error: ServiceError = PermissionDenied(
+            f"reply_to must be {DIRECT_REPLY_TO}"
+            if delivery.reply_to
+            else "a call needs reply_to and correlation_id"
         )
-        message = Outgoing(
-            exchange=self.names.dead_letter_exchange,
-            routing_key=self.dead_letter_queue,
-            body=delivery.body,
-            message_id=delivery.message_id or uuid.uuid4().hex,
-            type=delivery.type,
-            correlation_id=delivery.correlation_id,
-            reply_to=delivery.reply_to,
-            headers=headers,
-            persistent=True,
-            content_type=delivery.content_type or "application/octet-stream",
-        )
-        await self.publisher.publish(message, kind="dead_letter", mandatory=True)
+        return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=reason)
+    if request.kind == "submit" and request.job_id is None:
+        error = InvalidArgument("a submit needs an x-job-id header of [A-Za-z0-9_-]{1,64}")
+        return Result(Outcome.DEAD_LETTERED, error=error, dead_reason="invalid")
+    return None
+
+
+def _answer(result: Result) -> tuple[bytes, str]:
+    if result.error is None:
+        return result.reply or b"{}", "ok"
+    return codec.encode(result.error.to_wire()), "error"
 
 
 def _deadline(value: object) -> float | None:

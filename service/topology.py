@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from service.config import Settings
+from service.registry import Service
 
 __all__ = [
     "ExchangeDecl",
@@ -19,6 +20,7 @@ __all__ = [
     "Names",
     "DIRECT_REPLY_TO",
     "service_topology",
+    "delay_topology",
     "to_definitions",
 ]
 
@@ -45,11 +47,12 @@ class QueueDecl:
 
 @dataclass(frozen=True, slots=True)
 class BindingDecl:
-    """Route messages from `exchange` whose key matches `key` into `queue`."""
+    """Route messages from `exchange` whose key matches `key` into a queue or an exchange."""
 
     exchange: str
-    queue: str
+    destination: str
     key: str
+    destination_type: str = "queue"  # queue | exchange
 
 
 @dataclass(slots=True)
@@ -77,8 +80,18 @@ class Names:
 
     @property
     def rpc_exchange(self) -> str:
-        """Topic exchange for requests (call, cast, submit), keyed `<service>.<operation>`."""
+        """Topic exchange for calls, keyed `<service>.<operation>`."""
         return f"{self.namespace}.rpc"
+
+    @property
+    def commands_exchange(self) -> str:
+        """Topic exchange for casts and submits, keyed `<service>.<operation>`."""
+        return f"{self.namespace}.commands"
+
+    @property
+    def events_exchange(self) -> str:
+        """Topic exchange for domain events and job completion events."""
+        return f"{self.namespace}.events"
 
     @property
     def dead_letter_exchange(self) -> str:
@@ -86,12 +99,42 @@ class Names:
         return f"{self.namespace}.dlx"
 
     def request_queue(self, service: str) -> str:
-        """The queue a service consumes its requests from."""
+        """The queue a service consumes its calls from (may be bounded)."""
         return f"{self.namespace}.{service}.requests"
+
+    def commands_queue(self, service: str) -> str:
+        """The queue a service consumes casts and submits from (never bounded)."""
+        return f"{self.namespace}.{service}.commands"
 
     def dead_letter_queue(self, service: str) -> str:
         """Where a service parks what it could not process, with the reason."""
         return f"{self.namespace}.{service}.dlq"
+
+    def subscription_queue(self, group: str, name: str) -> str:
+        """One queue per (group, subscription): a group's instances compete on it."""
+        return f"{self.namespace}.{group}.{name}.events"
+
+    def job_queue(self, job_id: str) -> str:
+        """Holds one job's completion for later retrieval; expires when unused."""
+        return f"{self.namespace}.job.{job_id}"
+
+    def delay_exchange(self, level: int) -> str:
+        """Entry of delay level `level` (see service.scheduler)."""
+        return f"{self.namespace}.delay.{level}"
+
+    def delay_queue(self, level: int) -> str:
+        """Holds messages for 2**level delay units, then dead-letters them down a level."""
+        return f"{self.namespace}.delay.{level}.wait"
+
+    @property
+    def delay_ready_queue(self) -> str:
+        """Where delayed messages land when due, to be forwarded to their target."""
+        return f"{self.namespace}.delay.ready"
+
+    @property
+    def scheduler_dead_letter_queue(self) -> str:
+        """Delayed messages whose target no longer exists."""
+        return self.dead_letter_queue("scheduler")
 
 
 def _queue_args(settings: Settings, dlq: str | None, bounded: bool) -> dict[str, Any]:
@@ -102,27 +145,78 @@ def _queue_args(settings: Settings, dlq: str | None, bounded: bool) -> dict[str,
     if bounded and settings.max_queue_length is not None:
         args["x-max-length"] = settings.max_queue_length
         args["x-overflow"] = "reject-publish"
+    if dlq is not None and settings.queue_type == "quorum":
+        # Last safety net against a message that crashes its consumer every time.
+        args["x-delivery-limit"] = 20
     return args
 
 
-def service_topology(service: str, settings: Settings) -> Topology:
-    """What one service needs: the shared exchanges, its request queue and its DLQ."""
+def service_topology(service: Service, settings: Settings) -> Topology:
+    """What one service needs: shared exchanges, its queues, subscriptions and the delay ladder."""
     names = Names(settings.namespace)
-    requests, dlq = names.request_queue(service), names.dead_letter_queue(service)
-    return Topology(
+    name = service.name
+    requests, commands = names.request_queue(name), names.commands_queue(name)
+    dlq = names.dead_letter_queue(name)
+    topology = Topology(
         exchanges=[
             ExchangeDecl(names.rpc_exchange, "topic"),
+            ExchangeDecl(names.commands_exchange, "topic"),
+            ExchangeDecl(names.events_exchange, "topic"),
             ExchangeDecl(names.dead_letter_exchange, "direct"),
         ],
         queues=[
             QueueDecl(requests, _queue_args(settings, dlq, bounded=True)),
+            QueueDecl(commands, _queue_args(settings, dlq, bounded=False)),
             QueueDecl(dlq, _queue_args(settings, None, bounded=False)),
         ],
         bindings=[
-            BindingDecl(names.rpc_exchange, requests, f"{service}.*"),
+            BindingDecl(names.rpc_exchange, requests, f"{name}.*"),
+            BindingDecl(names.commands_exchange, commands, f"{name}.*"),
             BindingDecl(names.dead_letter_exchange, dlq, dlq),
         ],
     )
+    for sub in service.subscriptions.values():
+        queue = names.subscription_queue(sub.group, sub.name)
+        topology.queues.append(QueueDecl(queue, _queue_args(settings, dlq, bounded=False)))
+        topology.bindings.append(BindingDecl(names.events_exchange, queue, sub.pattern))
+    return topology.merge(delay_topology(settings))
+
+
+def delay_topology(settings: Settings) -> Topology:
+    """The delay ladder: one exchange and one holding queue per power-of-two delay."""
+    from service.scheduler import LEVELS, UNIT_MS, level_pattern  # noqa: PLC0415 - cycle
+
+    names = Names(settings.namespace)
+    ready = names.delay_ready_queue
+    sched_dlq = names.scheduler_dead_letter_queue
+    topology = Topology(
+        exchanges=[ExchangeDecl(names.dead_letter_exchange, "direct")],
+        queues=[
+            QueueDecl(ready, _queue_args(settings, sched_dlq, bounded=False)),
+            QueueDecl(sched_dlq, _queue_args(settings, None, bounded=False)),
+        ],
+        bindings=[BindingDecl(names.dead_letter_exchange, sched_dlq, sched_dlq)],
+    )
+    for level in range(LEVELS):
+        exchange, queue = names.delay_exchange(level), names.delay_queue(level)
+        below = names.delay_exchange(level - 1) if level else ""
+        args: dict[str, Any] = {
+            "x-queue-type": "classic",  # a FIFO with one fixed TTL: expiry stays at the head
+            "x-message-ttl": UNIT_MS << level,
+            "x-dead-letter-exchange": below,
+        }
+        if not level:
+            args["x-dead-letter-routing-key"] = ready
+        topology.exchanges.append(ExchangeDecl(exchange, "topic"))
+        topology.queues.append(QueueDecl(queue, args))
+        topology.bindings.append(BindingDecl(exchange, queue, level_pattern(level, 1)))
+        if level:
+            topology.bindings.append(
+                BindingDecl(exchange, below, level_pattern(level, 0), "exchange")
+            )
+        else:
+            topology.bindings.append(BindingDecl(exchange, ready, level_pattern(level, 0)))
+    return topology
 
 
 def to_definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:
@@ -154,8 +248,8 @@ def to_definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:
             {
                 "source": b.exchange,
                 "vhost": vhost,
-                "destination": b.queue,
-                "destination_type": "queue",
+                "destination": b.destination,
+                "destination_type": b.destination_type,
                 "routing_key": b.key,
                 "arguments": {},
             }

@@ -29,17 +29,22 @@ from service.config import Settings, redact_url
 from service.errors import (
     BurrowError,
     ConnectionLost,
+    DeadlineExceeded,
     MessageTooLarge,
+    NotFound,
     PublishFailed,
-    ResourceExhausted,
+    QueueFull,
     TopologyError,
     Unavailable,
     Unroutable,
 )
-from service.topology import Topology
+from service.topology import QueueDecl, Topology
 from service.types import Delivery, DeliveryCallback, Outgoing, Settle
 
-__all__ = ["ConsumerSpec", "Link", "Transport"]
+__all__ = ["PUBLISH_KINDS", "ConsumerSpec", "Link", "Transport"]
+
+# Label values of burrow_messages_published_total{kind}; created at zero by every link.
+PUBLISH_KINDS = ("request", "command", "reply", "dead_letter", "event", "completion", "scheduled")
 
 _log = structlog.get_logger("burrow.transport")
 
@@ -99,7 +104,7 @@ class Link:
         self._blocked_gauge = metrics.AMQP_CONNECTION_BLOCKED.labels(name)
         self._published = {
             (kind, outcome): metrics.MESSAGES_PUBLISHED.labels(kind, outcome)
-            for kind in ("request", "reply", "dead_letter", "event")
+            for kind in PUBLISH_KINDS
             for outcome in metrics.PUBLISH_OUTCOMES
         }
 
@@ -239,9 +244,16 @@ class Link:
                 declared.append(
                     await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments)
                 )
+            raw = await channel.get_underlay_channel()
             for binding in self.topology.bindings:
-                raw = await channel.get_underlay_channel()
-                await raw.queue_bind(binding.queue, binding.exchange, routing_key=binding.key)
+                if binding.destination_type == "exchange":
+                    await raw.exchange_bind(
+                        binding.destination, binding.exchange, routing_key=binding.key
+                    )
+                else:
+                    await raw.queue_bind(
+                        binding.destination, binding.exchange, routing_key=binding.key
+                    )
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise TopologyError(
                 f"the broker holds an entity declared with other arguments: {_describe(exc)}; "
@@ -311,10 +323,80 @@ class Link:
         for callback in list(self.on_lost):
             callback(reason)
 
+    # -- one-off operations -----------------------------------------------------------------
+
+    async def _live_raw(self, timeout: float) -> aiormq.Channel:
+        if self._raw is None or not self.ready.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.ready.wait()
+            except TimeoutError:
+                raise Unavailable("not connected to the broker") from None
+        assert self._raw is not None
+        return self._raw
+
+    async def declare_queue(self, queue: QueueDecl, timeout: float | None = None) -> None:
+        """Declare a queue once (not re-declared on reconnect), e.g. a job's result queue."""
+        raw = await self._live_raw(self.settings.publish_timeout if timeout is None else timeout)
+        try:
+            await raw.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+        except _CONNECTION_ERRORS as exc:
+            raise ConnectionLost(f"could not declare {queue.name}: {_describe(exc)}") from None
+
+    async def peek(self, queue: str, timeout: float) -> Delivery:
+        """Wait for the first message of `queue` and leave it there (read, then requeued).
+
+        Raises:
+            NotFound: the queue does not exist.
+            DeadlineExceeded: nothing arrived within `timeout` seconds.
+        """
+        raw = await self._live_raw(timeout)
+        # A passive declare of a missing queue closes its channel: use a throwaway one.
+        assert self._connection is not None
+        channel = await self._connection.channel(publisher_confirms=False)
+        try:
+            probe = cast(aiormq.Channel, await channel.get_underlay_channel())
+            try:
+                await probe.queue_declare(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise NotFound(f"no such job or its result expired ({queue})") from None
+            arrived: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
+
+            async def first(message: DeliveredMessage) -> None:
+                if not arrived.done():
+                    arrived.set_result(message)
+
+            await probe.basic_consume(queue, first, no_ack=False)
+            try:
+                async with asyncio.timeout(timeout):
+                    message = await arrived
+            except TimeoutError:
+                raise DeadlineExceeded(f"nothing in {queue} within {timeout:.1f}s") from None
+            props = message.header.properties
+            return Delivery(
+                body=message.body,
+                routing_key=message.routing_key or "",
+                message_id=props.message_id,
+                correlation_id=props.correlation_id,
+                type=props.message_type,
+                headers=props.headers,
+                content_type=props.content_type,
+            )
+        finally:
+            del raw
+            with contextlib.suppress(Exception):
+                await channel.close()  # unacked: the message stays for the next reader
+
     # -- publishing --------------------------------------------------------------------------
 
     async def publish(
-        self, message: Outgoing, *, kind: str, mandatory: bool, timeout: float | None = None
+        self,
+        message: Outgoing,
+        *,
+        kind: str,
+        mandatory: bool,
+        timeout: float | None = None,
+        check_size: bool = True,
     ) -> None:
         """Publish with a broker confirm; raise a `ServiceError` for every way it can fail.
 
@@ -322,8 +404,9 @@ class Link:
             kind: `request`, `reply`, `dead_letter` or `event` (metric label only).
             mandatory: have the broker return the message when no queue matches its route.
             timeout: seconds to wait for the link and the confirm (default: publish_timeout).
+            check_size: refuse bodies above max_body_bytes (off when parking what we received).
         """
-        if len(message.body) > self.settings.max_body_bytes:
+        if check_size and len(message.body) > self.settings.max_body_bytes:
             raise MessageTooLarge(
                 f"{kind} body of {len(message.body)} bytes exceeds the limit of "
                 f"{self.settings.max_body_bytes}"
@@ -331,13 +414,7 @@ class Link:
         timeout = self.settings.publish_timeout if timeout is None else timeout
         raw = self._raw
         if raw is None or not self.ready.is_set():
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.ready.wait()
-            except TimeoutError:
-                raise Unavailable("not connected to the broker") from None
-            raw = self._raw
-            assert raw is not None
+            raw = await self._live_raw(timeout)
         properties = spec.Basic.Properties(
             content_type=message.content_type,
             delivery_mode=2 if message.persistent else 1,
@@ -364,7 +441,7 @@ class Link:
             ) from None
         except aiormq.exceptions.DeliveryError:
             self._published[kind, "nacked"].inc()
-            raise ResourceExhausted(
+            raise QueueFull(
                 "the broker refused the message (queue full or resource limit)"
             ) from None
         except _CONNECTION_ERRORS as exc:
@@ -384,7 +461,8 @@ class Transport:
 
     def __init__(self, settings: Settings, topology: Topology) -> None:
         self.consumer = Link("consumer", settings, topology=topology, prefetch=settings.prefetch)
-        self.publisher = Link("publisher", settings, topology=topology)
+        # Only the consumer link declares: the publisher's targets exist once it consumes.
+        self.publisher = Link("publisher", settings)
 
     @property
     def links(self) -> tuple[Link, Link]:

@@ -1,0 +1,133 @@
+"""Delivery later, without plugins: a ladder of holding queues with power-of-two TTLs.
+
+A message due in d units (100 ms) is routed, by the binary digits of d in its routing key,
+through the holding queues of the bits that are set; each dead-letters down to the next level
+when its TTL ends. Due messages land in one ready queue; a `Forwarder` in every running service
+republishes them to their target with a confirm before it acks. Durable and persistent
+throughout, so a broker restart delays nothing further than its own downtime.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import replace
+
+import structlog
+
+from service.config import Settings
+from service.errors import ServiceError, Unavailable
+from service.topology import Names
+from service.transport import ConsumerSpec, Link
+from service.types import Delivery, Outgoing
+
+__all__ = [
+    "LEVELS",
+    "UNIT_MS",
+    "MAX_DELAY_S",
+    "H_TARGET_EXCHANGE",
+    "H_TARGET_KEY",
+    "H_DUE",
+    "level_pattern",
+    "delay_route",
+    "schedule",
+    "Forwarder",
+]
+
+_log = structlog.get_logger("burrow.scheduler")
+
+UNIT_MS = 100
+LEVELS = 25  # (2**25 - 1) * 100 ms ≈ 38.8 days
+MAX_DELAY_S = ((1 << LEVELS) - 1) * UNIT_MS / 1000
+
+H_TARGET_EXCHANGE = "x-burrow-target-exchange"
+H_TARGET_KEY = "x-burrow-target-key"
+H_DUE = "x-burrow-due"  # integer ms since the epoch
+_STRIP = frozenset({H_TARGET_EXCHANGE, H_TARGET_KEY, H_DUE, "x-death"})
+
+
+def level_pattern(level: int, bit: int) -> str:
+    """Binding key matching routing keys whose digit for `level` is `bit` (MSB first)."""
+    return "*." * (LEVELS - 1 - level) + f"{bit}.#"
+
+
+def delay_route(units: int) -> str:
+    """The routing key spelling `units` in binary, one word per level, most significant first."""
+    if not 0 <= units < (1 << LEVELS):
+        raise ValueError(f"delay of {units} units is outside the ladder")
+    return ".".join(str((units >> level) & 1) for level in reversed(range(LEVELS)))
+
+
+def schedule(names: Names, message: Outgoing, due_at: float) -> Outgoing:
+    """The message to publish instead of `message` so that it reaches its target at `due_at`.
+
+    Args:
+        due_at: absolute time, seconds since the epoch. Rounded up to the next 100 ms:
+            a scheduled message never arrives early.
+    """
+    now_ms = time.time() * 1000
+    due_ms = math.ceil(due_at * 1000)
+    units = max(0, math.ceil((due_ms - now_ms) / UNIT_MS))
+    if units >= 1 << LEVELS:
+        raise ValueError(f"cannot schedule more than {MAX_DELAY_S:.0f}s ahead")
+    headers = dict(message.headers)
+    headers.update(
+        {H_TARGET_EXCHANGE: message.exchange, H_TARGET_KEY: message.routing_key, H_DUE: due_ms}
+    )
+    return replace(
+        message,
+        exchange=names.delay_exchange(LEVELS - 1),
+        routing_key=delay_route(units),
+        headers=headers,
+        persistent=True,
+    )
+
+
+class Forwarder:
+    """Consumes the ready queue and republishes each due message to its target, then acks."""
+
+    def __init__(self, settings: Settings, publisher: Link) -> None:
+        self.names = Names(settings.namespace)
+        self.publisher = publisher
+        self._targets = frozenset(
+            {self.names.rpc_exchange, self.names.commands_exchange, self.names.events_exchange}
+        )
+
+    def consumer(self) -> ConsumerSpec:
+        """The consumer to attach to the ready queue."""
+        return ConsumerSpec(self.names.delay_ready_queue, self.on_delivery)
+
+    async def on_delivery(self, delivery: Delivery) -> None:
+        """Forward one due message; a target that is gone sends it to the scheduler's DLQ."""
+        headers = delivery.headers
+        exchange, key = headers.get(H_TARGET_EXCHANGE), headers.get(H_TARGET_KEY)
+        if exchange not in self._targets or not isinstance(key, str):
+            # Only Burrow's own exchanges may be targeted: nothing else is forwarded.
+            _log.warning("scheduled message with a foreign target", target=str(exchange)[:64])
+            await delivery.reject()
+            return
+        message = Outgoing(
+            exchange=str(exchange),
+            routing_key=key,
+            body=delivery.body,
+            message_id=delivery.message_id or uuid.uuid4().hex,
+            type=delivery.type,
+            correlation_id=delivery.correlation_id,
+            reply_to=delivery.reply_to,
+            headers={k: v for k, v in headers.items() if k not in _STRIP},
+            persistent=True,
+            content_type=delivery.content_type or "application/json",
+        )
+        try:
+            await self.publisher.publish(
+                message, kind="scheduled", mandatory=True, check_size=False
+            )
+        except Unavailable:
+            await delivery.requeue()
+            return
+        except ServiceError as exc:
+            _log.warning("scheduled message not deliverable", route=key[:128], error=exc.message)
+            await delivery.reject()  # dead-letters to the scheduler's DLQ
+            return
+        await delivery.ack()
