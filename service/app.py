@@ -19,7 +19,7 @@ from service.registry import Service
 from service.rpc_server import RpcServer
 from service.scheduler import Forwarder
 from service.topology import Topology, service_topology
-from service.transport import Transport
+from service.transport import Link, LinkFactory, Transport
 
 __all__ = ["App"]
 
@@ -31,10 +31,15 @@ class App:
 
     Args:
         http: serve `/metrics`, `/healthz` and `/readyz` on `settings.http_port`.
+        link_factory: how AMQP links are made (the in-memory test broker passes its own).
     """
 
     def __init__(
-        self, *services: Service, settings: Settings | None = None, http: bool = True
+        self,
+        *services: Service,
+        settings: Settings | None = None,
+        http: bool = True,
+        link_factory: LinkFactory = Link,
     ) -> None:
         if not services:
             raise ValueError("App needs at least one Service")
@@ -44,7 +49,7 @@ class App:
         for svc in services:
             topology = topology.merge(service_topology(svc, self.settings))
         self.topology = topology
-        self.transport = Transport(self.settings, topology)
+        self.transport = Transport(self.settings, topology, link_factory=link_factory)
         self.servers = [RpcServer(svc, self.settings, self.transport.publisher) for svc in services]
         self.forwarder = Forwarder(self.settings, self.transport.publisher)
         consumers = self.transport.consumer.consumers

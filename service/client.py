@@ -24,7 +24,7 @@ from service.registry import Operation
 from service.rpc_client import RpcClient
 from service.scheduler import schedule
 from service.topology import Names
-from service.transport import Link
+from service.transport import Link, LinkFactory
 from service.types import Outgoing
 
 __all__ = ["Client"]
@@ -41,10 +41,16 @@ class Client:
             reply = await client.call("calc.add", {"a": 1, "b": 2})  # {"sum": 3}
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        link_factory: LinkFactory = Link,
+        **overrides: Any,
+    ) -> None:
         self.settings = settings or load_settings(**overrides)
         self.names = Names(self.settings.namespace)
-        self.link = Link("client", self.settings)
+        self.link = link_factory("client", self.settings)
         self.rpc = RpcClient(self.link, self.settings)
 
     async def start(self, timeout: float | None = None) -> None:

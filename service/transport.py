@@ -41,7 +41,7 @@ from service.errors import (
 from service.topology import QueueDecl, Topology
 from service.types import Delivery, DeliveryCallback, Outgoing, Settle
 
-__all__ = ["PUBLISH_KINDS", "ConsumerSpec", "Link", "Transport"]
+__all__ = ["PUBLISH_KINDS", "ConsumerSpec", "Link", "LinkFactory", "Transport"]
 
 # Label values of burrow_messages_published_total{kind}; created at zero by every link.
 PUBLISH_KINDS = ("request", "command", "reply", "dead_letter", "event", "completion", "scheduled")
@@ -456,13 +456,24 @@ class Link:
         self._published[kind, "confirmed"].inc()
 
 
-class Transport:
-    """The service side's two links: consume on one connection, publish on another."""
+LinkFactory = Callable[..., Link]
 
-    def __init__(self, settings: Settings, topology: Topology) -> None:
-        self.consumer = Link("consumer", settings, topology=topology, prefetch=settings.prefetch)
+
+class Transport:
+    """The service side's two links: consume on one connection, publish on another.
+
+    Args:
+        link_factory: builds each link; `service.testing` passes its in-memory one here.
+    """
+
+    def __init__(
+        self, settings: Settings, topology: Topology, *, link_factory: LinkFactory = Link
+    ) -> None:
+        self.consumer = link_factory(
+            "consumer", settings, topology=topology, prefetch=settings.prefetch
+        )
         # Only the consumer link declares: the publisher's targets exist once it consumes.
-        self.publisher = Link("publisher", settings)
+        self.publisher = link_factory("publisher", settings)
 
     @property
     def links(self) -> tuple[Link, Link]:
