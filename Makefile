@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install broker run test test-unit test-integration test-faults lint format typecheck check clean
+.PHONY: install broker run test test-unit test-integration test-faults lint format typecheck check clean deploy-files schemas schemas-check
 
 install: $(STAMP)
 
@@ -42,3 +42,36 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerate schemas/ from the pydantic models (tests/contract/test_schemas.py checks drift).
+schemas: install
+	$(BIN)/burrow schemas export service.example:calc --dir schemas
+
+# Fail when the contracts broke compatibility since BASE without a major version bump.
+schemas-check: install
+	$(BIN)/burrow schemas check service.example:calc --against $${BASE:-$$(git describe --tags --abbrev=0 2>/dev/null || echo HEAD~1)}
+
+# Regenerate deploy files derived from the code (checked by tests/contract/test_deploy.py).
+deploy-files: install
+	env $$(env | grep -o '^BURROW_[A-Z_]*' | sed 's/^/-u /') \
+		$(BIN)/burrow definitions service.example:calc -o deploy/rabbitmq/definitions.json
+
+# Benchmarks (bench/README.md): peers, plotting and the Java client for the broker's limit.
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+.PHONY: bench bench-quick
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	@command -v javac >/dev/null && test -f /usr/share/java/amqp-client.jar || \
+		(apt-get install -y -q librabbitmq-client-java default-jdk-headless >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && \
+		  apt-get install -y -q librabbitmq-client-java default-jdk-headless >/dev/null 2>&1) || \
+		 echo "warning: no Java client; the LIMIT java row will fail")
+	@touch $@
+
+bench: install broker $(BENCH_STAMP)
+	$(BIN)/python -m bench
+
+bench-quick: install broker $(BENCH_STAMP)
+	$(BIN)/python -m bench --quick

@@ -7,10 +7,12 @@ import asyncio
 import importlib
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
 
+from service import contracts
 from service.app import App
 from service.client import Client
 from service.config import load_settings
@@ -160,6 +162,24 @@ def _cmd_definitions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schemas(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    services = load_target(args.target)
+    directory = Path(args.dir)
+    if args.action == "export":
+        for path in contracts.export(services, settings, directory):
+            print(path)
+        return 0
+    old = contracts.load_contract(args.against, Path.cwd())
+    new = {svc.name: contracts.contract(svc) for svc in services}
+    changes = contracts.compare(old, new)
+    for change in changes:
+        print(change)
+    breaking = [change for change in changes if change.breaking]
+    print(f"{len(breaking)} breaking, {len(changes) - len(breaking)} compatible change(s)")
+    return 1 if breaking else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="burrow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +222,15 @@ def _parser() -> argparse.ArgumentParser:
     tail_cmd = commands.add_parser("tail", help="print events matching a pattern as JSON lines")
     tail_cmd.add_argument("pattern", help="topic pattern, e.g. 'calc.#'")
     tail_cmd.set_defaults(func=_cmd_tail)
+
+    schemas = commands.add_parser("schemas", help="export contracts or check them for breaks")
+    schemas.add_argument("action", choices=["export", "check"])
+    schemas.add_argument("target", nargs="?", default=DEFAULT_TARGET, help="module:attribute")
+    schemas.add_argument("--dir", default="schemas", help="directory of the exported contracts")
+    schemas.add_argument(
+        "--against", default="HEAD", help="git ref or directory holding the older contract.json"
+    )
+    schemas.set_defaults(func=_cmd_schemas)
 
     definitions = commands.add_parser(
         "definitions", help="print the RabbitMQ definitions (exchanges, queues, bindings)"

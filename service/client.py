@@ -15,7 +15,7 @@ from typing import Any, TypeVar, overload
 from pydantic import BaseModel
 
 from service import codec
-from service.codec import H_KIND
+from service.codec import H_KIND, H_VERSION
 from service.config import Settings, load_settings
 from service.errors import QueueFull
 from service.events import event_message, publish_event
@@ -115,11 +115,15 @@ class Client:
         started = time.monotonic()
         body = codec.encode(payload)
         try:
-            answer = await self.rpc.call_raw(route, body, timeout=timeout)
+            answer = await self.rpc.call_raw(
+                route, body, timeout=timeout, headers=_version_header(operation)
+            )
         except QueueFull:
             if not fallback_to_submit:
                 raise
-            job = await self._submit(route, body, callback=None, due_at=None)
+            job = await self._submit(
+                route, body, callback=None, due_at=None, headers=_version_header(operation)
+            )
             remaining = max(0.001, timeout - (time.monotonic() - started))
             result = await job.result(timeout=remaining)
             return reply.model_validate(result) if reply is not None else result
@@ -142,6 +146,7 @@ class Client:
             at: deliver at this (timezone-aware) time instead of now.
         """
         message = self._command(_route(operation), codec.encode(payload), "cast")
+        message.headers.update(_version_header(operation))
         await self._publish_command(message, _due(delay, at))
         return message.message_id
 
@@ -165,7 +170,11 @@ class Client:
             at: start the job at this (timezone-aware) time.
         """
         return await self._submit(
-            _route(operation), codec.encode(payload), callback=callback, due_at=_due(delay, at)
+            _route(operation),
+            codec.encode(payload),
+            callback=callback,
+            due_at=_due(delay, at),
+            headers=_version_header(operation),
         )
 
     def job(self, job_id: str, route: str = "") -> Job:
@@ -196,9 +205,16 @@ class Client:
         return await publish_event(self.link, message)
 
     async def _submit(
-        self, route: str, body: bytes, *, callback: str | None, due_at: float | None
+        self,
+        route: str,
+        body: bytes,
+        *,
+        callback: str | None,
+        due_at: float | None,
+        headers: dict[str, Any] | None = None,
     ) -> Job:
         message = self._command(route, body, "submit")
+        message.headers.update(headers or {})
         if callback is not None:
             if valid_callback(callback) is None:
                 raise ValueError(f"{callback!r} is not a routing key (dot-separated words)")
@@ -232,6 +248,11 @@ class Client:
 
 def _route(operation: str | Operation[Any, Any]) -> str:
     return operation.route if isinstance(operation, Operation) else operation
+
+
+def _version_header(operation: str | Operation[Any, Any]) -> dict[str, Any]:
+    # Callers built against a declared Operation say which contract they speak.
+    return {H_VERSION: str(operation.major)} if isinstance(operation, Operation) else {}
 
 
 def _reply_model(operation: str | Operation[Any, Any]) -> type[BaseModel] | None:

@@ -20,6 +20,7 @@ __all__ = [
     "H_DEADLINE",
     "H_KIND",
     "H_STATUS",
+    "H_VERSION",
     "H_DEAD_REASON",
     "H_DEAD_ERROR",
     "H_ORIGINAL_EXCHANGE",
@@ -40,6 +41,7 @@ _ACCEPTED_ENCODINGS = frozenset({None, "", "identity", "utf-8", "utf8"})
 H_DEADLINE = "x-deadline"  # absolute deadline, integer milliseconds since the Unix epoch
 H_KIND = "x-burrow-kind"  # call | cast | submit
 H_STATUS = "x-status"  # on replies: ok | error
+H_VERSION = "x-contract-version"  # major version of the service contract
 H_DEAD_REASON = "x-burrow-dead-reason"
 H_DEAD_ERROR = "x-burrow-dead-error"
 H_ORIGINAL_EXCHANGE = "x-burrow-original-exchange"

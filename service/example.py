@@ -71,6 +71,9 @@ class SquareComputed(Model):
     square: int
 
 
+calc.event("calc.square.computed", SquareComputed)
+
+
 @calc.operation()
 async def add(req: AddRequest) -> AddReply:
     """Add two integers (the benchmark operation)."""

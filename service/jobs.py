@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from service import codec
-from service.codec import H_STATUS
+from service.codec import H_STATUS, H_VERSION
 from service.errors import InvalidArgument, error_from_wire
 from service.topology import Names, QueueDecl
 from service.transport import Link
@@ -59,10 +59,11 @@ def completion_messages(
     *,
     ok: bool,
     callback: str | None,
+    version: str,
 ) -> list[Outgoing]:
     """The messages announcing that job `job_id` of `route` finished (mandatory: first only)."""
     suffix = "completed" if ok else "failed"
-    headers = {H_JOB_ID: job_id, H_STATUS: "ok" if ok else "error"}
+    headers = {H_JOB_ID: job_id, H_STATUS: "ok" if ok else "error", H_VERSION: version}
 
     def message(exchange: str, key: str) -> Outgoing:
         return Outgoing(

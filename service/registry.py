@@ -18,6 +18,7 @@ from pydantic import BaseModel
 __all__ = ["Context", "Emit", "Operation", "Subscription", "Service", "Handler"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 _PATTERN = re.compile(r"^(\*|#|[A-Za-z0-9_-]+)(\.(\*|#|[A-Za-z0-9_-]+))*$")
 
 Req = TypeVar("Req", bound=BaseModel)
@@ -62,6 +63,7 @@ class Operation(Generic[Req, Rep]):
     wants_context: bool
     timeout: float | None = None
     description: str = ""
+    major: int = 1  # the service's contract major version when declared
 
     @property
     def route(self) -> str:
@@ -106,12 +108,32 @@ class Service:
 
     name: str
     description: str = ""
+    version: str = "1.0.0"
+    accepts: tuple[int, ...] = ()
     operations: dict[str, Operation[Any, Any]] = field(default_factory=dict)
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    events: dict[str, type[BaseModel]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(f"service name {self.name!r} must match {_NAME.pattern}")
+        if not _VERSION.match(self.version):
+            raise ValueError(f"version {self.version!r} must be MAJOR.MINOR.PATCH")
+        if not self.accepts:
+            self.accepts = (self.major,)
+
+    @property
+    def major(self) -> int:
+        """The contract's major version, carried in the `x-contract-version` header."""
+        return int(self.version.split(".", 1)[0])
+
+    def event(self, name: str, model: type[BaseModel]) -> None:
+        """Declare an event this service emits (`ctx.emit` refuses undeclared ones)."""
+        if "*" in name or "#" in name or not _PATTERN.match(name):
+            raise ValueError(f"{name!r} is not an event name (dot-separated words)")
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"event {name}: the model must be a pydantic model")
+        self.events[name] = model
 
     def operation(
         self, name: str | None = None, *, timeout: float | None = None
@@ -146,6 +168,7 @@ class Service:
             wants_context=wants_context,
             timeout=timeout,
             description=inspect.getdoc(handler) or "",
+            major=self.major,
         )
         self.operations[op_name] = op
         return op

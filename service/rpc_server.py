@@ -15,10 +15,11 @@ import structlog
 from pydantic import BaseModel
 
 from service import codec, metrics
-from service.codec import H_DEADLINE, H_KIND, H_STATUS
+from service.codec import H_DEADLINE, H_KIND, H_STATUS, H_VERSION
 from service.config import Settings
 from service.dead_letters import DeadLetterQueue
 from service.errors import (
+    FailedPrecondition,
     InvalidArgument,
     MessageTooLarge,
     NotFound,
@@ -67,6 +68,8 @@ class RpcServer:
         self.idle = asyncio.Event()
         self.idle.set()
         self._chain = compose(middleware, self._endpoint)
+        self._version = str(service.major)
+        self._accepts = frozenset(str(major) for major in service.accepts)
         metrics.init_operation_labels(
             service.name,
             [op.route for op in service.operations.values()]
@@ -148,6 +151,13 @@ class RpcServer:
         refused = _refusal(request)
         if refused is not None:
             return refused
+        version = delivery.headers.get(H_VERSION)
+        if version is not None and request.kind != "event" and str(version) not in self._accepts:
+            refusal = FailedPrecondition(
+                f"contract version {str(version)[:16]!r} is not accepted by {self.service.name}",
+                details={"accepted": sorted(self._accepts), "current": self._version},
+            )
+            return failure(request, refusal, "invalid", Outcome.REJECTED)
         try:
             codec.check_envelope(delivery, self.settings.max_body_bytes)
         except MessageTooLarge as exc:
@@ -189,7 +199,13 @@ class RpcServer:
         )
 
     async def _emit(self, event: str, payload: BaseModel) -> None:
-        await publish_event(self.publisher, event_message(self.names, event, codec.encode(payload)))
+        model = self.service.events.get(event)
+        if model is None or not isinstance(payload, model):
+            raise TypeError(f"{event!r} is not declared with Service.event(...) as {type(payload)}")
+        message = event_message(
+            self.names, event, codec.encode(payload), headers={H_VERSION: self._version}
+        )
+        await publish_event(self.publisher, message)
 
     async def _finish(self, request: Request, result: Result) -> None:
         delivery = request.delivery
@@ -217,7 +233,7 @@ class RpcServer:
             body=body,
             message_id=uuid.uuid4().hex,
             correlation_id=request.delivery.correlation_id,
-            headers={H_STATUS: status},
+            headers={H_STATUS: status, H_VERSION: self._version},
             persistent=False,
         )
         # mandatory=False: RabbitMQ 3.10 returns direct reply-to publishes spuriously.
@@ -233,6 +249,7 @@ class RpcServer:
             body,
             ok=status == "ok",
             callback=request.callback,
+            version=self._version,
         )
         await self._publish_answer(first, kind="completion", mandatory=True)
         for message in rest:

@@ -1,0 +1,445 @@
+"""Contracts as artifacts: JSON Schemas and an AsyncAPI 3.0 document generated from the models,
+and the breaking-change check between two versions of them.
+
+`schemas/contract.json` is the machine-readable whole (what the check compares); one JSON Schema
+file per message and `schemas/asyncapi.yaml` are for other tools and languages.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from service.codec import H_DEADLINE, H_KIND, H_STATUS, H_VERSION
+from service.config import Settings
+from service.errors import ErrorCode
+from service.jobs import H_CALLBACK, H_JOB_ID
+from service.registry import Service
+from service.topology import DIRECT_REPLY_TO, Names
+
+__all__ = [
+    "SCHEMA_DIALECT",
+    "Change",
+    "contract",
+    "export",
+    "asyncapi_document",
+    "load_contract",
+    "compare",
+]
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def _schema(model: type[BaseModel], mode: str, title: str) -> dict[str, Any]:
+    schema = model.model_json_schema(mode=mode)  # type: ignore[arg-type]
+    return {"$schema": SCHEMA_DIALECT, "$id": f"urn:burrow:{title}", **schema}
+
+
+def error_schema() -> dict[str, Any]:
+    """The error body of an error reply or `.failed` completion."""
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "$id": "urn:burrow:error",
+        "title": "Error",
+        "type": "object",
+        "required": ["code", "message", "details", "retryable"],
+        "additionalProperties": False,
+        "properties": {
+            "code": {"type": "string", "enum": [code.value for code in ErrorCode]},
+            "message": {"type": "string"},
+            "details": {"type": "object"},
+            "retryable": {"type": "boolean"},
+        },
+    }
+
+
+def envelope_schema() -> dict[str, Any]:
+    """The AMQP headers Burrow reads and writes (docs/protocol.md)."""
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "$id": "urn:burrow:envelope-headers",
+        "title": "EnvelopeHeaders",
+        "type": "object",
+        "properties": {
+            H_DEADLINE: {"type": "integer", "minimum": 0, "description": "ms since the epoch"},
+            H_KIND: {"type": "string", "enum": ["call", "cast", "submit"]},
+            H_STATUS: {"type": "string", "enum": ["ok", "error"]},
+            H_VERSION: {"type": "string", "pattern": "^[0-9]+$"},
+            H_JOB_ID: {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            H_CALLBACK: {"type": "string", "maxLength": 255},
+        },
+    }
+
+
+def contract(service: Service) -> dict[str, Any]:
+    """Everything other services depend on, as one JSON-able document."""
+    return {
+        "service": service.name,
+        "version": service.version,
+        "accepts": list(service.accepts),
+        "operations": {
+            op.route: {
+                "description": op.description,
+                "request": _schema(op.request, "validation", f"{op.route}.request"),
+                "reply": _schema(op.reply, "serialization", f"{op.route}.reply"),
+            }
+            for op in service.operations.values()
+        },
+        "events": {
+            name: _schema(model, "serialization", f"event.{name}")
+            for name, model in sorted(service.events.items())
+        },
+        "subscriptions": {
+            sub.route: {
+                "pattern": sub.pattern,
+                "group": sub.group,
+                "event": _schema(sub.request, "validation", f"{sub.route}.event"),
+            }
+            for sub in service.subscriptions.values()
+        },
+    }
+
+
+def export(services: Sequence[Service], settings: Settings, directory: Path) -> list[Path]:
+    """Write contract.json, one schema per message, and asyncapi.yaml; return the files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written: dict[Path, str] = {}
+    contracts = {svc.name: contract(svc) for svc in services}
+    written[directory / "contract.json"] = _json(contracts)
+    written[directory / "error.json"] = _json(error_schema())
+    written[directory / "envelope-headers.json"] = _json(envelope_schema())
+    for doc in contracts.values():
+        for route, op in doc["operations"].items():
+            written[directory / f"{route}.request.json"] = _json(op["request"])
+            written[directory / f"{route}.reply.json"] = _json(op["reply"])
+        for name, schema in doc["events"].items():
+            written[directory / f"event.{name}.json"] = _json(schema)
+    written[directory / "asyncapi.yaml"] = yaml.safe_dump(
+        asyncapi_document(services, settings), sort_keys=False, width=100
+    )
+    for path, text in written.items():
+        path.write_text(text, encoding="utf-8")
+    return sorted(written)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"
+
+
+# -- AsyncAPI ---------------------------------------------------------------------------------
+
+
+def asyncapi_document(services: Sequence[Service], settings: Settings) -> dict[str, Any]:
+    """An AsyncAPI 3.0 document: channels, operations, messages, AMQP bindings, request/reply."""
+    names = Names(settings.namespace)
+    schemas: dict[str, Any] = {"Error": _hoist(error_schema(), {})}
+    doc: dict[str, Any] = {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": " + ".join(svc.name for svc in services),
+            "version": services[0].version if services else "0.0.0",
+            "description": " ".join(svc.description for svc in services if svc.description)
+            or "Burrow services",
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "local": {"host": "127.0.0.1:5672", "protocol": "amqp", "pathname": "/"},
+        },
+        "channels": {},
+        "operations": {},
+        "components": {"messages": {}, "schemas": schemas},
+    }
+    channels, operations = doc["channels"], doc["operations"]
+    messages = doc["components"]["messages"]
+    messages["Error"] = _message("Error", "Error", schemas)
+    channels["reply"] = {
+        "address": None,
+        "description": f"The caller's direct reply-to queue ({DIRECT_REPLY_TO}).",
+        "messages": {"reply": {"$ref": "#/components/messages/Error"}},
+    }
+    for svc in services:
+        for op in svc.operations.values():
+            key = op.route.replace(".", "_")
+            req, rep = f"{key}_request", f"{key}_reply"
+            schemas[req] = _hoist(_schema(op.request, "validation", req), schemas)
+            schemas[rep] = _hoist(_schema(op.reply, "serialization", rep), schemas)
+            messages[req] = _message(op.route, req, schemas, correlated=True)
+            messages[rep] = _message(f"{op.route}.reply", rep, schemas, correlated=True)
+            channels[f"{key}_call"] = _channel(
+                op.route, names.rpc_exchange, {"request": req}, op.description
+            )
+            channels[f"{key}_command"] = _channel(
+                op.route, names.commands_exchange, {"request": req}, "cast or submit"
+            )
+            channels[f"{key}_reply"] = {
+                "address": None,
+                "messages": {
+                    "reply": {"$ref": f"#/components/messages/{rep}"},
+                    "error": {"$ref": "#/components/messages/Error"},
+                },
+            }
+            completed = f"{key}_completed"
+            channels[completed] = _channel(
+                f"{op.route}.completed", names.events_exchange, {"result": rep}, "job finished"
+            )
+            channels[f"{key}_failed"] = _channel(
+                f"{op.route}.failed", names.events_exchange, {"error": "Error"}, "job failed"
+            )
+            operations[f"{key}_call"] = {
+                "action": "receive",
+                "channel": {"$ref": f"#/channels/{key}_call"},
+                "summary": op.description.splitlines()[0] if op.description else op.route,
+                "reply": {
+                    "address": {"location": "$message.header#/reply_to"},
+                    "channel": {"$ref": f"#/channels/{key}_reply"},
+                },
+            }
+            operations[f"{key}_command"] = {
+                "action": "receive",
+                "channel": {"$ref": f"#/channels/{key}_command"},
+            }
+            for outcome in ("completed", "failed"):
+                operations[f"{key}_{outcome}"] = {
+                    "action": "send",
+                    "channel": {"$ref": f"#/channels/{key}_{outcome}"},
+                }
+        for name, model in sorted(svc.events.items()):
+            key = "event_" + name.replace(".", "_")
+            schemas[key] = _hoist(_schema(model, "serialization", key), schemas)
+            messages[key] = _message(name, key, schemas)
+            channels[key] = _channel(name, names.events_exchange, {"event": key}, "event")
+            operations[f"emit_{key}"] = {"action": "send", "channel": {"$ref": f"#/channels/{key}"}}
+        for sub in svc.subscriptions.values():
+            key = "subscription_" + sub.route.replace(".", "_")
+            schemas[key] = _hoist(_schema(sub.request, "validation", key), schemas)
+            messages[key] = _message(sub.pattern, key, schemas)
+            channels[key] = _channel(
+                sub.pattern,
+                names.events_exchange,
+                {"event": key},
+                f"group {sub.group}",
+                queue=names.subscription_queue(sub.group, sub.name),
+            )
+            operations[key] = {"action": "receive", "channel": {"$ref": f"#/channels/{key}"}}
+    return doc
+
+
+def _channel(
+    address: str,
+    exchange: str,
+    messages: dict[str, str],
+    description: str,
+    queue: str | None = None,
+) -> dict[str, Any]:
+    amqp: dict[str, Any] = {
+        "is": "routingKey",
+        "exchange": {
+            "name": exchange,
+            "type": "topic",
+            "durable": True,
+            "autoDelete": False,
+            "vhost": "/",
+        },
+        "bindingVersion": "0.3.0",
+    }
+    if queue is not None:
+        amqp = {
+            "is": "queue",
+            "queue": {
+                "name": queue,
+                "durable": True,
+                "exclusive": False,
+                "autoDelete": False,
+                "vhost": "/",
+            },
+            "bindingVersion": "0.3.0",
+        }
+    return {
+        "address": address,
+        "description": description or address,
+        "messages": {k: {"$ref": f"#/components/messages/{v}"} for k, v in messages.items()},
+        "bindings": {"amqp": amqp},
+    }
+
+
+def _message(
+    name: str, schema: str, schemas: dict[str, Any], *, correlated: bool = False
+) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "name": name,
+        "contentType": "application/json",
+        "payload": {"$ref": f"#/components/schemas/{schema}"},
+        "bindings": {"amqp": {"messageType": name, "bindingVersion": "0.3.0"}},
+    }
+    if correlated:
+        message["correlationId"] = {"location": "$message.header#/correlation_id"}
+    return message
+
+
+def _hoist(schema: dict[str, Any], into: dict[str, Any]) -> dict[str, Any]:
+    """Move pydantic's `$defs` into components.schemas and point the refs there."""
+    schema = copy.deepcopy(schema)
+    schema.pop("$schema", None)
+    schema.pop("$id", None)
+    for name, sub in schema.pop("$defs", {}).items():
+        into.setdefault(name, _rewrite(sub))
+    hoisted: dict[str, Any] = _rewrite(schema)
+    return hoisted
+
+
+def _rewrite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: (v.replace("#/$defs/", "#/components/schemas/") if k == "$ref" else _rewrite(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_rewrite(item) for item in value]
+    return value
+
+
+# -- breaking changes -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One difference between two contracts."""
+
+    where: str
+    what: str
+    breaking: bool
+
+    def __str__(self) -> str:
+        return f"{'BREAKING' if self.breaking else 'compatible'}: {self.where}: {self.what}"
+
+
+def load_contract(ref: str, root: Path) -> dict[str, Any]:
+    """The contracts at a directory (holding contract.json) or a git ref of the repository."""
+    path = Path(ref)
+    if path.is_dir():
+        return dict(json.loads((path / "contract.json").read_text(encoding="utf-8")))
+    shown = subprocess.run(
+        ["git", "show", f"{ref}:schemas/contract.json"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if shown.returncode != 0:
+        return {}  # nothing published at that ref: nothing can break
+    return dict(json.loads(shown.stdout))
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    """Every change from `old` to `new` contracts, each marked breaking or compatible.
+
+    A breaking change is allowed when the service's major version went up.
+    """
+    changes: list[Change] = []
+    for service, before in old.items():
+        after = new.get(service)
+        if after is None:
+            changes.append(Change(service, "service removed", True))
+            continue
+        bumped = _major(after["version"]) > _major(before["version"])
+        found: list[Change] = []
+        for route, op in before["operations"].items():
+            if route not in after["operations"]:
+                found.append(Change(route, "operation removed", True))
+                continue
+            now = after["operations"][route]
+            found += _diff(f"{route} request", op["request"], now["request"], reading=True)
+            found += _diff(f"{route} reply", op["reply"], now["reply"], reading=False)
+        for route in after["operations"].keys() - before["operations"].keys():
+            found.append(Change(route, "operation added", False))
+        for name, schema in before["events"].items():
+            if name not in after["events"]:
+                found.append(Change(name, "event removed", True))
+            else:
+                found += _diff(f"event {name}", schema, after["events"][name], reading=False)
+        for name in after["events"].keys() - before["events"].keys():
+            found.append(Change(name, "event added", False))
+        if bumped:
+            found = [Change(c.where, c.what + " (major version bumped)", False) for c in found]
+        changes += found
+    return changes
+
+
+def _major(version: str) -> int:
+    return int(version.split(".", 1)[0])
+
+
+def _diff(where: str, old: dict[str, Any], new: dict[str, Any], *, reading: bool) -> list[Change]:
+    """Compare object schemas. `reading`: the service reads it (a request), else callers do."""
+    changes: list[Change] = []
+    old_defs, new_defs = old.get("$defs", {}), new.get("$defs", {})
+    changes += _diff_object(where, old, new, reading)
+    for name, schema in old_defs.items():
+        if name in new_defs:
+            changes += _diff_object(f"{where} {name}", schema, new_defs[name], reading)
+    return changes
+
+
+def _diff_object(
+    where: str, old: dict[str, Any], new: dict[str, Any], reading: bool
+) -> list[Change]:
+    changes: list[Change] = []
+    old_props, new_props = old.get("properties", {}), new.get("properties", {})
+    old_req, new_req = set(old.get("required", [])), set(new.get("required", []))
+    for field in old_props.keys() - new_props.keys():
+        # Requests forbid unknown fields, so callers still sending it break; readers of
+        # replies lose data they used.
+        changes.append(Change(f"{where}.{field}", "field removed", True))
+    for field in new_props.keys() - old_props.keys():
+        if reading and field in new_req:
+            changes.append(Change(f"{where}.{field}", "new required field", True))
+        else:
+            changes.append(Change(f"{where}.{field}", "optional field added", False))
+    for field in old_props.keys() & new_props.keys():
+        spot = f"{where}.{field}"
+        if reading and field in new_req and field not in old_req:
+            changes.append(Change(spot, "field became required", True))
+        if not reading and field in old_req and field not in new_req:
+            changes.append(Change(spot, "field may now be missing", True))
+        before, after = _types(old_props[field]), _types(new_props[field])
+        if before == after:
+            if _strip(old_props[field]) != _strip(new_props[field]):
+                changes.append(Change(spot, "constraints changed", True))
+            continue
+        widened = before <= after
+        narrowed = after <= before
+        if reading:
+            changes.append(Change(spot, "type widened" if widened else "type changed", not widened))
+        else:
+            changes.append(
+                Change(spot, "type narrowed" if narrowed else "type changed", not narrowed)
+            )
+    return changes
+
+
+def _types(schema: dict[str, Any]) -> frozenset[str]:
+    if "type" in schema:
+        kinds = schema["type"]
+        found = set(kinds if isinstance(kinds, list) else [kinds])
+        if "integer" in found:
+            found.add("integer")
+        return frozenset(found | ({"integer"} if "number" in found else set()))
+    options: Iterable[dict[str, Any]] = schema.get("anyOf", []) or schema.get("oneOf", [])
+    found_any: set[str] = set()
+    for option in options:
+        found_any |= _types(option)
+    if "$ref" in schema:
+        found_any.add("ref:" + str(schema["$ref"]))
+    return frozenset(found_any) or frozenset({"any"})
+
+
+def _strip(schema: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in schema.items() if k not in ("title", "description", "default")}
