@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     queue_type: Literal["quorum", "classic"] = "quorum"
     max_queue_length: int | None = Field(default=None, ge=1)
     shutdown_grace: float = Field(default=30.0, ge=0)
+    max_retries: int = Field(
+        default=5, ge=0, le=50, description="Retries of a retryable failure before dead-lettering."
+    )
+    retry_base_delay: float = Field(
+        default=1.0, gt=0, le=3600, description="First retry delay; doubles per attempt."
+    )
+    retry_levels: int = Field(default=6, ge=1, le=20, description="Holding queues (delays).")
     job_result_ttl: float = Field(
         default=86400.0, ge=1, description="Seconds a job's result is kept after its last read."
     )

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from service import metrics
-from service.errors import DeadlineExceeded, Internal, ServiceError
+from service.errors import DeadlineExceeded, Internal, ServiceError, Unavailable
 from service.registry import Operation, Subscription
 from service.types import Delivery, Outcome
 
@@ -30,6 +30,7 @@ __all__ = [
     "metrics_middleware",
     "error_middleware",
     "deadline_middleware",
+    "retry_middleware",
     "DEFAULT_MIDDLEWARE",
 ]
 
@@ -51,6 +52,8 @@ class Request:
     handler_timeout: float
     job_id: str | None = None  # validated job id of a submit
     callback: str | None = None  # validated callback routing key of a submit
+    attempt: int = 0  # retries already made (from x-death)
+    max_retries: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -145,6 +148,10 @@ async def error_middleware(request: Request, call_next: Next) -> Result:
         return await call_next(request)
     except ServiceError as exc:
         return failure(request, exc, "failed", Outcome.ERROR)
+    except (ConnectionError, TimeoutError) as exc:
+        # A dependency the handler uses is away: retryable, and says no more than that.
+        error = Unavailable(f"a dependency is unavailable ({type(exc).__name__})")
+        return failure(request, error, "failed", Outcome.ERROR)
     except Exception:
         _log.exception("handler raised", operation=request.route[:_MAX_ID])
         return failure(request, Internal("the handler failed"), "failed", Outcome.ERROR)
@@ -165,9 +172,32 @@ async def deadline_middleware(request: Request, call_next: Next) -> Result:
         raise DeadlineExceeded(f"the handler did not finish within {budget:.3f}s") from None
 
 
+async def retry_middleware(request: Request, call_next: Next) -> Result:
+    """Async work (cast, submit, event) failing retryably is RETRIED until attempts run out.
+
+    Calls are never retried here: the caller holds the deadline and gets `retryable` at once.
+    """
+    result = await call_next(request)
+    error = result.error
+    if (
+        error is None
+        or not error.retryable
+        or request.kind not in ASYNC_KINDS
+        or result.dead_reason not in (None, "failed")
+    ):
+        return result
+    if request.attempt < request.max_retries:
+        return Result(Outcome.RETRIED, error=error)
+    error.details = {**error.details, "attempts": request.attempt + 1}
+    return Result(Outcome.DEAD_LETTERED, error=error, dead_reason="retries_exhausted")
+
+
+ASYNC_KINDS = frozenset({"cast", "submit", "event"})
+
 DEFAULT_MIDDLEWARE: tuple[Middleware, ...] = (
     log_middleware,
     metrics_middleware,
+    retry_middleware,
     error_middleware,
     deadline_middleware,
 )

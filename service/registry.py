@@ -15,7 +15,15 @@ from typing import Any, Generic, TypeVar
 import structlog
 from pydantic import BaseModel
 
-__all__ = ["Context", "Emit", "Operation", "Subscription", "Service", "Handler"]
+__all__ = [
+    "Context",
+    "Emit",
+    "Handler",
+    "IdempotencyKey",
+    "Operation",
+    "Service",
+    "Subscription",
+]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
@@ -26,6 +34,7 @@ Rep = TypeVar("Rep", bound=BaseModel)
 
 Handler = Callable[..., Awaitable[Any]]
 Emit = Callable[[str, BaseModel], Awaitable[None]]
+IdempotencyKey = Callable[[Any], str]
 
 
 async def _no_emit(event: str, payload: BaseModel) -> None:
@@ -64,6 +73,9 @@ class Operation(Generic[Req, Rep]):
     timeout: float | None = None
     description: str = ""
     major: int = 1  # the service's contract major version when declared
+    retries: int | None = None  # None: settings.max_retries (casts and submits only)
+    idempotent: bool = False
+    idempotency_key: IdempotencyKey | None = None  # default: the message id
 
     @property
     def route(self) -> str:
@@ -88,6 +100,9 @@ class Subscription:
     timeout: float | None = None
     description: str = ""
     reply: None = None
+    retries: int | None = None
+    idempotent: bool = False
+    idempotency_key: IdempotencyKey | None = None
 
     @property
     def route(self) -> str:
@@ -136,18 +151,45 @@ class Service:
         self.events[name] = model
 
     def operation(
-        self, name: str | None = None, *, timeout: float | None = None
+        self,
+        name: str | None = None,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        idempotent: bool = False,
+        idempotency_key: IdempotencyKey | None = None,
     ) -> Callable[[Handler], Handler]:
-        """Declare the decorated coroutine as an operation; models come from its annotations."""
+        """Declare the decorated coroutine as an operation; models come from its annotations.
+
+        Args:
+            timeout: bound on one handler run, seconds.
+            retries: retries of a retryable failure for casts and submits (calls answer at once).
+            idempotent: run the handler once per key; duplicates get the stored reply.
+            idempotency_key: derive the key from the request (default: the message id).
+        """
 
         def register(handler: Handler) -> Handler:
-            self.add_operation(handler, name=name, timeout=timeout)
+            self.add_operation(
+                handler,
+                name=name,
+                timeout=timeout,
+                retries=retries,
+                idempotent=idempotent or idempotency_key is not None,
+                idempotency_key=idempotency_key,
+            )
             return handler
 
         return register
 
     def add_operation(
-        self, handler: Handler, *, name: str | None = None, timeout: float | None = None
+        self,
+        handler: Handler,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        idempotent: bool = False,
+        idempotency_key: IdempotencyKey | None = None,
     ) -> Operation[Any, Any]:
         """Declare `handler` as an operation (the non-decorator form)."""
         op_name = name or handler.__name__
@@ -169,6 +211,9 @@ class Service:
             timeout=timeout,
             description=inspect.getdoc(handler) or "",
             major=self.major,
+            retries=retries,
+            idempotent=idempotent,
+            idempotency_key=idempotency_key,
         )
         self.operations[op_name] = op
         return op
@@ -180,12 +225,17 @@ class Service:
         group: str | None = None,
         name: str | None = None,
         timeout: float | None = None,
+        retries: int | None = None,
+        idempotent: bool = False,
+        idempotency_key: IdempotencyKey | None = None,
     ) -> Callable[[Handler], Handler]:
         """Handle events matching `pattern` (`orders.*.created`, `#`); the model is annotated.
 
         Args:
             group: competing-consumer group (default: the service name).
             name: the subscription's name (default: the function name).
+            retries: retries of a retryable failure before dead-lettering.
+            idempotent: handle each event once per key (default key: the message id).
         """
 
         def register(handler: Handler) -> Handler:
@@ -211,6 +261,9 @@ class Service:
                 wants_context=wants_context,
                 timeout=timeout,
                 description=inspect.getdoc(handler) or "",
+                retries=retries,
+                idempotent=idempotent or idempotency_key is not None,
+                idempotency_key=idempotency_key,
             )
             return handler
 

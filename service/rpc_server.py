@@ -32,6 +32,7 @@ from service.events import event_message, publish_event
 from service.jobs import H_CALLBACK, H_JOB_ID, completion_messages, valid_callback, valid_job_id
 from service.middleware import DEFAULT_MIDDLEWARE, Middleware, Request, Result, compose, failure
 from service.registry import Context, Service, Subscription
+from service.retry import attempts, retry_level, retry_message
 from service.topology import DIRECT_REPLY_TO, Names
 from service.transport import ConsumerSpec, Link
 from service.types import Delivery, DeliveryCallback, Outcome, Outgoing
@@ -102,6 +103,8 @@ class RpcServer:
                 deadline=_deadline(delivery.headers.get(H_DEADLINE)),
                 reply_to=None,
                 handler_timeout=sub.timeout or self.settings.handler_timeout,
+                attempt=attempts(delivery.headers, self.names),
+                max_retries=_pick(sub.retries, self.settings.max_retries),
             )
             await self._handle(delivery, request)
 
@@ -144,6 +147,8 @@ class RpcServer:
             job_id=job_id,
             callback=valid_callback(headers.get(H_CALLBACK)) if job_id else None,
             handler_timeout=timeout,
+            attempt=attempts(headers, self.names) if kind != "call" else 0,
+            max_retries=_pick(operation.retries if operation else None, self.settings.max_retries),
         )
 
     async def _endpoint(self, request: Request) -> Result:
@@ -210,8 +215,16 @@ class RpcServer:
     async def _finish(self, request: Request, result: Result) -> None:
         delivery = request.delivery
         try:
-            if result.outcome is Outcome.DEAD_LETTERED:
+            if result.outcome is Outcome.RETRIED:
+                level = retry_level(request.attempt, self.settings.retry_levels)
+                message = retry_message(delivery, self.names, level)
+                await self.publisher.publish(
+                    message, kind="retry", mandatory=True, check_size=False
+                )
+            elif result.outcome is Outcome.DEAD_LETTERED:
                 await self.dead_letters.park(delivery, result.dead_reason or "failed", result.error)
+                if request.job_id is not None:
+                    await self._complete(request, result)  # the submitter learns it failed
             elif result.outcome is not Outcome.EXPIRED:
                 if request.reply_to is not None:
                     await self._reply(request, result)
@@ -292,6 +305,10 @@ def _answer(result: Result) -> tuple[bytes, str]:
     if result.error is None:
         return result.reply or b"{}", "ok"
     return codec.encode(result.error.to_wire()), "error"
+
+
+def _pick(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def _deadline(value: object) -> float | None:

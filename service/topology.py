@@ -21,6 +21,7 @@ __all__ = [
     "DIRECT_REPLY_TO",
     "service_topology",
     "delay_topology",
+    "retry_topology",
     "to_definitions",
 ]
 
@@ -131,6 +132,14 @@ class Names:
         """Where delayed messages land when due, to be forwarded to their target."""
         return f"{self.namespace}.delay.ready"
 
+    def retry_exchange(self, level: int) -> str:
+        """Fanout entry of retry level `level`; the routing key names the queue to return to."""
+        return f"{self.namespace}.retry.{level}"
+
+    def retry_queue(self, level: int) -> str:
+        """Holds a failed message for the level's back-off, then dead-letters it back."""
+        return f"{self.namespace}.retry.{level}.wait"
+
     @property
     def scheduler_dead_letter_queue(self) -> str:
         """Delayed messages whose target no longer exists."""
@@ -179,7 +188,33 @@ def service_topology(service: Service, settings: Settings) -> Topology:
         queue = names.subscription_queue(sub.group, sub.name)
         topology.queues.append(QueueDecl(queue, _queue_args(settings, dlq, bounded=False)))
         topology.bindings.append(BindingDecl(names.events_exchange, queue, sub.pattern))
-    return topology.merge(delay_topology(settings))
+    return topology.merge(delay_topology(settings)).merge(retry_topology(settings))
+
+
+def retry_topology(settings: Settings) -> Topology:
+    """Retry holding queues: level k waits base·2^k, then expires back to the original queue.
+
+    A message enters through the fanout exchange of its level with the routing key of the
+    queue it failed on; the holding queue dead-letters it to the default exchange with that
+    key, i.e. straight back into that queue. `x-death` counts the trips.
+    """
+    names = Names(settings.namespace)
+    topology = Topology()
+    for level in range(settings.retry_levels):
+        exchange, queue = names.retry_exchange(level), names.retry_queue(level)
+        topology.exchanges.append(ExchangeDecl(exchange, "fanout"))
+        topology.queues.append(
+            QueueDecl(
+                queue,
+                {
+                    "x-queue-type": "classic",
+                    "x-message-ttl": int(settings.retry_base_delay * 1000) << level,
+                    "x-dead-letter-exchange": "",
+                },
+            )
+        )
+        topology.bindings.append(BindingDecl(exchange, queue, ""))
+    return topology
 
 
 def delay_topology(settings: Settings) -> Topology:

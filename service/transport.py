@@ -44,7 +44,16 @@ from service.types import Delivery, DeliveryCallback, Outgoing, Settle
 __all__ = ["PUBLISH_KINDS", "ConsumerSpec", "Link", "LinkFactory", "Transport"]
 
 # Label values of burrow_messages_published_total{kind}; created at zero by every link.
-PUBLISH_KINDS = ("request", "command", "reply", "dead_letter", "event", "completion", "scheduled")
+PUBLISH_KINDS = (
+    "request",
+    "command",
+    "reply",
+    "dead_letter",
+    "event",
+    "completion",
+    "scheduled",
+    "retry",
+)
 
 _log = structlog.get_logger("burrow.transport")
 
@@ -263,7 +272,7 @@ class Link:
 
     async def _attach(self, raw: aiormq.Channel, consumer: ConsumerSpec) -> None:
         settle = None if consumer.no_ack else _settler(raw)
-        callback = consumer.callback
+        callback, queue = consumer.callback, consumer.queue
 
         async def on_message(message: DeliveredMessage) -> None:
             props = message.header.properties
@@ -282,6 +291,7 @@ class Link:
                 redelivered=bool(message.redelivered),
                 delivery_tag=message.delivery_tag or 0,
                 settle_fn=settle,
+                queue=queue,
             )
             await callback(delivery)
 

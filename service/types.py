@@ -72,6 +72,7 @@ class Delivery:
         "expiration",
         "headers",
         "message_id",
+        "queue",
         "redelivered",
         "reply_to",
         "routing_key",
@@ -97,6 +98,7 @@ class Delivery:
         redelivered: bool = False,
         delivery_tag: int = 0,
         settle_fn: SettleFn | None = None,
+        queue: str = "",
     ) -> None:
         self.body = body
         self.routing_key = routing_key
@@ -112,6 +114,7 @@ class Delivery:
         self.redelivered = redelivered
         self.delivery_tag = delivery_tag
         self.settle_fn = settle_fn
+        self.queue = queue  # the queue it was consumed from (retries go back there)
         self.settled: Settle | None = None
 
     async def settle(self, how: Settle) -> None:

@@ -1,0 +1,58 @@
+"""Retries with back-off: failed casts, submits and events wait in holding queues, then return.
+
+Attempts are counted from the broker's own `x-death` records of the holding queues, so a
+count survives restarts. The decision to retry is `middleware.retry_middleware`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.topology import Names
+from service.types import Delivery, Outgoing
+
+__all__ = ["attempts", "retry_level", "retry_message"]
+
+_MAX_COUNT = 1_000_000  # a forged x-death cannot make the count absurd
+
+
+def attempts(headers: dict[str, Any], names: Names) -> int:
+    """How many times this message has already waited in a retry holding queue."""
+    deaths = headers.get("x-death")
+    if not isinstance(deaths, list):
+        return 0
+    prefix = f"{names.namespace}.retry."
+    total = 0
+    for death in deaths[:64]:
+        if not isinstance(death, dict):
+            continue
+        queue, count = death.get("queue"), death.get("count")
+        if (
+            isinstance(queue, str)
+            and queue.startswith(prefix)
+            and death.get("reason") == "expired"
+            and isinstance(count, int)
+        ):
+            total += max(0, min(count, _MAX_COUNT))
+    return total
+
+
+def retry_level(attempt: int, levels: int) -> int:
+    """The holding queue for retry number `attempt` (0-based): delays double, then stay."""
+    return min(attempt, levels - 1)
+
+
+def retry_message(delivery: Delivery, names: Names, level: int) -> Outgoing:
+    """The copy of `delivery` that waits at `level` and then goes back to its queue."""
+    return Outgoing(
+        exchange=names.retry_exchange(level),
+        routing_key=delivery.queue,
+        body=delivery.body,
+        message_id=delivery.message_id or "",
+        type=delivery.type,
+        correlation_id=delivery.correlation_id,
+        reply_to=delivery.reply_to,
+        headers=dict(delivery.headers),  # keeps x-death, which the broker keeps counting
+        persistent=True,
+        content_type=delivery.content_type or "application/json",
+    )
