@@ -18,7 +18,9 @@ from service.example import calc
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "schemas"
 NODE = ROOT / "clients" / "node"
-ASYNCAPI_SCHEMA = NODE / "node_modules" / "@asyncapi" / "specs" / "schemas" / "3.0.0-without-$id.json"
+ASYNCAPI_SCHEMA = (
+    NODE / "node_modules" / "@asyncapi" / "specs" / "schemas" / "3.0.0-without-$id.json"
+)
 
 
 def _settings() -> Any:
@@ -128,7 +130,8 @@ def test_optional_request_field_is_compatible() -> None:
         note: str | None = None
 
     changes = _compare(_service(_Old, _Reply), _service(New, _Reply))
-    assert changes and not any(c.breaking for c in changes)
+    assert changes
+    assert not any(c.breaking for c in changes)
 
 
 def test_new_required_field_and_narrowed_type_are_breaking() -> None:
@@ -167,7 +170,8 @@ def test_major_version_bump_allows_breaking_changes() -> None:
         a: int
 
     changes = _compare(_service(_Old, _Reply), _service(New, _Reply, version="2.0.0"))
-    assert changes and not any(c.breaking for c in changes)
+    assert changes
+    assert not any(c.breaking for c in changes)
 
 
 def test_cli_check_exits_non_zero_on_a_break(tmp_path: Path) -> None:

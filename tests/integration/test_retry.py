@@ -49,9 +49,7 @@ async def test_exhausted_retries_park_in_the_dlq_with_reason_and_attempts(
     seen: list[int] = []
     app = await start_app(_flaky_service(100, seen, asyncio.Event()), retry_base_delay=0.05)
     await client.cast("flaky.work", {"n": 1})
-    dlq = await amqp_channel.declare_queue(
-        f"{app.settings.namespace}.flaky.dlq", passive=True
-    )
+    dlq = await amqp_channel.declare_queue(f"{app.settings.namespace}.flaky.dlq", passive=True)
     message = None
     for _ in range(200):
         message = await dlq.get(no_ack=True, fail=False)
