@@ -16,6 +16,7 @@ from service import contracts
 from service.app import App
 from service.client import Client
 from service.config import load_settings
+from service.dead_letters import DeadLetterTool
 from service.errors import BurrowError, ConfigError, ServiceError
 from service.events import tail
 from service.log import configure_logging
@@ -162,6 +163,39 @@ def _cmd_definitions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    configure_logging(settings.log_format, "error")
+    tool = DeadLetterTool(settings, args.service)
+
+    async def run() -> int:
+        if args.action == "list":
+            for letter in await tool.list(args.limit):
+                _print(letter.summary())
+        elif args.action == "show":
+            found = [
+                letter for letter in await tool.list(args.limit) if letter.message_id in args.ids
+            ]
+            for letter in found:
+                _print(letter.detail())
+            if len(found) < len(set(args.ids)):
+                print(
+                    "error: some message ids are not in the first --limit letters", file=sys.stderr
+                )
+                return 1
+        elif args.action == "replay":
+            if not args.ids and not args.all:
+                raise ConfigError("name message ids to replay, or pass --all")
+            _print({"replayed": await tool.replay(None if args.all else args.ids)})
+        else:
+            if not args.yes:
+                raise ConfigError("purge deletes every dead letter: pass --yes")
+            _print({"purged": await tool.purge()})
+        return 0
+
+    return _run(run)
+
+
 def _cmd_schemas(args: argparse.Namespace) -> int:
     settings = load_settings()
     services = load_target(args.target)
@@ -180,14 +214,8 @@ def _cmd_schemas(args: argparse.Namespace) -> int:
     return 1 if breaking else 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="burrow", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="run services until SIGTERM")
-    run.add_argument("target", nargs="?", default=DEFAULT_TARGET, help="module:attribute")
-    run.set_defaults(func=_cmd_run)
-
+def _client_commands(commands: Any) -> None:
+    """The commands that act as a caller: call, cast, submit, job, emit, tail."""
     call = commands.add_parser("call", help="call an operation and print its reply")
     call.add_argument("operation", help="service.operation, e.g. calc.add")
     call.add_argument("payload", help="request as JSON")
@@ -222,6 +250,26 @@ def _parser() -> argparse.ArgumentParser:
     tail_cmd = commands.add_parser("tail", help="print events matching a pattern as JSON lines")
     tail_cmd.add_argument("pattern", help="topic pattern, e.g. 'calc.#'")
     tail_cmd.set_defaults(func=_cmd_tail)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="burrow", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run services until SIGTERM")
+    run.add_argument("target", nargs="?", default=DEFAULT_TARGET, help="module:attribute")
+    run.set_defaults(func=_cmd_run)
+
+    _client_commands(commands)
+
+    dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters")
+    dlq.add_argument("action", choices=["list", "show", "replay", "purge"])
+    dlq.add_argument("service", help="service whose dead-letter queue to use (or scheduler)")
+    dlq.add_argument("ids", nargs="*", help="message ids (show, replay)")
+    dlq.add_argument("--all", action="store_true", help="replay every dead letter")
+    dlq.add_argument("--limit", type=int, default=1000, help="at most this many (list, show)")
+    dlq.add_argument("--yes", action="store_true", help="confirm purge")
+    dlq.set_defaults(func=_cmd_dlq)
 
     schemas = commands.add_parser("schemas", help="export contracts or check them for breaks")
     schemas.add_argument("action", choices=["export", "check"])
