@@ -15,6 +15,7 @@ import structlog
 from service.config import Settings, load_settings
 from service.health import Health
 from service.http import HttpServer
+from service.idempotency import store_from_url
 from service.registry import Service
 from service.rpc_server import RpcServer
 from service.scheduler import Forwarder
@@ -50,7 +51,11 @@ class App:
             topology = topology.merge(service_topology(svc, self.settings))
         self.topology = topology
         self.transport = Transport(self.settings, topology, link_factory=link_factory)
-        self.servers = [RpcServer(svc, self.settings, self.transport.publisher) for svc in services]
+        self.store = store_from_url(self.settings.idempotency_url)
+        self.servers = [
+            RpcServer(svc, self.settings, self.transport.publisher, store=self.store)
+            for svc in services
+        ]
         self.forwarder = Forwarder(self.settings, self.transport.publisher)
         consumers = self.transport.consumer.consumers
         for server in self.servers:
@@ -92,6 +97,7 @@ class App:
                 # Unacked deliveries go back to the queue when the channel closes.
                 _log.warning("grace period over; unfinished work returns to the queue")
         await self.transport.close()
+        await self.store.close()
         if self.http is not None:
             await self.http.close()
         _log.info("burrow stopped")

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
         default=1.0, gt=0, le=3600, description="First retry delay; doubles per attempt."
     )
     retry_levels: int = Field(default=6, ge=1, le=20, description="Holding queues (delays).")
+    idempotency_url: str = Field(
+        default="memory://", description="memory:// (one process) or redis://host:port/db."
+    )
+    idempotency_ttl: float = Field(default=86400.0, gt=0, description="Seconds a key is kept.")
     job_result_ttl: float = Field(
         default=86400.0, ge=1, description="Seconds a job's result is kept after its last read."
     )

@@ -70,6 +70,7 @@ class Result:
     reply: bytes | None = None
     error: ServiceError | None = None
     dead_reason: str | None = None
+    duplicate: bool = False  # answered from the idempotency store; the handler did not run
 
 
 Next = Callable[[Request], Awaitable[Result]]
@@ -114,8 +115,10 @@ async def log_middleware(request: Request, call_next: Next) -> Result:
     if result.error is not None:
         fields["error_code"] = result.error.code.value
         fields["error"] = result.error.message[:300]
-    if result.dead_reason is not None:
+    if result.dead_reason is not None and result.outcome is not Outcome.OK:
         fields["reason"] = result.dead_reason
+    if result.duplicate:
+        fields["duplicate"] = True
     if result.outcome is Outcome.OK:
         _log.info("handled", **fields)
     else:

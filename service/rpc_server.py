@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 from pydantic import BaseModel
@@ -29,9 +30,10 @@ from service.errors import (
     Unavailable,
 )
 from service.events import event_message, publish_event
+from service.idempotency import IdempotencyStore, MemoryStore
 from service.jobs import H_CALLBACK, H_JOB_ID, completion_messages, valid_callback, valid_job_id
 from service.middleware import DEFAULT_MIDDLEWARE, Middleware, Request, Result, compose, failure
-from service.registry import Context, Service, Subscription
+from service.registry import Context, Operation, Service, Subscription
 from service.retry import attempts, retry_level, retry_message
 from service.topology import DIRECT_REPLY_TO, Names
 from service.transport import ConsumerSpec, Link
@@ -50,6 +52,7 @@ class RpcServer:
     Args:
         publisher: the link replies, completions and dead letters go out on.
         middleware: layers around the endpoint, outermost first.
+        store: where idempotent operations record completed keys (default: in memory).
     """
 
     def __init__(
@@ -59,12 +62,14 @@ class RpcServer:
         publisher: Link,
         *,
         middleware: Sequence[Middleware] = DEFAULT_MIDDLEWARE,
+        store: IdempotencyStore | None = None,
     ) -> None:
         self.service = service
         self.settings = settings
         self.publisher = publisher
         self.names = Names(settings.namespace)
         self.dead_letters = DeadLetterQueue(self.names, service.name, publisher)
+        self.store = store or MemoryStore()
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -152,6 +157,37 @@ class RpcServer:
         )
 
     async def _endpoint(self, request: Request) -> Result:
+        refused = self._admit(request)
+        if refused is not None:
+            return refused
+        op = request.operation
+        assert op is not None
+        try:
+            payload = codec.decode_model(op.request, request.delivery.body)
+        except InvalidArgument as exc:
+            reason = "malformed" if exc.details.get("reason") == "json" else "invalid"
+            return failure(request, exc, reason, Outcome.REJECTED)
+        key = self._idempotency_key(op, payload, request.delivery) if op.idempotent else None
+        if key is not None:
+            stored = await self.store.get(key)
+            if stored is not None:
+                return Result(Outcome.OK, reply=stored if op.reply else None, duplicate=True)
+        if op.wants_context:
+            reply = await op.handler(payload, self._context(request))
+        else:
+            reply = await op.handler(payload)
+        answer = None
+        if op.reply is not None:
+            if not isinstance(reply, op.reply):
+                _log.error("handler returned the wrong type", operation=op.route)
+                raise TypeError(f"{op.route} returned {type(reply).__name__}")
+            answer = codec.encode(reply)
+        if key is not None:
+            await self.store.put(key, answer or b"", self.settings.idempotency_ttl)
+        return Result(Outcome.OK, reply=answer)
+
+    def _admit(self, request: Request) -> Result | None:
+        """Refuse before parsing: nobody to answer, foreign version, envelope, unknown op."""
         delivery = request.delivery
         refused = _refusal(request)
         if refused is not None:
@@ -169,25 +205,18 @@ class RpcServer:
             return failure(request, exc, "too_large", Outcome.REJECTED)
         except InvalidArgument as exc:
             return failure(request, exc, "unsupported_content", Outcome.REJECTED)
-        op = request.operation
-        if op is None:
+        if request.operation is None:
             error = NotFound(f"unknown operation {request.route!r}")
             return failure(request, error, "unknown_operation", Outcome.REJECTED)
-        try:
-            payload = codec.decode_model(op.request, delivery.body)
-        except InvalidArgument as exc:
-            reason = "malformed" if exc.details.get("reason") == "json" else "invalid"
-            return failure(request, exc, reason, Outcome.REJECTED)
-        if op.wants_context:
-            reply = await op.handler(payload, self._context(request))
-        else:
-            reply = await op.handler(payload)
-        if op.reply is None:
-            return Result(Outcome.OK)
-        if not isinstance(reply, op.reply):
-            _log.error("handler returned the wrong type", operation=op.route)
-            raise TypeError(f"{op.route} returned {type(reply).__name__}")
-        return Result(Outcome.OK, reply=codec.encode(reply))
+        return None
+
+    def _idempotency_key(
+        self, op: Operation[Any, Any] | Subscription, payload: Any, delivery: Delivery
+    ) -> str | None:
+        key = op.idempotency_key(payload) if op.idempotency_key else delivery.message_id
+        if not key:
+            return None
+        return f"{self.names.namespace}:{op.route}:{key[:256]}"
 
     def _context(self, request: Request) -> Context:
         delivery = request.delivery
