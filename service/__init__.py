@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from service import contracts, tracing
 from service.app import App
 from service.client import Client
 from service.codec import Model
@@ -54,5 +55,7 @@ __all__ = [
     "TopologyError",
     "Unavailable",
     "Unroutable",
+    "contracts",
     "load_settings",
+    "tracing",
 ]

@@ -14,7 +14,7 @@ from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
 
-from service import codec
+from service import codec, tracing
 from service.codec import H_KIND, H_VERSION
 from service.config import Settings, load_settings
 from service.errors import QueueFull
@@ -23,7 +23,7 @@ from service.jobs import H_CALLBACK, H_JOB_ID, Job, job_queue_decl, valid_callba
 from service.registry import Operation
 from service.rpc_client import RpcClient
 from service.scheduler import schedule
-from service.topology import Names
+from service.topology import Names, client_topology
 from service.transport import Link, LinkFactory
 from service.types import Outgoing
 
@@ -50,7 +50,7 @@ class Client:
     ) -> None:
         self.settings = settings or load_settings(**overrides)
         self.names = Names(self.settings.namespace)
-        self.link = link_factory("client", self.settings)
+        self.link = link_factory("client", self.settings, topology=client_topology(self.settings))
         self.rpc = RpcClient(self.link, self.settings)
 
     async def start(self, timeout: float | None = None) -> None:
@@ -76,16 +76,34 @@ class Client:
 
     @overload
     async def call(
-        self, operation: Operation[Any, Rep], payload: Any, *, timeout: float | None = None
+        self,
+        operation: Operation[Any, Rep],
+        payload: Any,
+        *,
+        timeout: float | None = None,
+        fallback_to_submit: bool = False,
     ) -> Rep: ...
 
     @overload
     async def call(
-        self, operation: str, payload: Any, *, reply: type[M], timeout: float | None = None
+        self,
+        operation: str,
+        payload: Any,
+        *,
+        reply: type[M],
+        timeout: float | None = None,
+        fallback_to_submit: bool = False,
     ) -> M: ...
 
     @overload
-    async def call(self, operation: str, payload: Any, *, timeout: float | None = None) -> Any: ...
+    async def call(
+        self,
+        operation: str,
+        payload: Any,
+        *,
+        timeout: float | None = None,
+        fallback_to_submit: bool = False,
+    ) -> Any: ...
 
     async def call(
         self,
@@ -195,7 +213,12 @@ class Client:
             event: its routing key, dot-separated words: `orders.eu.created`.
             delay: publish this many seconds from now (True is returned once scheduled).
         """
-        message = event_message(self.names, event, codec.encode(payload))
+        message = event_message(
+            self.names,
+            event,
+            codec.encode(payload),
+            headers={tracing.HEADER: tracing.child(tracing.current())},
+        )
         due_at = _due(delay, at)
         if due_at is not None:
             await self.link.publish(
@@ -221,10 +244,16 @@ class Client:
             message.headers[H_CALLBACK] = callback
         job = Job(message.message_id, route, self.link, self.names)
         message.headers[H_JOB_ID] = job.id
+        wait = max(0.0, due_at - time.time()) if due_at is not None else 0.0
         await self.link.declare_queue(
-            job_queue_decl(self.names, job.id, self.settings.job_result_ttl)
+            job_queue_decl(self.names, job.id, self.settings.job_result_ttl + wait)
         )
-        await self._publish_command(message, due_at)
+        try:
+            await self._publish_command(message, due_at)
+        except BaseException:
+            # Nobody will ever complete this job: do not leave its result queue behind.
+            await self.link.delete_queue(self.names.job_queue(job.id))
+            raise
         return job
 
     def _command(self, route: str, body: bytes, kind: str) -> Outgoing:
@@ -234,7 +263,7 @@ class Client:
             body=body,
             message_id=uuid.uuid4().hex,
             type=route,
-            headers={H_KIND: kind},
+            headers={H_KIND: kind, tracing.HEADER: tracing.child(tracing.current())},
             persistent=True,
         )
 

@@ -127,9 +127,11 @@ class DeadLetter:
             message_id=message.message_id,
             reason=str(headers.get(H_DEAD_REASON, _broker_reason(headers))),
             error=error,
-            original_exchange=str(headers.get(H_ORIGINAL_EXCHANGE, message.exchange or "")),
+            original_exchange=str(
+                headers.get(H_ORIGINAL_EXCHANGE, headers.get("x-first-death-exchange", ""))
+            ),
             original_routing_key=str(
-                headers.get(H_ORIGINAL_ROUTING_KEY, message.routing_key or "")
+                headers.get(H_ORIGINAL_ROUTING_KEY, _first_death_key(headers, message))
             ),
             dead_at=dead_at if isinstance(dead_at, int) else None,
             headers=headers,
@@ -157,7 +159,8 @@ class DeadLetterTool:
         connection = await aio_pika.connect(
             self.settings.amqp_urls()[0], timeout=self.settings.connect_timeout
         )
-        channel = await connection.channel(publisher_confirms=True)
+        # A replay whose route has no queue must fail, not be acked out of the DLQ.
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         try:
             queue = await channel.declare_queue(self.queue_name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
@@ -236,6 +239,16 @@ class DeadLetterTool:
             return int(result.message_count or 0)
         finally:
             await connection.close()
+
+
+def _first_death_key(headers: dict[str, Any], message: AbstractIncomingMessage) -> str:
+    # Parked by the broker: the first x-death entry holds the routing key it was sent with.
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[-1], dict):
+        keys = deaths[-1].get("routing-keys")
+        if isinstance(keys, list) and keys:
+            return str(keys[0])
+    return message.routing_key or ""
 
 
 def _broker_reason(headers: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from service import metrics
 from service.transport import Link
 
 __all__ = ["Health"]
@@ -16,6 +17,10 @@ class Health:
 
     links: Sequence[Link] = field(default_factory=tuple)
     draining: bool = False
+
+    def __post_init__(self) -> None:
+        for link in self.links:
+            metrics.watch_link(link)
 
     def problems(self) -> list[str]:
         """Why the service is not ready; empty when it is."""

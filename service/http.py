@@ -1,4 +1,7 @@
-"""The one HTTP port: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (ready)."""
+"""The one HTTP port: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (ready).
+
+Probes and scrapes only; never business traffic. Deploy files name these paths (checked by tests).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.health import Health
 
-__all__ = ["HttpServer"]
+__all__ = ["HttpServer", "METRICS_PATH", "LIVENESS_PATH", "READINESS_PATH"]
+
+METRICS_PATH = "/metrics"
+LIVENESS_PATH = "/healthz"
+READINESS_PATH = "/readyz"
 
 
 class HttpServer:
@@ -19,13 +26,17 @@ class HttpServer:
         self.port = port
         self._runner: web.AppRunner | None = None
 
+    def make_app(self) -> web.Application:
+        """The aiohttp application with the three routes (GET and HEAD)."""
+        app = web.Application()
+        app.router.add_get(METRICS_PATH, self._metrics)
+        app.router.add_get(LIVENESS_PATH, self._healthz)
+        app.router.add_get(READINESS_PATH, self._readyz)
+        return app
+
     async def start(self) -> None:
         """Bind and serve."""
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(self.make_app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

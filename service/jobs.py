@@ -11,7 +11,7 @@ import re
 import uuid
 from typing import Any
 
-from service import codec
+from service import codec, tracing
 from service.codec import H_STATUS, H_VERSION
 from service.errors import InvalidArgument, error_from_wire
 from service.topology import Names, QueueDecl
@@ -63,7 +63,12 @@ def completion_messages(
 ) -> list[Outgoing]:
     """The messages announcing that job `job_id` of `route` finished (mandatory: first only)."""
     suffix = "completed" if ok else "failed"
-    headers = {H_JOB_ID: job_id, H_STATUS: "ok" if ok else "error", H_VERSION: version}
+    headers = {
+        H_JOB_ID: job_id,
+        H_STATUS: "ok" if ok else "error",
+        H_VERSION: version,
+        tracing.HEADER: tracing.child(tracing.current()),
+    }
 
     def message(exchange: str, key: str) -> Outgoing:
         return Outgoing(

@@ -5,7 +5,9 @@ Label values are bounded (service, operation, outcome, reason, link) — never i
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
+from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -28,7 +30,9 @@ __all__ = [
     "PUBLISH_OUTCOMES",
     "CALL_OUTCOMES",
     "DEAD_LETTER_REASONS",
+    "WatchedLink",
     "init_operation_labels",
+    "watch_link",
 ]
 
 _LATENCY_BUCKETS = (
@@ -122,6 +126,7 @@ DEAD_LETTER_REASONS = (
     "missing_reply_to",
     "invalid_reply_to",
     "failed",
+    "retries_exhausted",
 )
 
 for _kind in ("request", "reply", "dead_letter"):
@@ -140,3 +145,32 @@ def init_operation_labels(service: str, operations: Iterable[str]) -> None:
         HANDLER_DURATION.labels(service, operation)
         for outcome in Outcome:
             MESSAGES_HANDLED.labels(service, operation, outcome.value)
+
+
+class WatchedLink(Protocol):
+    """What the link gauges read from a link at scrape time (see `transport.Link`)."""
+
+    @property
+    def name(self) -> str: ...  # pragma: no cover
+
+    @property
+    def blocked(self) -> bool: ...  # pragma: no cover
+
+
+# Links are read when Prometheus scrapes, so the gauge can never lag behind the connection;
+# weak references let stopped apps and their links go away without unregistering.
+_watched: weakref.WeakSet[WatchedLink] = weakref.WeakSet()
+
+
+def watch_link(link: WatchedLink) -> None:
+    """Report `link` in `burrow_amqp_connection_blocked` and show its reconnects at zero."""
+    _watched.add(link)
+    name = link.name
+    AMQP_RECONNECTS.labels(name)
+    CONSUMERS_ATTACHED.labels(name)
+    AMQP_CONNECTION_BLOCKED.labels(name).set_function(lambda: _blocked(name))
+
+
+def _blocked(name: str) -> float:
+    # Several links may share a name (two apps in one process): blocked if any of them is.
+    return float(any(link.blocked for link in list(_watched) if link.name == name))

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from service import metrics
+from service import metrics, tracing
 from service.errors import DeadlineExceeded, Internal, ServiceError, Unavailable
 from service.registry import Operation, Subscription
 from service.types import Delivery, Outcome
@@ -111,6 +111,7 @@ async def log_middleware(request: Request, call_next: Next) -> Result:
         "duration_ms": round((time.perf_counter() - request.started) * 1000, 3),
         "message_id": (delivery.message_id or "")[:_MAX_ID],
         "correlation_id": (delivery.correlation_id or "")[:_MAX_ID],
+        "trace_id": tracing.trace_id(tracing.current()),
     }
     if result.error is not None:
         fields["error_code"] = result.error.code.value

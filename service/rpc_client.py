@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from service import codec, metrics
+from service import codec, metrics, tracing
 from service.codec import H_DEADLINE, H_KIND, H_STATUS
 from service.config import Settings
 from service.errors import ConnectionLost, DeadlineExceeded, ServiceError, error_from_wire
@@ -35,6 +35,7 @@ class RpcClient:
         self.settings = settings
         self.names = Names(settings.namespace)
         self.pending: dict[str, asyncio.Future[Delivery]] = {}
+        self._labelled: set[str] = set()
         link.consumers.append(ConsumerSpec(DIRECT_REPLY_TO, self._on_reply, no_ack=True))
         link.on_lost.append(self._fail_pending)
 
@@ -55,6 +56,12 @@ class RpcClient:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         started = time.perf_counter()
+        route = route[:128]
+        if route not in self._labelled:
+            # Every outcome of a route exists at zero from its first call: no gaps in rates.
+            self._labelled.add(route)
+            for known in metrics.CALL_OUTCOMES:
+                metrics.RPC_CLIENT_CALLS.labels(route, known)
         deadline_ms = int((time.time() + timeout) * 1000)
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
@@ -72,7 +79,12 @@ class RpcClient:
                         type=route,
                         correlation_id=correlation_id,
                         reply_to=DIRECT_REPLY_TO,
-                        headers={H_DEADLINE: deadline_ms, H_KIND: "call", **(headers or {})},
+                        headers={
+                            H_DEADLINE: deadline_ms,
+                            H_KIND: "call",
+                            tracing.HEADER: tracing.child(tracing.current()),
+                            **(headers or {}),
+                        },
                         expiration_ms=max(1, int(timeout * 1000)),
                         persistent=False,
                     ),

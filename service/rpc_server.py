@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel
 
-from service import codec, metrics
+from service import codec, metrics, tracing
 from service.codec import H_DEADLINE, H_KIND, H_STATUS, H_VERSION
 from service.config import Settings
 from service.dead_letters import DeadLetterQueue
@@ -118,6 +118,7 @@ class RpcServer:
     async def _handle(self, delivery: Delivery, request: Request) -> None:
         self.in_flight += 1
         self.idle.clear()
+        token = tracing.activate(tracing.parse(delivery.headers.get(tracing.HEADER)))
         try:
             result = await self._chain(request)
             await self._finish(request, result)
@@ -125,6 +126,7 @@ class RpcServer:
             _log.exception("dispatch failed; requeueing", message_id=delivery.message_id)
             await delivery.requeue()
         finally:
+            tracing.deactivate(token)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
@@ -237,7 +239,10 @@ class RpcServer:
         if model is None or not isinstance(payload, model):
             raise TypeError(f"{event!r} is not declared with Service.event(...) as {type(payload)}")
         message = event_message(
-            self.names, event, codec.encode(payload), headers={H_VERSION: self._version}
+            self.names,
+            event,
+            codec.encode(payload),
+            headers={H_VERSION: self._version, tracing.HEADER: tracing.child(tracing.current())},
         )
         await publish_event(self.publisher, message)
 
@@ -264,6 +269,12 @@ class RpcServer:
             _log.warning("publish failed; requeueing", error=exc.message, route=request.route)
             await delivery.requeue()
             return
+        except ServiceError as exc:
+            # The DLQ or a holding queue is gone (topology damaged): requeueing would loop, so
+            # reject — the broker's own dead-lettering still has a chance to keep it.
+            _log.error("cannot park or retry; rejecting", error=exc.message, route=request.route)
+            await delivery.reject()
+            return
         await delivery.ack()
 
     async def _reply(self, request: Request, result: Result) -> None:
@@ -275,7 +286,11 @@ class RpcServer:
             body=body,
             message_id=uuid.uuid4().hex,
             correlation_id=request.delivery.correlation_id,
-            headers={H_STATUS: status, H_VERSION: self._version},
+            headers={
+                H_STATUS: status,
+                H_VERSION: self._version,
+                tracing.HEADER: tracing.child(tracing.current()),
+            },
             persistent=False,
         )
         # mandatory=False: RabbitMQ 3.10 returns direct reply-to publishes spuriously.
@@ -305,7 +320,7 @@ class RpcServer:
             error = ResourceExhausted(f"the answer is too large to send: {exc.message}")
             message.body = codec.encode(error.to_wire())
             message.headers = {**message.headers, H_STATUS: "error"}
-            await self.publisher.publish(message, kind=kind, mandatory=mandatory)
+            await self._publish_answer(message, kind=kind, mandatory=mandatory)
         except ServiceError as exc:
             if isinstance(exc, Unavailable):
                 raise
@@ -316,8 +331,12 @@ class RpcServer:
 def _refusal(request: Request) -> Result | None:
     """D6/D7: a call or submit with nobody legitimate to answer is parked, never executed."""
     delivery = request.delivery
-    if request.kind == "call" and request.reply_to is None:
-        reason = "invalid_reply_to" if delivery.reply_to else "missing_reply_to"
+    if request.kind == "call" and (request.reply_to is None or not delivery.correlation_id):
+        reason = (
+            "invalid_reply_to"
+            if delivery.reply_to and request.reply_to is None
+            else "missing_reply_to"
+        )
         error: ServiceError = PermissionDenied(
             f"reply_to must be {DIRECT_REPLY_TO}"
             if delivery.reply_to

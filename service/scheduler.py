@@ -44,7 +44,14 @@ MAX_DELAY_S = ((1 << LEVELS) - 1) * UNIT_MS / 1000
 H_TARGET_EXCHANGE = "x-burrow-target-exchange"
 H_TARGET_KEY = "x-burrow-target-key"
 H_DUE = "x-burrow-due"  # integer ms since the epoch
-_STRIP = frozenset({H_TARGET_EXCHANGE, H_TARGET_KEY, H_DUE, "x-death"})
+_STRIP = frozenset(
+    {H_TARGET_EXCHANGE, H_TARGET_KEY, H_DUE, "x-death", "x-delivery-count"}
+    | {
+        f"x-{when}-death-{what}"
+        for when in ("first", "last")
+        for what in ("queue", "reason", "exchange")
+    }
+)
 
 
 def level_pattern(level: int, bit: int) -> str:

@@ -20,6 +20,7 @@ __all__ = [
     "Names",
     "DIRECT_REPLY_TO",
     "service_topology",
+    "client_topology",
     "delay_topology",
     "retry_topology",
     "to_definitions",
@@ -146,7 +147,9 @@ class Names:
         return self.dead_letter_queue("scheduler")
 
 
-def _queue_args(settings: Settings, dlq: str | None, bounded: bool) -> dict[str, Any]:
+def _queue_args(
+    settings: Settings, dlq: str | None, bounded: bool, delivery_limit: bool = False
+) -> dict[str, Any]:
     args: dict[str, Any] = {"x-queue-type": settings.queue_type}
     if dlq is not None:
         args["x-dead-letter-exchange"] = f"{settings.namespace}.dlx"
@@ -154,10 +157,30 @@ def _queue_args(settings: Settings, dlq: str | None, bounded: bool) -> dict[str,
     if bounded and settings.max_queue_length is not None:
         args["x-max-length"] = settings.max_queue_length
         args["x-overflow"] = "reject-publish"
-    if dlq is not None and settings.queue_type == "quorum":
+    if (dlq is not None or delivery_limit) and settings.queue_type == "quorum":
         # Last safety net against a message that crashes its consumer every time.
         args["x-delivery-limit"] = 20
     return args
+
+
+def client_topology(settings: Settings) -> Topology:
+    """What a caller declares: the shared exchanges, so a call to nothing is returned, not a
+    channel error (publishing to a missing exchange closes the channel)."""
+    names = Names(settings.namespace)
+    return Topology(
+        exchanges=[
+            ExchangeDecl(names.rpc_exchange, "topic"),
+            ExchangeDecl(names.commands_exchange, "topic"),
+            ExchangeDecl(names.events_exchange, "topic"),
+            ExchangeDecl(names.delay_exchange(_delay_levels() - 1), "topic"),
+        ]
+    )
+
+
+def _delay_levels() -> int:
+    from service.scheduler import LEVELS  # noqa: PLC0415 - cycle
+
+    return LEVELS
 
 
 def service_topology(service: Service, settings: Settings) -> Topology:
@@ -174,7 +197,9 @@ def service_topology(service: Service, settings: Settings) -> Topology:
             ExchangeDecl(names.dead_letter_exchange, "direct"),
         ],
         queues=[
-            QueueDecl(requests, _queue_args(settings, dlq, bounded=True)),
+            # No dead-letter exchange on calls: a call that expires in the queue has no caller
+            # left, and parking it would fill the DLQ with abandoned requests.
+            QueueDecl(requests, _queue_args(settings, None, bounded=True, delivery_limit=True)),
             QueueDecl(commands, _queue_args(settings, dlq, bounded=False)),
             QueueDecl(dlq, _queue_args(settings, None, bounded=False)),
         ],

@@ -28,6 +28,7 @@ from service import metrics
 from service.config import Settings, redact_url
 from service.errors import (
     BurrowError,
+    ConfigError,
     ConnectionLost,
     DeadlineExceeded,
     MessageTooLarge,
@@ -59,6 +60,7 @@ _log = structlog.get_logger("burrow.transport")
 
 _CONNECTION_ERRORS = (
     aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: channel closed under us
     ConnectionError,
     OSError,
     asyncio.IncompleteReadError,
@@ -109,6 +111,7 @@ class Link:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._connects = 0
+        metrics.watch_link(self)
         self._attached_gauge = metrics.CONSUMERS_ATTACHED.labels(name)
         self._blocked_gauge = metrics.AMQP_CONNECTION_BLOCKED.labels(name)
         self._published = {
@@ -191,6 +194,25 @@ class Link:
                 attempt = 0
                 await self._until_lost()
                 reason: BaseException = ConnectionLost("connection to the broker lost")
+            except (
+                aiormq.exceptions.ProbableAuthenticationError,
+                aiormq.exceptions.AuthenticationError,
+            ) as exc:
+                if self._connects:
+                    # Credentials changed under a running service: keep trying, slowly, so
+                    # rotated secrets are picked up without a login storm.
+                    reason = exc
+                    attempt = max(attempt, 16)
+                    _log.error("broker refused the login", link=self.name, url=redact_url(url))
+                else:
+                    self.fatal = ConfigError(
+                        f"the broker refused the login at {redact_url(url)} "
+                        "(check BURROW_AMQP_URL credentials and permissions)"
+                    )
+                    self.failed.set()
+                    _log.error("broker refused the login; not retrying", link=self.name)
+                    self._lost(exc)
+                    return
             except TopologyError as exc:
                 self.fatal = exc
                 self.failed.set()
@@ -275,25 +297,7 @@ class Link:
         callback, queue = consumer.callback, consumer.queue
 
         async def on_message(message: DeliveredMessage) -> None:
-            props = message.header.properties
-            delivery = Delivery(
-                body=message.body,
-                routing_key=message.routing_key or "",
-                exchange=message.exchange or "",
-                message_id=props.message_id,
-                correlation_id=props.correlation_id,
-                reply_to=props.reply_to,
-                type=props.message_type,
-                headers=props.headers,
-                content_type=props.content_type,
-                content_encoding=props.content_encoding,
-                expiration=props.expiration,
-                redelivered=bool(message.redelivered),
-                delivery_tag=message.delivery_tag or 0,
-                settle_fn=settle,
-                queue=queue,
-            )
-            await callback(delivery)
+            await callback(_delivery(message, queue=queue, settle=settle))
 
         await raw.basic_consume(
             consumer.queue, on_message, no_ack=consumer.no_ack, exclusive=consumer.exclusive
@@ -353,6 +357,14 @@ class Link:
         except _CONNECTION_ERRORS as exc:
             raise ConnectionLost(f"could not declare {queue.name}: {_describe(exc)}") from None
 
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue this link declared once (best effort: it may be gone already)."""
+        raw = self._raw
+        if raw is None or raw.is_closed:
+            return
+        with contextlib.suppress(*_CONNECTION_ERRORS, asyncio.TimeoutError):
+            await raw.queue_delete(name, timeout=self.settings.publish_timeout)
+
     async def peek(self, queue: str, timeout: float) -> Delivery:
         """Wait for the first message of `queue` and leave it there (read, then requeued).
 
@@ -382,16 +394,7 @@ class Link:
                     message = await arrived
             except TimeoutError:
                 raise DeadlineExceeded(f"nothing in {queue} within {timeout:.1f}s") from None
-            props = message.header.properties
-            return Delivery(
-                body=message.body,
-                routing_key=message.routing_key or "",
-                message_id=props.message_id,
-                correlation_id=props.correlation_id,
-                type=props.message_type,
-                headers=props.headers,
-                content_type=props.content_type,
-            )
+            return _delivery(message, queue=queue)
         finally:
             del raw
             with contextlib.suppress(Exception):
@@ -449,6 +452,10 @@ class Link:
             raise PublishFailed(
                 f"no confirm from the broker within {timeout:.1f}s; delivery unknown"
             ) from None
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            # The exchange does not exist (the broker also closes the channel; the link heals).
+            self._published[kind, "returned"].inc()
+            raise Unroutable(f"no exchange {message.exchange!r} (nothing deployed?)") from None
         except aiormq.exceptions.DeliveryError:
             self._published[kind, "nacked"].inc()
             raise QueueFull(
@@ -503,6 +510,32 @@ class Transport:
         """Close both links."""
         for link in self.links:
             await link.close()
+
+
+def _delivery(
+    message: DeliveredMessage,
+    *,
+    queue: str,
+    settle: Callable[[Delivery, Settle], Any] | None = None,
+) -> Delivery:
+    props = message.header.properties
+    return Delivery(
+        body=message.body,
+        routing_key=message.routing_key or "",
+        exchange=message.exchange or "",
+        message_id=props.message_id,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        type=props.message_type,
+        headers=props.headers,
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        expiration=props.expiration,
+        redelivered=bool(message.redelivered),
+        delivery_tag=message.delivery_tag or 0,
+        settle_fn=settle,
+        queue=queue,
+    )
 
 
 def _settler(raw: aiormq.Channel) -> Callable[[Delivery, Settle], Any]:

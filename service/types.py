@@ -40,7 +40,6 @@ class Outgoing:
     headers: Headers = field(default_factory=dict)
     expiration_ms: int | None = None
     persistent: bool = True
-    timestamp: int | None = None
     content_type: str = "application/json"
 
 

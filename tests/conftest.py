@@ -18,6 +18,7 @@ import pytest
 import structlog
 
 from service import App, Client, Service, Settings, load_settings
+from service.topology import Topology
 
 AMQP_URL = os.environ.get("BURROW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RUN_PREFIX = f"bt{uuid.uuid4().hex[:6]}"
@@ -54,6 +55,7 @@ def settings(namespace: str) -> Settings:
         shutdown_grace=5.0,
         reconnect_min_delay=0.05,
         reconnect_max_delay=0.5,
+        job_result_ttl=60.0,  # job queues of a test vanish soon after it
     )
 
 
@@ -73,6 +75,25 @@ async def start_app(settings: Settings) -> AsyncIterator[AppFactory]:
     yield start
     for app in apps:
         await app.stop()
+    await delete_topology(*(app.topology for app in apps))
+
+
+async def delete_topology(*topologies: Topology) -> None:
+    """Delete what a test's apps declared, so the shared broker does not pile up queues."""
+    queues = {queue.name for topology in topologies for queue in topology.queues}
+    exchanges = {exchange.name for topology in topologies for exchange in topology.exchanges}
+    if not queues and not exchanges:
+        return
+    connection = await aio_pika.connect(AMQP_URL, timeout=10)
+    try:
+        channel = await connection.channel()
+        raw = await channel.get_underlay_channel()
+        for name in queues:
+            await raw.queue_delete(name, timeout=5)
+        for name in exchanges:
+            await raw.exchange_delete(name, timeout=5)
+    finally:
+        await connection.close()
 
 
 @pytest.fixture
@@ -130,13 +151,24 @@ def _delete_run_entities() -> Iterator[None]:
     import asyncio
 
     async def delete() -> None:
-        connection = await aio_pika.connect(AMQP_URL)
-        channel = await connection.channel()
-        raw = await channel.get_underlay_channel()
-        for name in queues:
-            await raw.queue_delete(name)
-        for name in exchanges:
-            await raw.exchange_delete(name)
-        await connection.close()
+        connection = await aio_pika.connect(AMQP_URL, timeout=10)
+        try:
+            for kind, names in (("queue", queues), ("exchange", exchanges)):
+                for name in names:
+                    # A fresh channel each time: one refused delete closes its channel.
+                    channel = await connection.channel()
+                    raw = await channel.get_underlay_channel()
+                    try:
+                        if kind == "queue":
+                            await raw.queue_delete(name, timeout=5)
+                        else:
+                            await raw.exchange_delete(name, timeout=5)
+                    except Exception:  # cleanup is best effort
+                        continue
+                    finally:
+                        if not channel.is_closed:
+                            await channel.close()
+        finally:
+            await connection.close()
 
-    asyncio.run(delete())
+    asyncio.run(asyncio.wait_for(delete(), 120))

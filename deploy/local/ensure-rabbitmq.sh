@@ -32,6 +32,8 @@ fi
 
 if ! rabbitmq-diagnostics -q check_running >/dev/null 2>&1; then
     echo "rabbitmq: installed but down; starting it"
+    # Many queues (tests, delay ladders) need more than the default 1024 file handles.
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     rabbitmq-server -detached || true
 fi
 for _ in $(seq 1 90); do

@@ -1,0 +1,259 @@
+"""Deploy files agree with the code: they parse, name real metrics, paths, ports and queues.
+
+promtool (Debian's `prometheus` package, installed by .ci/run) checks the alert rules.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+
+from service import metrics
+from service.config import Settings, load_settings
+from service.example import calc
+from service.health import Health
+from service.http import LIVENESS_PATH, METRICS_PATH, READINESS_PATH, HttpServer
+from service.topology import Names, service_topology, to_definitions
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+
+# RabbitMQ's own metrics (rabbitmq_prometheus plugin) that dashboard and alerts may use.
+RABBITMQ_METRICS = frozenset(
+    {
+        "rabbitmq_detailed_queue_messages_ready",
+        "rabbitmq_detailed_queue_consumers",
+    }
+)
+# Series Prometheus itself attaches to every target.
+PROMETHEUS_METRICS = frozenset({"up"})
+
+_METRIC_NAME = re.compile(r"\b((?:burrow|rabbitmq)_[a-z0-9_]+|up)\b(?!\s*\()")
+
+
+def _yaml_documents(path: Path) -> list[Any]:
+    with path.open(encoding="utf-8") as stream:
+        return [doc for doc in yaml.safe_load_all(stream) if doc is not None]
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the Grafana dashboard, in panel order."""
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/burrow.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    """Every alerting rule of deploy/prometheus/alerts.yml."""
+    (doc,) = _yaml_documents(DEPLOY / "prometheus/alerts.yml")
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression reads (label names and functions are not matched)."""
+    without_labels = re.sub(r"\{[^}]*\}", "", expr)
+    without_groupings = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", without_labels)
+    return set(_METRIC_NAME.findall(without_groupings))
+
+
+def registry_sample_names() -> set[str]:
+    """Every sample name Burrow's metrics can expose (counters `_total`, histograms `_bucket`…)."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+    }
+    names: set[str] = set()
+    for family in REGISTRY.collect():
+        for suffix in suffixes.get(family.type, ("",)):
+            names.add(family.name + suffix)
+    return names
+
+
+def _k8s_objects() -> Iterator[dict[str, Any]]:
+    kustomization = _yaml_documents(DEPLOY / "k8s/kustomization.yaml")[0]
+    for resource in kustomization["resources"]:
+        yield from _yaml_documents(DEPLOY / "k8s" / resource)
+
+
+def _default_settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("BURROW_"):
+            monkeypatch.delenv(name)
+    return load_settings()
+
+
+def test_every_deploy_file_parses() -> None:
+    """Each YAML and JSON file under deploy/ parses."""
+    checked = 0
+    for path in sorted(DEPLOY.rglob("*")):
+        if path.suffix in (".yaml", ".yml"):
+            assert _yaml_documents(path), f"{path} is empty"
+            checked += 1
+        elif path.suffix == ".json":
+            assert json.loads(path.read_text(encoding="utf-8")), f"{path} is empty"
+            checked += 1
+    assert checked >= 12
+
+
+def test_dashboard_and_alerts_name_only_real_metrics() -> None:
+    """Every metric in the dashboard and alerts exists in the registry (or is RabbitMQ's own)."""
+    exprs = dashboard_queries() + [rule["expr"] for rule in alert_rules()]
+    used = set().union(*(metric_names(expr) for expr in exprs))
+    known = registry_sample_names() | RABBITMQ_METRICS | PROMETHEUS_METRICS
+    assert used - known == set()
+    # The dashboard covers each required signal.
+    dashboard = " ".join(dashboard_queries())
+    for name in (
+        "burrow_messages_handled_total",
+        "burrow_handler_duration_seconds_bucket",
+        "burrow_handler_in_progress",
+        "burrow_dead_lettered_total",
+        "burrow_amqp_reconnects_total",
+        "burrow_rpc_client_calls_total",
+        "rabbitmq_detailed_queue_messages_ready",
+    ):
+        assert name in dashboard, name
+
+
+def test_every_metric_is_documented() -> None:
+    """docs/operations.md explains every burrow_ metric and every alert."""
+    text = (ROOT / "docs/operations.md").read_text(encoding="utf-8")
+    for family in REGISTRY.collect():
+        if family.name.startswith("burrow_"):
+            sample = family.name + ("_total" if family.type == "counter" else "")
+            assert sample in text, sample
+    for rule in alert_rules():
+        assert f"### {rule['alert']}" in text, rule["alert"]
+    assert "img/dashboard.png" in text
+
+
+def test_alerts_pass_promtool() -> None:
+    """`promtool check rules` accepts the alert rules, `check config` the Prometheus config."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package `prometheus`; .ci/run installs it)")
+    for args in (
+        ["check", "rules", str(DEPLOY / "prometheus/alerts.yml")],
+        ["check", "config", str(DEPLOY / "prometheus/prometheus.yml")],
+    ):
+        done = subprocess.run(
+            [promtool, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_alert_rules_are_well_formed() -> None:
+    """Each alert has a severity, a summary and a runbook link into docs/operations.md."""
+    rules = alert_rules()
+    names = {rule["alert"] for rule in rules}
+    assert {
+        "BurrowHighErrorRatio",
+        "BurrowHighLatency",
+        "BurrowDeadLettersGrowing",
+        "BurrowConsumersMissing",
+        "BurrowConnectionBlocked",
+    } <= names
+    for rule in rules:
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"]
+        assert rule["annotations"]["runbook"] == f"docs/operations.md#{rule['alert'].lower()}"
+
+
+def test_definitions_match_the_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/rabbitmq/definitions.json equals the definitions generated from the topology."""
+    settings = _default_settings(monkeypatch)
+    expected = to_definitions(service_topology(calc, settings))
+    actual = json.loads((DEPLOY / "rabbitmq/definitions.json").read_text(encoding="utf-8"))
+    assert actual == json.loads(json.dumps(expected)), "run `make deploy-files`"
+
+
+def test_compose_file_validates_against_the_compose_spec() -> None:
+    """deploy/compose.yaml is valid per the Compose Specification schema and has the stack."""
+    schema = json.loads((DEPLOY / "schemas/compose-spec.json").read_text(encoding="utf-8"))
+    (compose,) = _yaml_documents(DEPLOY / "compose.yaml")
+    validator = jsonschema.Draft201909Validator(schema)
+    errors = [f"{list(err.absolute_path)}: {err.message}" for err in validator.iter_errors(compose)]
+    assert errors == []
+    assert set(compose["services"]) == {"rabbitmq", "burrow", "prometheus", "grafana"}
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).exists(), source
+    plugins = (DEPLOY / "rabbitmq/enabled_plugins").read_text(encoding="utf-8")
+    assert "rabbitmq_management" in plugins
+    assert "rabbitmq_prometheus" in plugins
+
+
+def test_dockerfile_agrees_with_the_code() -> None:
+    """CMD runs the `burrow` script, EXPOSE is the default HTTP port, HEALTHCHECK gets /healthz."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert "burrow" in scripts
+    assert re.search(r"^FROM python:3\.11-slim AS build$", dockerfile, re.MULTILINE)
+    assert len(re.findall(r"^FROM ", dockerfile, re.MULTILINE)) >= 2
+    assert re.search(r'^CMD \["burrow", "run"\]$', dockerfile, re.MULTILINE)
+    (exposed,) = re.findall(r"^EXPOSE (\d+)$", dockerfile, re.MULTILINE)
+    assert int(exposed) == Settings.model_fields["http_port"].default
+    user = re.findall(r"^USER (\S+)$", dockerfile, re.MULTILINE)
+    assert user, "the image must not run as root"
+    assert user[-1] not in ("root", "0")
+    healthcheck = dockerfile[dockerfile.index("HEALTHCHECK") :].split("\n\n")[0]
+    assert LIVENESS_PATH in healthcheck
+    assert f"'{exposed}'" in healthcheck
+
+
+def test_probe_and_metrics_paths_are_served() -> None:
+    """The paths named by Dockerfile, Kubernetes probes and ServiceMonitor are routes of http.py."""
+    app = HttpServer(Health(), "127.0.0.1", 0).make_app()
+    routes = {resource.canonical for resource in app.router.resources()}
+    assert routes == {METRICS_PATH, LIVENESS_PATH, READINESS_PATH}
+    objects = {obj["kind"]: obj for obj in _k8s_objects()}
+    assert {
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "ServiceMonitor",
+    } <= set(objects)
+    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == LIVENESS_PATH
+    assert container["readinessProbe"]["httpGet"]["path"] == READINESS_PATH
+    (port,) = container["ports"]
+    assert port["containerPort"] == Settings.model_fields["http_port"].default
+    (endpoint,) = objects["ServiceMonitor"]["spec"]["endpoints"]
+    assert endpoint["path"] == METRICS_PATH
+    assert endpoint["port"] == port["name"]
+
+
+def test_keda_scales_on_the_request_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ScaledObject watches calc's request queue, and every queue it names exists."""
+    settings = _default_settings(monkeypatch)
+    declared = {queue.name for queue in service_topology(calc, settings).queues}
+    (scaled,) = [obj for obj in _k8s_objects() if obj["kind"] == "ScaledObject"]
+    queues = [trigger["metadata"]["queueName"] for trigger in scaled["spec"]["triggers"]]
+    assert Names(settings.namespace).request_queue(calc.name) in queues
+    assert set(queues) <= declared
+    deployment = next(obj for obj in _k8s_objects() if obj["kind"] == "Deployment")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+
+
+def test_metrics_module_lists_the_documented_label_values() -> None:
+    """Publish outcomes are the four the issue names; every family has the burrow_ prefix."""
+    assert metrics.PUBLISH_OUTCOMES == ("confirmed", "returned", "nacked", "timeout")
+    names = [family.name for family in REGISTRY.collect() if "burrow" in family.name]
+    assert names
+    assert all(name.startswith("burrow_") for name in names)

@@ -1,0 +1,745 @@
+"""Fault-test harness: a private RabbitMQ node, a loopback TCP proxy, and the delivery ledger.
+
+Every fault is injected here, on a node only this session uses — never on the shared 5672 node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from service import Client, InvalidArgument, Service
+from service.codec import H_KIND, Model
+from service.errors import ConnectionLost, PublishFailed, ServiceError, Unavailable
+from service.topology import Names
+from service.transport import Link
+from service.types import Outgoing
+
+__all__ = [
+    "RABBITMQ_SERVER",
+    "RABBITMQCTL",
+    "BrokerStartError",
+    "PrivateBroker",
+    "FaultProxy",
+    "PublishOutcome",
+    "Ledger",
+    "CallRecord",
+    "tracked_call",
+    "assert_calls_sound",
+    "WorkRequest",
+    "WorkReply",
+    "work_service",
+    "cast",
+    "publish_until_confirmed",
+    "wait_until",
+    "watch_loss",
+    "free_port",
+]
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+RABBITMQCTL = "/usr/sbin/rabbitmqctl"  # the packaged wrapper switches to the rabbitmq user itself
+_RABBITMQ_HOME = "/var/lib/rabbitmq"  # shares the default node's Erlang cookie, so the CLI works
+
+
+class BrokerStartError(RuntimeError):
+    """The private node could not be started; the message says why and where its log is."""
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def watch_loss(link: Link) -> asyncio.Event:
+    """An event set the next time `link` loses its connection."""
+    lost = asyncio.Event()
+    link.on_lost.append(lambda _reason: lost.set())
+    return lost
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a cheap predicate every 20 ms until true; fail naming `what` after `timeout`.
+
+    Only for state no event exposes (broker-side counts, link attributes); everything else is
+    awaited directly.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# -- the private broker ---------------------------------------------------------------------
+
+
+@dataclass
+class PrivateBroker:
+    """A RabbitMQ node of our own (own name, ports, data and log dirs), torn down at the end.
+
+    Methods that change the node's state record what they changed so `heal` undoes exactly that
+    after each test, without paying for a full reset.
+    """
+
+    node: str
+    port: int
+    dist_port: int
+    base: Path
+    dirty: set[str] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        """The AMQP URL of the node for the default guest user."""
+        return self.url_for("guest", "guest")
+
+    def url_for(self, user: str, password: str, port: int | None = None) -> str:
+        """An AMQP URL on this node (or on `port`, e.g. a proxy in front of it)."""
+        return f"amqp://{user}:{password}@127.0.0.1:{port or self.port}/"
+
+    # -- process lifecycle (synchronous: session fixture) --------------------------------
+
+    @classmethod
+    def start(cls, timeout: float = 120.0) -> PrivateBroker:
+        """Start a detached node and wait until it serves AMQP; raise `BrokerStartError`."""
+        if not (os.path.exists(RABBITMQ_SERVER) and os.path.exists(RABBITMQCTL)):
+            raise BrokerStartError(f"RabbitMQ is not installed ({RABBITMQ_SERVER} missing)")
+        try:
+            rabbit = pwd.getpwnam("rabbitmq")
+        except KeyError:
+            raise BrokerStartError("no `rabbitmq` user to run a private node as") from None
+        if os.getuid() not in (0, rabbit.pw_uid):
+            raise BrokerStartError("starting a private node needs root or the rabbitmq user")
+        base = Path(tempfile.mkdtemp(prefix="burrowfault-"))
+        node = f"burrowfault{os.getpid()}@localhost"
+        broker = cls(node=node, port=free_port(), dist_port=free_port(), base=base)
+        (base / "mnesia").mkdir()
+        (base / "log").mkdir()
+        (base / "enabled_plugins").write_text("[].\n")
+        (base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.local = 127.0.0.1:{broker.port}\n"
+            # Tests set the alarms themselves; the defaults must never trip by accident.
+            "disk_free_limit.absolute = 1MB\n"
+        )
+        base.chmod(0o755)
+        if os.getuid() == 0:
+            for path in (base, *base.rglob("*")):
+                os.chown(path, rabbit.pw_uid, rabbit.pw_gid)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin"),
+            "HOME": _RABBITMQ_HOME,
+            "RABBITMQ_NODENAME": node,
+            "RABBITMQ_NODE_PORT": str(broker.port),
+            "RABBITMQ_DIST_PORT": str(broker.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_PID_FILE": str(base / "pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+        }
+        prefix = ["runuser", "-u", "rabbitmq", "--"] if os.getuid() == 0 else []
+        started = subprocess.run(
+            [*prefix, "env", *(f"{k}={v}" for k, v in env.items()), RABBITMQ_SERVER, "-detached"],
+            cwd=_RABBITMQ_HOME,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if started.returncode != 0:
+            broker.remove_files()
+            raise BrokerStartError(f"rabbitmq-server -detached failed: {started.stderr[-2000:]}")
+        try:
+            broker._await_startup(timeout)
+        except BrokerStartError:
+            broker.stop_node()
+            raise
+        return broker
+
+    def _await_startup(self, timeout: float) -> None:
+        # `await_startup` returns at once (error) until the node registered with epmd: poll it.
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            result = self.ctl_sync("await_startup", "--timeout", "30", timeout=40)
+            if result.returncode == 0:
+                return
+            last = (result.stderr or result.stdout)[-500:]
+            time.sleep(0.5)
+        raise BrokerStartError(
+            f"private node {self.node} not up after {timeout:.0f}s: {last}\n"
+            f"log tail:\n{self.log_tail()}"
+        )
+
+    def ctl_sync(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run `rabbitmqctl -n <our node> ...` (blocking: only outside the event loop)."""
+        return subprocess.run(
+            [RABBITMQCTL, "-q", "-n", self.node, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the node's log, for failure messages."""
+        log = self.base / "log" / f"{self.node}.log"
+        with contextlib.suppress(OSError):
+            return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        return "(no log)"
+
+    def stop_node(self) -> None:
+        """Stop the node, wait for its process to exit, and delete its files."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.ctl_sync("stop", timeout=60)
+        pid_file = self.base / "pid"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text().strip())
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.1)
+        self.remove_files()
+
+    def remove_files(self) -> None:
+        """Delete the node's data and logs."""
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    # -- fault injection (async: called from tests) ---------------------------------------
+
+    async def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> str:
+        """Run `rabbitmqctl -n <our node> ...` without blocking the loop; return stdout."""
+        proc = await asyncio.create_subprocess_exec(
+            RABBITMQCTL,
+            "-q",
+            "-n",
+            self.node,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise AssertionError(f"rabbitmqctl {' '.join(args)} hung for {timeout}s") from None
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"rabbitmqctl {' '.join(args)} failed ({proc.returncode}): "
+                f"{err.decode(errors='replace')[-1000:]}"
+            )
+        return out.decode(errors="replace")
+
+    async def stop_app(self) -> None:
+        """Stop RabbitMQ on the node (the Erlang VM stays up): every connection drops."""
+        self.dirty.add("app")
+        await self.ctl("stop_app")
+
+    async def start_app(self) -> None:
+        """Start RabbitMQ again after `stop_app`."""
+        await self.ctl("start_app")
+        await self.ctl("await_startup", "--timeout", "60", timeout=70)
+        self.dirty.discard("app")
+
+    async def close_all_connections(self, reason: str = "fault test") -> None:
+        """Have the broker close every client connection (connection.close 320)."""
+        await self.ctl("close_all_connections", reason)
+
+    async def close_connection(self, name: str, reason: str = "fault test") -> int:
+        """Close the connections whose client-given name is `name`; return how many."""
+        pids = [c["pid"] for c in await self.connections() if c["name"] == name]
+        for pid in pids:
+            await self.ctl("close_connection", pid, reason)
+        return len(pids)
+
+    async def connections(self) -> list[dict[str, str]]:
+        """Open connections: their Erlang pid and their `connection_name` client property."""
+        # Text output: `close_connection` wants the pid as printed there, not the JSON form.
+        out = await self.ctl("list_connections", "--no-table-headers", "pid", "client_properties")
+        found = []
+        for line in out.splitlines():
+            pid, _, props = line.partition("\t")
+            match = re.search(r'connection_name"?,\s*(?:longstr,\s*)?"?<?<?"([^"]*)"', props)
+            if pid.strip():
+                found.append({"pid": pid.strip(), "name": match.group(1) if match else ""})
+        return found
+
+    async def consumer_count(self, queue: str) -> int:
+        """How many consumers the broker has on `queue` (the ground truth for A1/A4/A10)."""
+        out = await self.ctl("list_consumers", "queue_name", "--formatter", "json")
+        return sum(1 for row in json.loads(out or "[]") if row.get("queue_name") == queue)
+
+    async def set_vm_memory_high_watermark(self, fraction: float) -> None:
+        """Set the memory watermark; 0 raises the memory alarm at once."""
+        self.dirty.add("memory")
+        await self.ctl("set_vm_memory_high_watermark", str(fraction))
+
+    async def set_disk_free_limit(self, limit: str) -> None:
+        """Set the disk free limit, e.g. `1000GB` to raise the disk alarm."""
+        self.dirty.add("disk")
+        await self.ctl("set_disk_free_limit", limit)
+
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue (its consumers get basic.cancel)."""
+        await self.ctl("delete_queue", name)
+
+    async def add_user(self, user: str, password: str, *, full_access: bool = True) -> None:
+        """Create a user (removed again by `heal`)."""
+        self.dirty.add(f"user:{user}")
+        await self.ctl("add_user", user, password)
+        if full_access:
+            await self.set_permissions(user, ".*", ".*", ".*")
+
+    async def delete_user(self, user: str) -> None:
+        """Delete a user (its connections are closed by the broker)."""
+        await self.ctl("delete_user", user)
+        self.dirty.discard(f"user:{user}")
+
+    async def set_permissions(self, user: str, configure: str, write: str, read: str) -> None:
+        """Set a user's permissions on vhost `/` (guest's are restored by `heal`)."""
+        if user == "guest":
+            self.dirty.add("guest")
+        await self.ctl("set_permissions", "-p", "/", user, configure, write, read)
+
+    async def heal(self) -> None:
+        """Undo whatever the last test changed on the node."""
+        dirty, self.dirty = self.dirty, set()
+        if "app" in dirty:
+            await self.start_app()
+        if "memory" in dirty:
+            await self.ctl("set_vm_memory_high_watermark", "0.4")
+        if "disk" in dirty:
+            await self.ctl("set_disk_free_limit", "1MB")
+        if "guest" in dirty:
+            await self.ctl("set_permissions", "-p", "/", "guest", ".*", ".*", ".*")
+        for item in dirty:
+            if item.startswith("user:"):
+                await self.ctl("delete_user", item.removeprefix("user:"), check=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- the TCP proxy ---------------------------------------------------------------------------
+
+
+class ProxyMode(StrEnum):
+    """What the proxy does with traffic."""
+
+    PASS = "pass"
+    REFUSE = "refuse"  # accept, then reset at once: like a broker that is down
+    BLACKHOLE = "blackhole"  # keep sockets open, forward nothing: a silent network partition
+
+
+class _Pipe:
+    """One proxied connection: client side and broker side."""
+
+    def __init__(self, client: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.upstream: asyncio.StreamWriter | None = None
+        self.holed = False
+        self.task = asyncio.current_task()
+
+    def reset(self) -> None:
+        for writer in (self.client, self.upstream):
+            if writer is not None:
+                _rst(writer)
+
+
+def _rst(writer: asyncio.StreamWriter) -> None:
+    # SO_LINGER 0 then abort: the kernel sends RST instead of FIN.
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class FaultProxy:
+    """A loopback TCP proxy in front of the private node that can reset or black-hole traffic."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.mode = ProxyMode.PASS
+        self.accepted = 0
+        self.bytes_up = 0  # client to broker, to time a fault "mid-publish"
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[_Pipe] = set()
+
+    async def start(self) -> None:
+        """Listen on an ephemeral loopback port (see `port`)."""
+        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop listening and reset every connection."""
+        if self._server is not None:
+            self._server.close()
+        self.reset_all()
+        tasks = [pipe.task for pipe in self._pipes if pipe.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections currently proxied."""
+        return len(self._pipes)
+
+    def reset_all(self) -> int:
+        """Send RST on both sides of every connection; return how many were reset."""
+        pipes = list(self._pipes)
+        for pipe in pipes:
+            pipe.reset()
+        return len(pipes)
+
+    def blackhole(self) -> None:
+        """Stop forwarding in both directions without closing anything (new ones too)."""
+        self.mode = ProxyMode.BLACKHOLE
+        for pipe in self._pipes:
+            pipe.holed = True
+
+    def refuse(self) -> None:
+        """Reset every new connection at once, as a host with nothing listening would."""
+        self.mode = ProxyMode.REFUSE
+
+    def heal(self) -> None:
+        """Forward again; connections that lost bytes in the hole are reset (their stream is
+        corrupt), as a real partition ends with retransmission timeouts."""
+        self.mode = ProxyMode.PASS
+        for pipe in list(self._pipes):
+            if pipe.holed:
+                pipe.reset()
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        if self.mode is ProxyMode.REFUSE:
+            _rst(writer)
+            return
+        pipe = _Pipe(writer)
+        self._pipes.add(pipe)
+        try:
+            if self.mode is ProxyMode.BLACKHOLE:
+                pipe.holed = True
+                await self._swallow(reader)
+                return
+            try:
+                up_reader, up_writer = await asyncio.open_connection(
+                    "127.0.0.1", self.upstream_port
+                )
+            except OSError:
+                _rst(writer)
+                return
+            pipe.upstream = up_writer
+            await asyncio.gather(
+                self._pump(pipe, reader, up_writer, upstream=True),
+                self._pump(pipe, up_reader, writer, upstream=False),
+            )
+        finally:
+            self._pipes.discard(pipe)
+            # Whatever ended this pipe, release both sockets (no FIN owed after a hole).
+            for side in (writer, pipe.upstream):
+                if side is not None and not side.transport.is_closing():
+                    side.transport.abort()
+
+    async def _swallow(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while await reader.read(65536):
+                pass
+
+    async def _pump(
+        self,
+        pipe: _Pipe,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        upstream: bool,
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if pipe.holed:
+                    continue
+                if upstream:
+                    self.bytes_up += len(data)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            if not pipe.holed:
+                pipe.reset()
+            return
+        if pipe.holed:
+            # Inside a black hole nothing crosses, not even the other side's FIN.
+            return
+        # Orderly end from one side: close the other side after flushing (FIN, not RST).
+        with contextlib.suppress(ConnectionError, OSError):
+            writer.close()
+
+
+# -- the ledger (RELIABILITY.md, "The oracle") ------------------------------------------------
+
+
+class PublishOutcome(StrEnum):
+    """What the publisher knows about one message."""
+
+    CONFIRMED = "confirmed"
+    FAILED = "failed"  # never left the process (not connected, refused locally)
+    UNKNOWN = "unknown"  # sent, but no confirm: it may or may not be in the queue
+
+
+@dataclass
+class Ledger:
+    """Publishes by message id, side effects by key, and what was left in the queues.
+
+    lost = confirmed - (processed | dead-lettered | still queued) must be empty.
+    """
+
+    published: dict[str, PublishOutcome] = field(default_factory=dict)
+    attempts: Counter[str] = field(default_factory=Counter)
+    started: Counter[str] = field(default_factory=Counter)
+    effects: Counter[str] = field(default_factory=Counter)
+    dead: set[str] = field(default_factory=set)
+    queued: set[str] = field(default_factory=set)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record_publish(self, message_id: str, outcome: PublishOutcome) -> None:
+        """Record one attempt; a confirm is final (a later failed retry cannot undo it)."""
+        self.attempts[message_id] += 1
+        if self.published.get(message_id) is not PublishOutcome.CONFIRMED:
+            self.published[message_id] = outcome
+
+    def begin(self, key: str) -> None:
+        """A handler started working on `key`."""
+        self.started[key] += 1
+        self._changed.set()
+
+    def effect(self, key: str) -> None:
+        """A handler performed its side effect for `key`."""
+        self.effects[key] += 1
+        self._changed.set()
+
+    @property
+    def confirmed(self) -> set[str]:
+        """Ids the broker confirmed."""
+        return {k for k, v in self.published.items() if v is PublishOutcome.CONFIRMED}
+
+    @property
+    def processed(self) -> set[str]:
+        """Keys with at least one side effect."""
+        return set(self.effects)
+
+    def lost(self) -> set[str]:
+        """Confirmed but nowhere: the one thing that must never happen."""
+        return self.confirmed - (self.processed | self.dead | self.queued)
+
+    def phantoms(self) -> set[str]:
+        """Processed or found but never published."""
+        return (self.processed | self.dead | self.queued) - set(self.published)
+
+    def duplicates(self) -> dict[str, int]:
+        """Keys processed more than once (raw redeliveries: reported, not hidden)."""
+        return {k: n for k, n in self.effects.items() if n > 1}
+
+    async def wait_processed(self, keys: Iterable[str], timeout: float) -> None:
+        """Wait until every key has a side effect; fail with the missing ones."""
+        wanted = set(keys)
+        deadline = time.monotonic() + timeout
+        while not wanted <= self.processed:
+            self._changed.clear()
+            remaining = deadline - time.monotonic()
+            try:
+                async with asyncio.timeout(max(remaining, 0)):
+                    await self._changed.wait()
+            except TimeoutError:
+                missing = sorted(wanted - self.processed)
+                raise AssertionError(
+                    f"{len(missing)} of {len(wanted)} never processed within {timeout}s: "
+                    f"{missing[:10]}"
+                ) from None
+
+    async def drain(
+        self, url: str, queues: Iterable[str] = (), dead_letter_queues: Iterable[str] = ()
+    ) -> None:
+        """Take everything left in the queues (ack it) and record it as queued / dead."""
+        connection = await aio_pika.connect(url)
+        try:
+            channel = await connection.channel()
+            for names, into in ((queues, self.queued), (dead_letter_queues, self.dead)):
+                for name in names:
+                    queue = await channel.get_queue(name, ensure=True)
+                    while (message := await queue.get(fail=False, no_ack=True)) is not None:
+                        into.add(message.message_id or "?")
+        finally:
+            await connection.close()
+
+    def assert_sound(self) -> str:
+        """Assert the oracle (nothing lost, nothing invented); return a one-line summary."""
+        summary = self.summary()
+        assert not self.lost(), f"LOST confirmed messages {sorted(self.lost())[:10]}; {summary}"
+        assert not self.phantoms(), f"phantom messages {sorted(self.phantoms())[:10]}; {summary}"
+        return summary
+
+    def summary(self) -> str:
+        """Counts for the test log."""
+        by_outcome = Counter(v.value for v in self.published.values())
+        return (
+            f"published={dict(by_outcome)}"
+            f" retries={sum(self.attempts.values()) - len(self.attempts)}"
+            f" processed={len(self.processed)} duplicates={len(self.duplicates())}"
+            f" dead={len(self.dead)} queued={len(self.queued)} lost={len(self.lost())}"
+        )
+
+
+# -- RPC outcomes -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """How one call ended: exactly one of result / error / timeout (or hang: a defect)."""
+
+    index: int
+    outcome: str  # result | error | timeout | hang
+    elapsed: float
+    deadline: float
+    error: ServiceError | None = None
+    correct: bool = True  # the reply answers this call, not another one
+
+
+async def tracked_call(
+    client: Client, index: int, *, deadline: float, delay_ms: int = 0, epsilon: float = 3.0
+) -> CallRecord:
+    """Call `work.do` once; classify the ending; a call still pending at deadline+ε is a hang."""
+    key = f"call-{index}-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(deadline + epsilon):
+            reply = await client.call(
+                "work.do", {"key": key, "delay_ms": delay_ms}, timeout=deadline
+            )
+    except TimeoutError:
+        return CallRecord(index, "hang", time.monotonic() - started, deadline)
+    except ServiceError as exc:
+        outcome = "timeout" if exc.code.value == "DEADLINE_EXCEEDED" else "error"
+        return CallRecord(index, outcome, time.monotonic() - started, deadline, error=exc)
+    correct = isinstance(reply, dict) and reply.get("key") == key
+    return CallRecord(index, "result", time.monotonic() - started, deadline, correct=correct)
+
+
+def assert_calls_sound(records: list[CallRecord], client: Client) -> Counter[str]:
+    """No hang, no crossed reply, no leaked pending future; return outcome counts."""
+    counts = Counter(r.outcome for r in records)
+    hung = [r.index for r in records if r.outcome == "hang"]
+    assert not hung, f"calls still pending after deadline+ε: {hung[:10]} ({counts})"
+    crossed = [r.index for r in records if not r.correct]
+    assert not crossed, f"calls answered with another call's reply: {crossed[:10]}"
+    assert not client.rpc.pending, f"{len(client.rpc.pending)} pending futures leaked"
+    return counts
+
+
+# -- the workload ------------------------------------------------------------------------------
+
+
+class WorkRequest(Model):
+    """One unit of work: `key` names its side effect."""
+
+    key: str
+    delay_ms: int = 0
+    blob: str = ""
+    digest: str = ""
+
+
+class WorkReply(Model):
+    """The key the work was done for (lets the caller check it got its own reply)."""
+
+    key: str
+
+
+def work_service(
+    ledger: Ledger, *, name: str = "work", gate: asyncio.Event | None = None
+) -> Service:
+    """A service whose one operation `do` records its side effect in `ledger`.
+
+    Args:
+        gate: when given, every handler waits for it before working (holds deliveries unacked).
+    """
+    svc = Service(name)
+
+    async def do(req: WorkRequest) -> WorkReply:
+        """Wait for the gate, pretend to work, verify the body, record the side effect."""
+        ledger.begin(req.key)
+        if gate is not None:
+            await gate.wait()
+        if req.delay_ms:
+            await asyncio.sleep(req.delay_ms / 1000)
+        if req.digest and hashlib.sha256(req.blob.encode()).hexdigest() != req.digest:
+            raise InvalidArgument("body corrupted in transit")
+        ledger.effect(req.key)
+        return WorkReply(key=req.key)
+
+    svc.add_operation(do, name="do")
+    return svc
+
+
+def cast(namespace: str, key: str, *, route: str = "work.do", **fields: Any) -> Outgoing:
+    """A persistent fire-and-forget request (a cast) whose message id is its side-effect key."""
+    body = json.dumps({"key": key, **fields}).encode()
+    return Outgoing(
+        exchange=Names(namespace).commands_exchange,
+        routing_key=route,
+        body=body,
+        message_id=key,
+        type=route,
+        headers={H_KIND: "cast"},
+        persistent=True,
+    )
+
+
+async def publish_until_confirmed(
+    link: Link, ledger: Ledger, message: Outgoing, *, give_up_after: float, timeout: float = 2.0
+) -> PublishOutcome:
+    """Publish; on a retryable failure retry the same message id until confirmed or give up."""
+    deadline = time.monotonic() + give_up_after
+    while True:
+        try:
+            await link.publish(message, kind="event", mandatory=True, timeout=timeout)
+        except (ConnectionLost, PublishFailed):
+            ledger.record_publish(message.message_id, PublishOutcome.UNKNOWN)
+        except Unavailable:
+            ledger.record_publish(message.message_id, PublishOutcome.FAILED)
+        else:
+            ledger.record_publish(message.message_id, PublishOutcome.CONFIRMED)
+            return PublishOutcome.CONFIRMED
+        if time.monotonic() > deadline:
+            return ledger.published[message.message_id]
+        await asyncio.sleep(0.05)

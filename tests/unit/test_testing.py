@@ -1,0 +1,372 @@
+"""Unit tests of the in-memory broker's own rules: routing, acks, dead-lettering, limits, links.
+
+The App/Client level behaviour is proven against RabbitMQ by the fidelity scenarios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from service import (
+    App,
+    Client,
+    ConnectionLost,
+    DeadlineExceeded,
+    MessageTooLarge,
+    NotFound,
+    PublishFailed,
+    QueueFull,
+    Settings,
+    TopologyError,
+    Unroutable,
+)
+from service.example import calc
+from service.testing import InMemoryBroker, MemoryLink, topic_matches
+from service.topology import DIRECT_REPLY_TO, QueueDecl, Topology
+from service.transport import ConsumerSpec
+from service.types import Delivery, Outgoing
+
+__all__: list[str] = []
+
+
+def out(exchange: str, key: str, body: bytes = b"{}", **kw: Any) -> Outgoing:
+    """An outgoing message with a fixed id."""
+    return Outgoing(exchange=exchange, routing_key=key, body=body, message_id="m", **kw)
+
+
+async def started(broker: InMemoryBroker, settings: Settings, **kw: Any) -> MemoryLink:
+    """A ready link on `broker`."""
+    link = broker.link_factory("test", settings, **kw)
+    link.start()
+    await link.wait_ready(1)
+    return link
+
+
+class Sink:
+    """A consumer callback collecting deliveries; settles them as told."""
+
+    def __init__(self, settle: str | None = None) -> None:
+        self.got: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.settle = settle
+
+    async def __call__(self, delivery: Delivery) -> None:
+        """Record, then settle."""
+        self.got.put_nowait(delivery)
+        if self.settle == "ack":
+            await delivery.ack()
+        elif self.settle == "reject":
+            await delivery.reject()
+
+    async def next(self) -> Delivery:
+        """The next delivery (bounded wait)."""
+        async with asyncio.timeout(5):
+            return await self.got.get()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "matches"),
+    [
+        ("a.*.c", "a.b.c", True),
+        ("a.*.c", "a.c", False),
+        ("a.#", "a", True),
+        ("a.#", "ab", False),
+        ("#", "", True),
+        ("*", "", False),
+        ("#.c", "c", True),
+        ("#.c", "a.b.c.d", False),
+        ("a.#.c", "a.c", True),
+        ("#.#", "a.b", True),
+        ("*.*", "a", False),
+        ("a..b", "a..b", True),
+        ("", "", True),
+        ("", "a", False),
+    ],
+)
+def test_topic_matching_follows_rabbitmq(pattern: str, key: str, matches: bool) -> None:
+    """`*` is exactly one word, `#` zero or more; an empty key has no words."""
+    assert topic_matches(pattern, key) is matches
+
+
+async def test_exchange_to_exchange_bindings_route_through(settings: Settings) -> None:
+    """A message follows exchange-to-exchange bindings, reaching each queue once."""
+    broker = InMemoryBroker()
+    broker.declare_exchange("up", "topic")
+    broker.declare_exchange("down", "direct")
+    broker.declare_queue("q")
+    broker.bind("up", "down", "#", "exchange")
+    broker.bind("down", "q", "k")
+    broker.bind("up", "q", "k")
+    broker.bind("down", "up", "k", "exchange")  # a cycle must not loop
+    assert broker.routes("up", "k") == ["q"]
+    assert broker.routes("up", "other") == []
+    assert broker.routes("", "q") == ["q"]
+
+
+async def test_ack_reject_requeue_and_prefetch(settings: Settings) -> None:
+    """Prefetch bounds unacked deliveries; requeue redelivers flagged; reject dead-letters."""
+    broker = InMemoryBroker()
+    broker.declare_exchange("dlx", "direct")
+    broker.declare_queue("dead")
+    broker.bind("dlx", "dead", "q")
+    broker.declare_queue("q", {"x-dead-letter-exchange": "dlx"})
+    sink = Sink()
+    link = broker.link_factory("c", settings, prefetch=1)
+    link.consumers.append(ConsumerSpec("q", sink))
+    link.start()
+    pub = await started(broker, settings)
+    await pub.publish(out("", "q", b"1"), kind="command", mandatory=True)
+    await pub.publish(out("", "q", b"2"), kind="command", mandatory=True)
+    first = await sink.next()
+    assert first.body == b"1"
+    assert not first.redelivered
+    assert sink.got.empty()
+    assert [m.body for m in broker.queue("q").messages] == [b"2"]
+    await first.requeue()
+    again = await sink.next()
+    assert (again.body, again.redelivered) == (b"1", True)
+    await again.reject()
+    second = await sink.next()
+    assert second.body == b"2"
+    await second.ack()
+    await broker.settled()
+    [dead] = broker.queue("dead").messages
+    assert dead.body == b"1"
+    assert dead.headers["x-death"][0]["reason"] == "rejected"
+
+
+async def test_competing_consumers_take_turns(settings: Settings) -> None:
+    """Two consumers on one queue receive messages round-robin."""
+    broker = InMemoryBroker()
+    broker.declare_queue("q")
+    sinks = [Sink("ack"), Sink("ack")]
+    for sink in sinks:
+        link = broker.link_factory("c", settings, prefetch=10)
+        link.consumers.append(ConsumerSpec("q", sink))
+        link.start()
+    pub = await started(broker, settings)
+    for n in range(4):
+        await pub.publish(out("", "q", str(n).encode()), kind="command", mandatory=True)
+    await broker.drain()
+    assert [sink.got.qsize() for sink in sinks] == [2, 2]
+
+
+async def test_ttl_expiry_dead_letters_with_routing_key(settings: Settings) -> None:
+    """Queue TTL and per-message expiration dead-letter through x-dead-letter-routing-key."""
+    broker = InMemoryBroker()
+    broker.declare_queue("ready")
+    broker.declare_queue(
+        "wait",
+        {"x-message-ttl": 50, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "ready"},
+    )
+    pub = await started(broker, settings)
+    await pub.publish(out("", "wait", b"q"), kind="scheduled", mandatory=True)
+    await pub.publish(out("", "wait", b"m", expiration_ms=10), kind="scheduled", mandatory=True)
+    assert len(broker.queue("wait")) == 2
+    await broker.drain()
+    moved = broker.queue("ready").messages
+    assert [m.body for m in moved] == [b"q", b"m"]
+    assert moved[1].expiration is None
+    assert moved[1].headers["x-death"][0]["original-expiration"] == "10"
+    assert moved[0].headers["x-first-death-reason"] == "expired"
+
+
+async def test_reject_publish_nacks_and_drop_head_drops(settings: Settings) -> None:
+    """reject-publish refuses at the limit (QueueFull); the default drop-head dead-letters."""
+    broker = InMemoryBroker()
+    broker.declare_queue("bounded", {"x-max-length": 1, "x-overflow": "reject-publish"})
+    broker.declare_queue("dropped")
+    broker.declare_queue(
+        "rolling",
+        {"x-max-length": 1, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "dropped"},
+    )
+    pub = await started(broker, settings)
+    await pub.publish(out("", "bounded", b"1"), kind="request", mandatory=True)
+    with pytest.raises(QueueFull):
+        await pub.publish(out("", "bounded", b"2"), kind="request", mandatory=True)
+    assert broker.published[-1].outcome == "nacked"
+    await pub.publish(out("", "rolling", b"1"), kind="request", mandatory=True)
+    await pub.publish(out("", "rolling", b"2"), kind="request", mandatory=True)
+    assert [m.body for m in broker.queue("rolling").messages] == [b"2"]
+    assert broker.queue("dropped").messages[0].headers["x-death"][0]["reason"] == "maxlen"
+
+
+async def test_publish_errors_match_link(settings: Settings) -> None:
+    """Unroutable on return, MessageTooLarge above the limit, ConnectionLost on no exchange."""
+    broker = InMemoryBroker()
+    broker.declare_exchange("ex", "topic")
+    pub = await started(broker, settings)
+    with pytest.raises(Unroutable):
+        await pub.publish(out("ex", "nobody"), kind="event", mandatory=True)
+    await pub.publish(out("ex", "nobody"), kind="event", mandatory=False)
+    assert [p.outcome for p in broker.published] == ["returned", "confirmed"]
+    big = out("ex", "k", b"x" * (settings.max_body_bytes + 1))
+    with pytest.raises(MessageTooLarge):
+        await pub.publish(big, kind="event", mandatory=False)
+    await pub.publish(big, kind="event", mandatory=False, check_size=False)
+    with pytest.raises(ConnectionLost):
+        await pub.publish(out("missing", "k"), kind="event", mandatory=False)
+
+
+async def test_blocked_broker_times_publishes_out(settings: Settings) -> None:
+    """While blocked, a publish gets no confirm and fails with PublishFailed."""
+    broker = InMemoryBroker()
+    broker.declare_queue("q")
+    pub = await started(broker, settings)
+    broker.set_blocked(True)
+    assert pub.blocked
+    with pytest.raises(PublishFailed):
+        await pub.publish(out("", "q"), kind="command", mandatory=True, timeout=0.05)
+    broker.set_blocked(False)
+    await pub.publish(out("", "q"), kind="command", mandatory=True)
+    assert len(broker.queue("q")) == 1
+
+
+async def test_direct_reply_to_reaches_only_its_link(settings: Settings) -> None:
+    """reply_to is rewritten to the link's own address; replies reach that link only."""
+    broker = InMemoryBroker()
+    broker.declare_queue("requests")
+    replies, others = Sink(), Sink()
+    caller = broker.link_factory("caller", settings)
+    caller.consumers.append(ConsumerSpec(DIRECT_REPLY_TO, replies, no_ack=True))
+    caller.start()
+    other = broker.link_factory("other", settings)
+    other.consumers.append(ConsumerSpec(DIRECT_REPLY_TO, others, no_ack=True))
+    other.start()
+    plain = await started(broker, settings)
+    await caller.publish(
+        out("", "requests", reply_to=DIRECT_REPLY_TO), kind="request", mandatory=True
+    )
+    [request] = broker.queue("requests").messages
+    assert request.reply_to == caller.reply_address
+    assert request.reply_to != other.reply_address
+    assert request.reply_to is not None
+    assert request.reply_to.startswith(DIRECT_REPLY_TO + ".")
+    await plain.publish(out("", request.reply_to, b"answer"), kind="reply", mandatory=True)
+    assert (await replies.next()).body == b"answer"
+    assert others.got.empty()
+    with pytest.raises(ConnectionLost):
+        await plain.publish(
+            out("", "requests", reply_to=DIRECT_REPLY_TO), kind="request", mandatory=True
+        )
+    await caller.close()
+    with pytest.raises(Unroutable):
+        await plain.publish(out("", request.reply_to), kind="reply", mandatory=True)
+
+
+async def test_closing_a_link_returns_unacked_and_fails_waiters(settings: Settings) -> None:
+    """Close requeues unacked deliveries (redelivered), ignores late settles, tells on_lost."""
+    broker = InMemoryBroker()
+    broker.declare_queue("q")
+    sink = Sink()
+    link = broker.link_factory("c", settings)
+    link.consumers.append(ConsumerSpec("q", sink))
+    lost: list[BaseException] = []
+    link.on_lost.append(lost.append)
+    link.start()
+    pub = await started(broker, settings)
+    await pub.publish(out("", "q"), kind="command", mandatory=True)
+    delivery = await sink.next()
+    await link.close()
+    await delivery.ack()  # stale: ignored
+    assert isinstance(lost[0], ConnectionLost)
+    [back] = broker.queue("q").messages
+    assert back.redelivered
+    assert not link.ready.is_set()
+
+
+async def test_conflicting_topology_is_fatal(settings: Settings) -> None:
+    """Redeclaring a queue with other arguments fails the link with TopologyError."""
+    broker = InMemoryBroker()
+    broker.declare_queue("q", {"x-queue-type": "quorum"})
+    link = broker.link_factory("c", settings, topology=Topology(queues=[QueueDecl("q")]))
+    link.start()
+    with pytest.raises(TopologyError):
+        await link.wait_ready(1)
+    pub = await started(broker, settings)
+    with pytest.raises(ConnectionLost):
+        await pub.declare_queue(QueueDecl("q", {"x-queue-type": "classic"}))
+
+
+async def test_peek_leaves_the_message(settings: Settings) -> None:
+    """peek waits for the first message and leaves it; NotFound and DeadlineExceeded otherwise."""
+    broker = InMemoryBroker()
+    pub = await started(broker, settings)
+    with pytest.raises(NotFound):
+        await pub.peek("nope", 0.1)
+    await pub.declare_queue(QueueDecl("job"))
+    with pytest.raises(DeadlineExceeded):
+        await pub.peek("job", 0.01)
+    waiting = asyncio.ensure_future(pub.peek("job", 5))
+    await asyncio.sleep(0)  # let the peek start waiting before the message exists
+    await pub.publish(out("", "job", b"done", headers={"h": 1}), kind="completion", mandatory=True)
+    first = await waiting
+    assert (first.body, first.headers) == (b"done", {"h": 1})
+    assert (await pub.peek("job", 1)).body == b"done"
+    assert len(broker.queue("job")) == 1
+
+
+async def test_quorum_delivery_limit_dead_letters(settings: Settings) -> None:
+    """A quorum queue counts redeliveries and dead-letters past x-delivery-limit."""
+    broker = InMemoryBroker()
+    broker.declare_queue("dead")
+    broker.declare_queue(
+        "q",
+        {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": 1,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": "dead",
+        },
+    )
+    sink = Sink()
+    link = broker.link_factory("c", settings)
+    link.consumers.append(ConsumerSpec("q", sink))
+    link.start()
+    pub = await started(broker, settings)
+    await pub.publish(out("", "q"), kind="command", mandatory=True)
+    await (await sink.next()).requeue()
+    second = await sink.next()
+    assert second.headers["x-delivery-count"] == 1
+    await second.requeue()
+    await broker.settled()
+    assert broker.queue("dead").messages[0].headers["x-death"][0]["reason"] == "delivery_limit"
+
+
+async def test_app_and_client_run_unchanged(settings: Settings) -> None:
+    """The documented usage: App and Client on the broker, published messages captured."""
+    broker = InMemoryBroker()
+    app = App(calc, settings=settings, http=False, link_factory=broker.link_factory)
+    client = Client(settings, link_factory=broker.link_factory)
+    await app.start()
+    await app.wait_ready(1)
+    await client.start()
+    try:
+        assert await client.call("calc.add", {"a": 1, "b": 2}) == {"sum": 3}
+        await broker.drain()
+        request, reply = broker.published
+        assert (request.exchange, request.routing_key, request.kind) == (
+            f"{settings.namespace}.rpc",
+            "calc.add",
+            "request",
+        )
+        assert reply.json() == {"sum": 3}
+        assert reply.headers["x-status"] == "ok"
+    finally:
+        await client.close()
+        await app.stop()
+
+
+async def test_drain_times_out_with_a_description(settings: Settings) -> None:
+    """drain raises TimeoutError naming what is still busy."""
+    broker = InMemoryBroker()
+    broker.declare_queue("q")
+    link = broker.link_factory("c", settings)
+    link.consumers.append(ConsumerSpec("q", Sink()))  # never settles
+    link.start()
+    pub = await started(broker, settings)
+    await pub.publish(out("", "q"), kind="command", mandatory=True)
+    with pytest.raises(TimeoutError, match="'q'"):
+        await broker.drain(0.05)
