@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from service import contracts, tracing
 from service.app import App
+from service.blocking import BlockingClient, BlockingJob, get_client
 from service.client import Client
 from service.codec import Model
 from service.config import Settings, load_settings
 from service.errors import (
     BurrowError,
+    ClientUnusable,
     ConfigError,
     ConnectionLost,
     DeadlineExceeded,
@@ -31,8 +33,11 @@ from service.registry import Context, Operation, Service
 
 __all__ = [
     "App",
+    "BlockingClient",
+    "BlockingJob",
     "BurrowError",
     "Client",
+    "ClientUnusable",
     "ConfigError",
     "ConnectionLost",
     "Context",
@@ -56,6 +61,7 @@ __all__ = [
     "Unavailable",
     "Unroutable",
     "contracts",
+    "get_client",
     "load_settings",
     "tracing",
 ]

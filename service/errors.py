@@ -5,6 +5,7 @@ class back. Local failures (configuration, topology) never cross the wire.
 
     BurrowError
     ├── ConfigError                  settings invalid at start (never on the wire)
+    ├── ClientUnusable               blocking client closed, or inherited across fork()
     ├── TopologyError                broker holds a queue/exchange with other arguments
     └── ServiceError                 carries a wire code, message, details, retryable
         ├── InvalidArgument          INVALID_ARGUMENT     bad JSON, schema, content type
@@ -31,6 +32,7 @@ __all__ = [
     "ErrorCode",
     "BurrowError",
     "ConfigError",
+    "ClientUnusable",
     "TopologyError",
     "ServiceError",
     "InvalidArgument",
@@ -69,6 +71,10 @@ class BurrowError(Exception):
 
 class ConfigError(BurrowError):
     """A setting is missing or invalid; the message names the environment variable."""
+
+
+class ClientUnusable(BurrowError, RuntimeError):
+    """The client was closed, or was inherited across `fork()`: create one per process."""
 
 
 class TopologyError(BurrowError):

@@ -1,0 +1,117 @@
+"""Burrow outcomes as HTTP answers, shared by both example apps: error codes to statuses,
+request parameters to call options, job completions to status bodies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from service import codec
+from service.codec import H_STATUS
+from service.errors import (
+    ErrorCode,
+    InvalidArgument,
+    MessageTooLarge,
+    ServiceError,
+    error_from_wire,
+)
+from service.types import Delivery
+
+__all__ = [
+    "HTTP_STATUS",
+    "RETRY_AFTER_S",
+    "HttpAnswer",
+    "error_answer",
+    "parse_json",
+    "parse_seconds",
+    "job_answer",
+    "job_accepted",
+]
+
+# One status per wire code; the closed set of codes means nothing falls through to a default.
+HTTP_STATUS: Mapping[ErrorCode, int] = {
+    ErrorCode.INVALID_ARGUMENT: 422,  # well-formed HTTP, but the payload breaks the contract
+    ErrorCode.FAILED_PRECONDITION: 409,  # e.g. a contract version the service no longer serves
+    ErrorCode.NOT_FOUND: 404,  # unknown operation, unknown or expired job
+    ErrorCode.PERMISSION_DENIED: 403,
+    ErrorCode.DEADLINE_EXCEEDED: 504,  # the service did not answer in time: a gateway timeout
+    ErrorCode.RESOURCE_EXHAUSTED: 503,  # overloaded or queue full: come back later
+    ErrorCode.UNAVAILABLE: 503,  # broker or service away
+    ErrorCode.INTERNAL: 500,
+}
+
+# Seconds to suggest in Retry-After for the codes that say "try again later".
+RETRY_AFTER_S: Mapping[ErrorCode, int] = {
+    ErrorCode.RESOURCE_EXHAUSTED: 1,
+    ErrorCode.UNAVAILABLE: 5,
+}
+
+MAX_WAIT_S = 25.0  # longest call timeout or job long-poll a request may ask for
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """A framework-neutral response: status, JSON body, extra headers."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def error_answer(exc: ServiceError) -> HttpAnswer:
+    """The HTTP answer for a Burrow error: its status, `{"error": <wire body>}`, Retry-After."""
+    status = 413 if isinstance(exc, MessageTooLarge) else HTTP_STATUS[exc.code]
+    headers = {}
+    if exc.code in RETRY_AFTER_S:
+        headers["Retry-After"] = str(RETRY_AFTER_S[exc.code])
+    return HttpAnswer(status, {"error": exc.to_wire()}, headers)
+
+
+def parse_json(body: bytes) -> Any:
+    """The request body as JSON; an unreadable body is the caller's INVALID_ARGUMENT."""
+    try:
+        return json.loads(body or b"{}")
+    except ValueError:
+        raise InvalidArgument("the request body is not JSON") from None
+
+
+def parse_seconds(value: str | None, name: str, default: float | None = None) -> float | None:
+    """A positive number of seconds from a query parameter, capped at MAX_WAIT_S."""
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"{name} must be a number of seconds", details={name: value}
+        ) from None
+    if not 0 < seconds <= MAX_WAIT_S:
+        raise InvalidArgument(
+            f"{name} must be above 0 and at most {MAX_WAIT_S:g}", details={name: value}
+        )
+    return seconds
+
+
+def job_accepted(job_id: str) -> HttpAnswer:
+    """202 Accepted for a submitted job, with where to poll for it."""
+    location = f"/jobs/{job_id}"
+    return HttpAnswer(
+        202, {"job_id": job_id, "status": "pending", "location": location}, {"Location": location}
+    )
+
+
+def job_answer(job_id: str, completion: Delivery | None) -> HttpAnswer:
+    """The state of a job: pending (no completion yet), done with its result, or failed.
+
+    A failed job is still a job that exists, so it answers 200 with the error in the body;
+    only an unknown or expired job is a 404 (raised by the lookup itself).
+    """
+    if completion is None:
+        return HttpAnswer(200, {"job_id": job_id, "status": "pending"}, {"Retry-After": "1"})
+    body = codec.decode_json(completion.body)
+    if completion.headers.get(H_STATUS) == "error":
+        error = error_from_wire(body).to_wire()
+        return HttpAnswer(200, {"job_id": job_id, "status": "failed", "error": error})
+    return HttpAnswer(200, {"job_id": job_id, "status": "done", "result": body})
