@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,7 +59,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
     services = load_target(args.target)
+    if args.workers > 1:
+        return _run_workers(args.target, args.workers, settings.http_port)
     return _run(lambda: App(*services, settings=settings).run())
+
+
+def _run_workers(target: str, workers: int, http_port: int) -> int:
+    """N processes sharing the queues as competing consumers; worker i serves HTTP on port+i.
+
+    SIGTERM/SIGINT are passed on; if one worker dies the others are stopped and the exit code
+    is non-zero, so the supervisor (systemd, Kubernetes) restarts the whole unit.
+    """
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "run", target],
+            env={**os.environ, "BURROW_HTTP_PORT": str(http_port + i if http_port else 0)},
+        )
+        for i in range(workers)
+    ]
+
+    def forward(signum: int, _: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes: dict[int, int] = {}
+    while len(codes) < len(children):
+        for child in children:
+            code = child.poll()
+            if code is not None and child.pid not in codes:
+                codes[child.pid] = code
+                if code != 0:
+                    forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    return max((abs(code) for code in codes.values()), default=0)
 
 
 def _cmd_call(args: argparse.Namespace) -> int:
@@ -258,6 +297,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run services until SIGTERM")
     run.add_argument("target", nargs="?", default=DEFAULT_TARGET, help="module:attribute")
+    run.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the queues (HTTP on port+i)"
+    )
     run.set_defaults(func=_cmd_run)
 
     _client_commands(commands)

@@ -6,7 +6,7 @@ The AMQP URL holds a password: it is kept as a secret and only ever shown redact
 from __future__ import annotations
 
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,6 +56,14 @@ class Settings(BaseSettings):
     job_result_ttl: float = Field(
         default=86400.0, ge=1, description="Seconds a job's result is kept after its last read."
     )
+    amqp_password_file: str | None = Field(
+        default=None,
+        description="File holding the AMQP password (a mounted secret); re-read at every connect.",
+    )
+    passive_topology: bool = Field(
+        default=False,
+        description="Only check that exchanges/queues exist (least privilege; pre-provisioned).",
+    )
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8000, ge=0, le=65535)
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -75,6 +83,22 @@ class Settings(BaseSettings):
     def amqp_urls(self) -> list[str]:
         """The URLs to try, in order, with secrets."""
         return _split(self.amqp_url.get_secret_value())
+
+    def login_url(self, url: str) -> str:
+        """`url` with the password from `amqp_password_file`, read now (secrets rotate)."""
+        if self.amqp_password_file is None:
+            return url
+        try:
+            with open(self.amqp_password_file, encoding="utf-8") as secret:
+                password = secret.read().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"BURROW_AMQP_PASSWORD_FILE: cannot read {self.amqp_password_file}: {exc.strerror}"
+            ) from None
+        parts = urlsplit(url)
+        user = parts.username or "guest"
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return urlunsplit(parts._replace(netloc=f"{quote(user)}:{quote(password, safe='')}@{host}"))
 
     def redacted_urls(self) -> list[str]:
         """The URLs with passwords masked, for logs and errors."""

@@ -188,7 +188,13 @@ class Link:
         attempt = 0
         urls = self.settings.amqp_urls()
         while not self._closing:
-            url = urls[attempt % len(urls)]
+            try:
+                url = self.settings.login_url(urls[attempt % len(urls)])
+            except ConfigError as exc:
+                self.fatal = exc
+                self.failed.set()
+                _log.error("cannot read credentials", link=self.name, error=str(exc))
+                return
             try:
                 await self._connect(url)
                 attempt = 0
@@ -268,13 +274,21 @@ class Link:
 
     async def _declare(self, channel: AbstractChannel) -> None:
         declared: list[Any] = []
+        passive = self.settings.passive_topology
         try:
             for ex in self.topology.exchanges:
-                declared.append(await channel.declare_exchange(ex.name, ex.type, durable=True))
+                declared.append(
+                    await channel.declare_exchange(ex.name, ex.type, durable=True, passive=passive)
+                )
             for queue in self.topology.queues:
                 declared.append(
-                    await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments)
+                    await channel.declare_queue(
+                        queue.name, durable=True, arguments=queue.arguments, passive=passive
+                    )
                 )
+            self._declared = declared
+            if passive:
+                return  # least privilege: bindings come with the pre-provisioned definitions
             raw = await channel.get_underlay_channel()
             for binding in self.topology.bindings:
                 if binding.destination_type == "exchange":
@@ -290,7 +304,16 @@ class Link:
                 f"the broker holds an entity declared with other arguments: {_describe(exc)}; "
                 "delete it or align the settings"
             ) from None
-        self._declared = declared
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TopologyError(
+                f"passive declare found nothing: {_describe(exc)}; import "
+                "deploy/rabbitmq/definitions.json (burrow definitions) before starting"
+            ) from None
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise TopologyError(
+                f"not allowed to declare: {_describe(exc)}; grant configure permission or set "
+                "BURROW_PASSIVE_TOPOLOGY=true with pre-provisioned definitions"
+            ) from None
 
     async def _attach(self, raw: aiormq.Channel, consumer: ConsumerSpec) -> None:
         settle = None if consumer.no_ack else _settler(raw)
