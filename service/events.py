@@ -5,7 +5,6 @@ Subscriptions are declared on a `Service` (`service.registry`) and served by `rp
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +16,7 @@ from service.errors import InvalidArgument, Unroutable
 from service.registry import _PATTERN
 from service.topology import Names
 from service.transport import Link
-from service.types import Outgoing
+from service.types import Outgoing, new_id
 
 __all__ = ["event_message", "publish_event", "tail"]
 
@@ -34,7 +33,7 @@ def event_message(
         exchange=names.events_exchange,
         routing_key=event,
         body=body,
-        message_id=uuid.uuid4().hex,
+        message_id=new_id(),
         type=event,
         headers=headers or {},
         persistent=True,

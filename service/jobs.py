@@ -8,7 +8,6 @@ before publishing. On completion the service publishes the result (or error) the
 from __future__ import annotations
 
 import re
-import uuid
 from typing import Any
 
 from service import codec, tracing
@@ -16,7 +15,7 @@ from service.codec import H_STATUS, H_VERSION
 from service.errors import InvalidArgument, error_from_wire
 from service.topology import Names, QueueDecl
 from service.transport import Link
-from service.types import Delivery, Outgoing
+from service.types import Delivery, Outgoing, new_id
 
 __all__ = [
     "H_JOB_ID",
@@ -75,7 +74,7 @@ def completion_messages(
             exchange=exchange,
             routing_key=key,
             body=body,
-            message_id=uuid.uuid4().hex,
+            message_id=new_id(),
             type=f"{route}.{suffix}",
             correlation_id=job_id,
             headers=dict(headers),

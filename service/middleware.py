@@ -7,6 +7,7 @@ with the broker. The dispatcher (`rpc_server`) acts on the final `Result`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +103,9 @@ def failure(request: Request, error: ServiceError, reason: str, outcome: Outcome
 async def log_middleware(request: Request, call_next: Next) -> Result:
     """One line per handled message: operation, outcome, duration and ids."""
     result = await call_next(request)
+    ok = result.outcome is Outcome.OK
+    if ok and not _log.is_enabled_for(logging.INFO):
+        return result  # the common case at level warning: build nothing
     delivery = request.delivery
     fields: dict[str, Any] = {
         "service": request.service,
@@ -120,27 +124,43 @@ async def log_middleware(request: Request, call_next: Next) -> Result:
         fields["reason"] = result.dead_reason
     if result.duplicate:
         fields["duplicate"] = True
-    if result.outcome is Outcome.OK:
+    if ok:
         _log.info("handled", **fields)
     else:
         _log.warning("handled", **fields)
     return result
 
 
+class _OperationMetrics:
+    """The label children of one (service, operation), looked up once, not per message."""
+
+    def __init__(self, service: str, operation: str) -> None:
+        self.received = metrics.MESSAGES_RECEIVED.labels(service, operation)
+        self.in_progress = metrics.HANDLER_IN_PROGRESS.labels(service)
+        self.duration = metrics.HANDLER_DURATION.labels(service, operation)
+        self.handled = {
+            outcome: metrics.MESSAGES_HANDLED.labels(service, operation, outcome.value)
+            for outcome in Outcome
+        }
+
+
+_operation_metrics: dict[tuple[str, str], _OperationMetrics] = {}
+
+
 async def metrics_middleware(request: Request, call_next: Next) -> Result:
     """RED metrics: received, handled by outcome, duration, in progress."""
-    operation = request.route if request.operation is not None else "unknown"
-    metrics.MESSAGES_RECEIVED.labels(request.service, operation).inc()
-    in_progress = metrics.HANDLER_IN_PROGRESS.labels(request.service)
-    in_progress.inc()
+    key = (request.service, request.route if request.operation is not None else "unknown")
+    children = _operation_metrics.get(key)
+    if children is None:
+        children = _operation_metrics[key] = _OperationMetrics(*key)
+    children.received.inc()
+    children.in_progress.inc()
     try:
         result = await call_next(request)
     finally:
-        in_progress.dec()
-    metrics.MESSAGES_HANDLED.labels(request.service, operation, result.outcome.value).inc()
-    metrics.HANDLER_DURATION.labels(request.service, operation).observe(
-        time.perf_counter() - request.started
-    )
+        children.in_progress.dec()
+    children.handled[result.outcome].inc()
+    children.duration.observe(time.perf_counter() - request.started)
     if result.outcome is Outcome.DEAD_LETTERED and result.dead_reason is not None:
         metrics.DEAD_LETTERED.labels(request.service, result.dead_reason).inc()
     return result
@@ -169,10 +189,13 @@ async def deadline_middleware(request: Request, call_next: Next) -> Result:
         if remaining <= 0:
             return Result(Outcome.EXPIRED)
         budget = min(budget, remaining)
+    scope = asyncio.timeout(budget)
     try:
-        async with asyncio.timeout(budget):
+        async with scope:
             return await call_next(request)
     except TimeoutError:
+        if not scope.expired():
+            raise  # the handler's own dependency timed out: error_middleware says UNAVAILABLE
         raise DeadlineExceeded(f"the handler did not finish within {budget:.3f}s") from None
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -20,11 +19,12 @@ from service.config import Settings
 from service.errors import ConnectionLost, DeadlineExceeded, ServiceError, error_from_wire
 from service.topology import DIRECT_REPLY_TO, Names
 from service.transport import ConsumerSpec, Link
-from service.types import Delivery, Outgoing
+from service.types import Delivery, Outgoing, new_id
 
 __all__ = ["RpcClient"]
 
 _log = structlog.get_logger("burrow.rpc_client")
+_OUTCOMES = frozenset(metrics.CALL_OUTCOMES)
 
 
 class RpcClient:
@@ -35,7 +35,7 @@ class RpcClient:
         self.settings = settings
         self.names = Names(settings.namespace)
         self.pending: dict[str, asyncio.Future[Delivery]] = {}
-        self._labelled: set[str] = set()
+        self._metrics: dict[str, tuple[dict[str, Any], Any]] = {}
         link.consumers.append(ConsumerSpec(DIRECT_REPLY_TO, self._on_reply, no_ack=True))
         link.on_lost.append(self._fail_pending)
 
@@ -57,13 +57,15 @@ class RpcClient:
             raise ValueError("timeout must be positive")
         started = time.perf_counter()
         route = route[:128]
-        if route not in self._labelled:
+        children = self._metrics.get(route)
+        if children is None:
             # Every outcome of a route exists at zero from its first call: no gaps in rates.
-            self._labelled.add(route)
-            for known in metrics.CALL_OUTCOMES:
-                metrics.RPC_CLIENT_CALLS.labels(route, known)
+            children = self._metrics[route] = (
+                {known: metrics.RPC_CLIENT_CALLS.labels(route, known) for known in _OUTCOMES},
+                metrics.RPC_CLIENT_DURATION.labels(route),
+            )
         deadline_ms = int((time.time() + timeout) * 1000)
-        correlation_id = uuid.uuid4().hex
+        correlation_id = new_id()
         future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
         self.pending[correlation_id] = future
         metrics.RPC_CLIENT_PENDING.inc()
@@ -105,8 +107,9 @@ class RpcClient:
         finally:
             if self.pending.pop(correlation_id, None) is not None:
                 metrics.RPC_CLIENT_PENDING.dec()
-            metrics.RPC_CLIENT_CALLS.labels(route, outcome).inc()
-            metrics.RPC_CLIENT_DURATION.labels(route).observe(time.perf_counter() - started)
+            calls, duration = children
+            calls[outcome].inc()
+            duration.observe(time.perf_counter() - started)
 
     async def _on_reply(self, delivery: Delivery) -> None:
         future = self.pending.get(delivery.correlation_id or "")

@@ -8,7 +8,6 @@ middleware chain → endpoint (codec + handler) → reply, completion or dead le
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +36,7 @@ from service.registry import Context, Operation, Service, Subscription
 from service.retry import attempts, retry_level, retry_message
 from service.topology import DIRECT_REPLY_TO, Names
 from service.transport import ConsumerSpec, Link
-from service.types import Delivery, DeliveryCallback, Outcome, Outgoing
+from service.types import Delivery, DeliveryCallback, Outcome, Outgoing, new_id
 
 __all__ = ["RpcServer"]
 
@@ -284,7 +283,7 @@ class RpcServer:
             exchange="",
             routing_key=request.reply_to,
             body=body,
-            message_id=uuid.uuid4().hex,
+            message_id=new_id(),
             correlation_id=request.delivery.correlation_id,
             headers={
                 H_STATUS: status,

@@ -903,6 +903,7 @@ class InMemoryBroker:
 
             settle_fn = settle
         delivery = _delivery(message, tag, settle_fn)
+        delivery.queue = queue.name  # retries go back to the queue it came from
         if queue.quorum and message.delivery_count:
             delivery.headers["x-delivery-count"] = message.delivery_count
         self._run(consumer, delivery)

@@ -7,6 +7,7 @@ a handler continues it without being told.
 from __future__ import annotations
 
 import os
+import random
 import re
 from contextvars import ContextVar, Token
 
@@ -30,9 +31,10 @@ def parse(value: object) -> str | None:
 
 def child(parent: str | None) -> str:
     """A traceparent for an outgoing message: same trace, new span (a new trace if none)."""
+    span = f"{random.getrandbits(64) or 1:016x}"  # ids, not secrets: no syscall per message
     if parent is None:
-        return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
-    return f"{parent[:36]}{os.urandom(8).hex()}{parent[52:]}"
+        return f"00-{os.urandom(16).hex()}-{span}-01"
+    return f"{parent[:36]}{span}{parent[52:]}"
 
 
 def current() -> str | None:

@@ -124,7 +124,8 @@ async def test_metrics_move_with_traffic(
     for published in ("confirmed", "returned", "nacked", "timeout"):
         value(before, "burrow_messages_published_total", kind="request", outcome=published)
     value(before, "burrow_dead_lettered_total", service="calc", reason="unknown_operation")
-    assert value(before, "burrow_amqp_reconnects_total", link="consumer") == 0
+    # Counters are process-wide: earlier tests may have reconnected; the delta is checked below.
+    value(before, "burrow_amqp_reconnects_total", link="consumer")
     assert value(before, "burrow_amqp_connection_blocked", link="consumer") == 0
     assert value(before, "burrow_rpc_late_replies_total") >= 0
 
