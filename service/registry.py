@@ -193,12 +193,7 @@ class Service:
     ) -> Operation[Any, Any]:
         """Declare `handler` as an operation (the non-decorator form)."""
         op_name = name or handler.__name__
-        if not _NAME.match(op_name):
-            raise ValueError(f"operation name {op_name!r} must match {_NAME.pattern}")
-        if op_name in self.operations:
-            raise ValueError(f"operation {self.name}.{op_name} declared twice")
-        if not inspect.iscoroutinefunction(handler):
-            raise TypeError(f"handler for {self.name}.{op_name} must be an async function")
+        self._check_new("operation", op_name, self.operations, handler)
         request, reply, wants_context = _models_of(handler)
         assert reply is not None
         op: Operation[Any, Any] = Operation(
@@ -241,15 +236,11 @@ class Service:
         def register(handler: Handler) -> Handler:
             sub_name = name or handler.__name__
             sub_group = group or self.name
-            for what, value in (("subscription", sub_name), ("group", sub_group)):
-                if not _NAME.match(value):
-                    raise ValueError(f"{what} name {value!r} must match {_NAME.pattern}")
+            self._check_new("subscription", sub_name, self.subscriptions, handler)
+            if not _NAME.match(sub_group):
+                raise ValueError(f"group name {sub_group!r} must match {_NAME.pattern}")
             if not _PATTERN.match(pattern):
                 raise ValueError(f"{pattern!r} is not a topic pattern")
-            if sub_name in self.subscriptions:
-                raise ValueError(f"subscription {self.name}.{sub_name} declared twice")
-            if not inspect.iscoroutinefunction(handler):
-                raise TypeError(f"handler for {sub_name} must be an async function")
             event, _, wants_context = _models_of(handler, returns=False)
             self.subscriptions[sub_name] = Subscription(
                 service=self.name,
@@ -268,6 +259,14 @@ class Service:
             return handler
 
         return register
+
+    def _check_new(self, what: str, name: str, taken: dict[str, Any], handler: Handler) -> None:
+        if not _NAME.match(name):
+            raise ValueError(f"{what} name {name!r} must match {_NAME.pattern}")
+        if name in taken:
+            raise ValueError(f"{what} {self.name}.{name} declared twice")
+        if not inspect.iscoroutinefunction(handler):
+            raise TypeError(f"handler for {self.name}.{name} must be an async function")
 
     def get(self, route: str) -> Operation[Any, Any] | None:
         """The operation for a full route (`calc.add`), or None."""
