@@ -1,0 +1,496 @@
+"""The orchestrator: starts each tool's processes, alternates tools, gathers and reports.
+
+Each server or consumer runs in its own process and each client or producer in another; tools
+take turns within every repetition (the order rotates), so the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import selectors
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.common import AMQP_URL, FULL, QUICK, Sizes, broker_pid, median, proc_cpu_seconds
+
+__all__ = ["main"]
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+RPC_TOOLS = ["burrow", "aio-pika-raw", "aio-pika-patterns", "faststream", "burrow-quorum"]
+EVENT_TOOLS = ["burrow", "aio-pika-raw", "faststream", "burrow-quorum"]
+PEERS = ["aio-pika-raw", "aio-pika-patterns", "faststream", "burrow-quorum"]
+SHORT = {
+    "burrow": "bw",
+    "burrow-quorum": "bq",
+    "aio-pika-raw": "raw",
+    "aio-pika-patterns": "pat",
+    "faststream": "fs",
+    "aiormq-loop": "mq",
+}
+LOWER_IS_BETTER = {"p50_us", "p99_us", "server_cpu_s_per_10k"}
+W4_WORKERS = (1, 2, 4)
+JAVA_CP = ["/usr/share/java/amqp-client.jar", "/usr/share/java/slf4j-api.jar"]
+JAVA_NOP = "/usr/share/java/slf4j-nop.jar"
+
+
+class BenchError(RuntimeError):
+    """A benchmark process failed or timed out."""
+
+
+class Proc:
+    """A worker process speaking the READY/RESULT line protocol."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.log = log
+        self._stderr = open(log, "ab")  # noqa: SIM115 - closed in `close`
+        self.popen = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        self._selector = selectors.DefaultSelector()
+        assert self.popen.stdout is not None
+        self._selector.register(self.popen.stdout, selectors.EVENT_READ)
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.popen.pid
+
+    def expect(self, prefix: str, timeout: float) -> str:
+        """Wait for a stdout line starting with `prefix`; return the rest of it."""
+        assert self.popen.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"no {prefix} within {timeout:.0f}s (see {self.log})")
+            if not self._selector.select(remaining):
+                continue
+            line = self.popen.stdout.readline().decode()
+            if not line:
+                self.popen.wait(5)
+                raise BenchError(
+                    f"process exited {self.popen.returncode} before {prefix} (see {self.log})"
+                )
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        """The RESULT payload."""
+        data: dict[str, Any] = orjson.loads(self.expect("RESULT", timeout))
+        return data
+
+    def close(self, timeout: float = 15) -> None:
+        """Ask the process to stop (SIGTERM), then kill it if it lingers."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._selector.close()
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        self._stderr.close()
+
+
+@dataclass
+class Bench:
+    """One run of the suite: its sizes, namespace prefix and the samples gathered."""
+
+    sizes: Sizes
+    loop: str
+    timeout: float
+    prefix: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:6]}")
+    samples: dict[tuple[str, str, str], list[float]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    errors: list[str] = field(default_factory=list)
+    logs: Path = RESULTS / "logs"
+
+    def ns(self, tool: str) -> str:
+        """The namespace a tool's entities live in for this run."""
+        return f"{self.prefix}-{SHORT[tool]}"
+
+    def spawn(self, tool: str, role: str, **args: Any) -> Proc:
+        """Start a worker process."""
+        queue_type = "quorum" if tool == "burrow-quorum" else "classic"
+        payload = {"ns": self.ns(tool), "queue_type": queue_type, "loop": self.loop, **args}
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.worker",
+            tool,
+            role,
+            orjson.dumps(payload).decode(),
+        ]
+        return Proc(argv, self.logs / f"{tool}-{role}.log")
+
+    def add(self, workload: str, tool: str, metric: str, value: float) -> None:
+        """Record one repetition's value."""
+        self.samples[workload, tool, metric].append(value)
+
+    # -- workloads ---------------------------------------------------------------------------
+
+    def rpc_round(self, tool: str) -> None:
+        """W1 then W2 (with W5's CPU reading) against one fresh server process."""
+        s = self.sizes
+        server = self.spawn(tool, "serve", prefetch=s.w2_inflight)
+        try:
+            server.expect("READY", self.timeout)
+            w1 = self.spawn(tool, "w1", warmup=s.w1_warmup, calls=s.w1_calls)
+            try:
+                r1 = w1.result(self.timeout)
+            finally:
+                w1.close()
+            for metric in ("calls_per_s", "p50_us", "p99_us"):
+                self.add("W1", tool, metric, r1[metric])
+            w2 = self.spawn(tool, "w2", warmup=s.w2_inflight, calls=s.w2_calls,
+                            inflight=s.w2_inflight)  # fmt: skip
+            try:
+                w2.expect("READY", self.timeout)
+                cpu0 = proc_cpu_seconds(server.pid)
+                r2 = w2.result(self.timeout)
+                cpu1 = proc_cpu_seconds(server.pid)
+            finally:
+                w2.close()
+            for metric in ("calls_per_s", "p50_us", "p99_us"):
+                self.add("W2", tool, metric, r2[metric])
+            self.add("W5", tool, "server_cpu_s_per_10k", (cpu1 - cpu0) / r2["calls"] * 10_000)
+        finally:
+            server.close()
+
+    def event_round(self, tool: str) -> None:
+        """W3: a consumer process, then a producer process; first publish to last consumed."""
+        s = self.sizes
+        consumer = self.spawn(tool, "consume", prefetch=s.w3_prefetch, events=s.w3_events)
+        try:
+            consumer.expect("READY", self.timeout)
+            producer = self.spawn(tool, "produce", events=s.w3_events, window=s.w3_window)
+            try:
+                produced = producer.result(self.timeout)
+            finally:
+                producer.close()
+            consumed = consumer.result(self.timeout)
+        finally:
+            consumer.close()
+        workload = "LIMIT" if tool == "aiormq-loop" else "W3"
+        elapsed = consumed["last"] - produced["first"]
+        self.add(workload, tool, "events_per_s", s.w3_events / elapsed)
+        self.add(workload, tool, "publish_per_s", produced["publish_per_s"])
+
+    def scale_round(self, workers: int) -> None:
+        """W4: W2 against `workers` Burrow server processes; broker CPU alongside."""
+        s = self.sizes
+        tool = "burrow"
+        servers = [self.spawn(tool, "serve", prefetch=s.w2_inflight) for _ in range(workers)]
+        try:
+            for server in servers:
+                server.expect("READY", self.timeout)
+            client = self.spawn(tool, "w2", warmup=s.w2_inflight, calls=s.w2_calls,
+                                inflight=s.w2_inflight)  # fmt: skip
+            beam = broker_pid()
+            try:
+                client.expect("READY", self.timeout)
+                t0 = time.perf_counter()
+                b0 = proc_cpu_seconds(beam) if beam else 0.0
+                c0 = sum(proc_cpu_seconds(p.pid) for p in servers)
+                result = client.result(self.timeout)
+                wall = time.perf_counter() - t0
+                b1 = proc_cpu_seconds(beam) if beam else 0.0
+                c1 = sum(proc_cpu_seconds(p.pid) for p in servers)
+            finally:
+                client.close()
+        finally:
+            for server in servers:
+                server.close()
+        name = f"burrow-workers-{workers}"
+        self.add("W4", name, "calls_per_s", result["calls_per_s"])
+        self.add("W4", name, "p99_us", result["p99_us"])
+        if beam:
+            self.add("W4", name, "broker_cpu_cores", (b1 - b0) / wall)
+        self.add("W4", name, "server_cpu_cores", (c1 - c0) / wall)
+
+    def java_limit(self) -> None:
+        """The broker's own limit with the official Java client (Debian's package)."""
+        if not shutil.which("javac") or not Path(JAVA_CP[0]).exists():
+            raise BenchError("javac or librabbitmq-client-java missing: `make bench` installs them")
+        with tempfile.TemporaryDirectory() as build:
+            subprocess.run(
+                ["javac", "-d", build, "-cp", JAVA_CP[0], str(ROOT / "bench/limit/PerfLoop.java")],
+                check=True,
+                timeout=120,
+            )
+            classpath = ":".join([build, *JAVA_CP, JAVA_NOP])
+            uri = AMQP_URL.rstrip("/") + "/%2F"
+            out = subprocess.run(
+                [
+                    *("java", "-cp", classpath, "PerfLoop", uri),
+                    *(f"{self.prefix}-java", str(self.sizes.limit_messages)),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                check=True,
+            ).stdout
+        line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
+        data = orjson.loads(line[len("RESULT") :])
+        self.add("LIMIT", "java-amqp-client", "events_per_s", data["events_per_s"])
+        self.add("LIMIT", "java-amqp-client", "publish_per_s", data["publish_per_s"])
+
+    # -- driving -----------------------------------------------------------------------------
+
+    def attempt(self, what: str, fn: Any, *args: Any) -> None:
+        """Run one step; an error is recorded and the run goes on."""
+        started = time.perf_counter()
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.errors.append(f"{what}: {exc}")
+            traceback.print_exc(file=sys.stderr)
+            print(f"  {what}: FAILED ({exc})", flush=True)
+            return
+        print(f"  {what}: {time.perf_counter() - started:.1f}s", flush=True)
+
+    def run(self, only: set[str] | None, extras: bool) -> None:
+        """Every workload, tools alternating within each repetition.
+
+        Args:
+            extras: also run the `burrow-quorum` row (left out of the quick smoke run).
+        """
+        want = only or {"W1", "W2", "W3", "W4", "W5", "LIMIT"}
+        rpc_tools = RPC_TOOLS if extras else [t for t in RPC_TOOLS if t != "burrow-quorum"]
+        event_tools = EVENT_TOOLS if extras else [t for t in EVENT_TOOLS if t != "burrow-quorum"]
+        for rep in range(self.sizes.reps):
+            print(f"repetition {rep + 1}/{self.sizes.reps}", flush=True)
+            if want & {"W1", "W2", "W5"}:
+                for tool in _rotate(rpc_tools, rep):
+                    self.attempt(f"W1+W2+W5 {tool}", self.rpc_round, tool)
+            if "W3" in want:
+                for tool in _rotate(event_tools, rep):
+                    self.attempt(f"W3 {tool}", self.event_round, tool)
+            if "W4" in want:
+                for workers in _rotate(list(W4_WORKERS), rep):
+                    self.attempt(f"W4 {workers} worker(s)", self.scale_round, workers)
+            if "LIMIT" in want:
+                self.attempt("LIMIT java", self.java_limit)
+                self.attempt("LIMIT aiormq", self.event_round, "aiormq-loop")
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """The documented results document."""
+        results: list[dict[str, Any]] = [
+            {
+                "workload": workload,
+                "tool": tool,
+                "metric": metric,
+                "median": round(median(values), 3),
+                "min": round(min(values), 3),
+                "max": round(max(values), 3),
+                "reps": len(values),
+            }
+            for (workload, tool, metric), values in self.samples.items()
+        ]
+        results.sort(key=lambda r: (r["workload"], r["metric"], _tool_rank(r["tool"])))
+        by_key: dict[tuple[str, str, str], float] = {
+            (r["workload"], r["tool"], r["metric"]): r["median"] for r in results
+        }
+        ratios: list[dict[str, Any]] = []
+        for (workload, tool, metric), value in by_key.items():
+            if tool != "burrow" or workload not in {"W1", "W2", "W3", "W5"}:
+                continue
+            for peer in PEERS:
+                other = by_key.get((workload, peer, metric))
+                if other is None or other == 0 or value == 0:
+                    continue
+                ratio = other / value if metric in LOWER_IS_BETTER else value / other
+                ratios.append(
+                    {
+                        "workload": workload,
+                        "metric": metric,
+                        "peer": peer,
+                        "burrow_over_peer": round(ratio, 3),
+                    }
+                )
+        one = by_key.get(("W4", "burrow-workers-1", "calls_per_s"))
+        for workers in (2, 4):
+            many = by_key.get(("W4", f"burrow-workers-{workers}", "calls_per_s"))
+            if one and many:
+                ratios.append(
+                    {
+                        "workload": f"W4-{workers}w",
+                        "metric": "calls_per_s",
+                        "peer": "burrow-workers-1",
+                        "burrow_over_peer": round(many / one, 3),
+                    }
+                )
+        return {
+            "machine": _machine(),
+            "rabbitmq": _rabbitmq_version(),
+            "python": platform.python_version(),
+            "results": results,
+            "ratios": ratios,
+        }
+
+    def cleanup(self) -> None:
+        """Delete every queue and exchange this run declared (all start with its prefix)."""
+        asyncio.run(_delete_prefixed(self.prefix))
+
+
+def _rotate(items: list[Any], rep: int) -> list[Any]:
+    shift = rep % len(items)
+    return items[shift:] + items[:shift]
+
+
+def _tool_rank(tool: str) -> tuple[int, str]:
+    order = ["burrow", *PEERS]
+    return (order.index(tool), tool) if tool in order else (len(order), tool)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 1_048_576:.1f} GiB RAM"
+    return f"{cpu}, {os.cpu_count()} cores{mem}, Linux {platform.release()}"
+
+
+def _rabbitmq_version() -> str:
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", "version"], capture_output=True, text=True, timeout=60, check=False
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.splitlines()[-1] if out else "unknown"
+
+
+def _list(what: str, prefix: str) -> list[str]:
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", "-q", "--no-table-headers", what, "name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [ln.strip() for ln in out.splitlines() if ln.strip().startswith(prefix)]
+
+
+async def _delete_prefixed(prefix: str) -> None:
+    import aiormq  # noqa: PLC0415
+
+    queues, exchanges = _list("list_queues", prefix), _list("list_exchanges", prefix)
+    connection = await aiormq.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for queue in queues:
+            await channel.queue_delete(queue)
+        for exchange in exchanges:
+            await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def table(doc: dict[str, Any]) -> str:
+    """The human-readable table: results, then ratios (above 1 means Burrow is better)."""
+    lines = [
+        f"machine: {doc['machine']}",
+        f"rabbitmq {doc['rabbitmq']}, python {doc['python']}",
+        "",
+        f"{'workload':<8} {'tool':<20} {'metric':<22} {'median':>10} {'min..max':>21} reps",
+    ]
+    for r in doc["results"]:
+        spread = f"{_fmt(r['min'])}..{_fmt(r['max'])}"
+        lines.append(
+            f"{r['workload']:<8} {r['tool']:<20} {r['metric']:<22} {_fmt(r['median']):>10} "
+            f"{spread:>21} {r['reps']}"
+        )
+    lines += [
+        "",
+        "ratios: burrow_over_peer, above 1 = Burrow better (latency/CPU: peer's over Burrow's;",
+        "        W4-Nw: N workers over 1; peer burrow-quorum: classic Burrow over quorum Burrow)",
+        f"{'workload':<8} {'metric':<22} {'peer':<20} {'burrow_over_peer':>16}",
+    ]
+    for r in doc["ratios"]:
+        lines.append(
+            f"{r['workload']:<8} {r['metric']:<22} {r['peer']:<20} {r['burrow_over_peer']:>16.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Run the suite; exit 1 only if a step failed (never because of a ratio)."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="every workload once at 1/10 size")
+    parser.add_argument("--only", nargs="*", help="workloads to run (W1 W2 W3 W4 W5 LIMIT)")
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--out", default=None, help="results file (default bench/results/...)")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    bench = Bench(sizes=sizes, loop=args.loop, timeout=60 if args.quick else 600)
+    bench.logs.mkdir(parents=True, exist_ok=True)
+    for old in bench.logs.glob("*.log"):
+        old.unlink()
+    started = time.perf_counter()
+    print(f"namespace prefix {bench.prefix}; worker logs in {bench.logs}", flush=True)
+    try:
+        bench.run(set(args.only) if args.only else None, extras=not args.quick)
+    finally:
+        try:
+            bench.cleanup()
+        except Exception as exc:
+            bench.errors.append(f"cleanup: {exc}")
+    doc = bench.report()
+    default = "quick.json" if args.quick else "latest.json"
+    out = Path(args.out) if args.out else RESULTS / default
+    out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    print()
+    print(table(doc))
+    print(f"\nwrote {out} in {time.perf_counter() - started:.0f}s")
+    if not args.quick:
+        try:
+            from bench.plot import plot  # noqa: PLC0415
+
+            print(f"wrote {plot(doc, RESULTS / 'bench.png')}")
+        except Exception as exc:
+            bench.errors.append(f"plot: {exc}")
+    if bench.errors:
+        print("\nERRORS:\n  " + "\n  ".join(bench.errors), file=sys.stderr)
+        return 1
+    return 0
