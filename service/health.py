@@ -31,7 +31,8 @@ class Health:
             if link.fatal is not None:
                 found.append(f"{link.name}: {link.fatal}")
             elif not link.ready.is_set():
-                found.append(f"{link.name}: not connected")
+                why = f" ({link.last_error})" if link.last_error else ""
+                found.append(f"{link.name}: not connected{why}")
             elif link.attached < len(link.consumers):
                 found.append(f"{link.name}: {link.attached}/{len(link.consumers)} consumers")
             if link.blocked:

@@ -102,6 +102,7 @@ class Link:
         self.on_lost: list[Callable[[BaseException], None]] = []
         self.ready = asyncio.Event()
         self.fatal: BurrowError | None = None
+        self.last_error: str | None = None  # why the last connect failed (for /readyz)
         self.failed = asyncio.Event()  # set with `fatal`: a failure retrying cannot fix
         self.attached = 0
         self._connection: AbstractConnection | None = None
@@ -209,6 +210,7 @@ class Link:
                     # rotated secrets are picked up without a login storm.
                     reason = exc
                     attempt = max(attempt, 16)
+                    self.last_error = "the broker refused the login"
                     _log.error("broker refused the login", link=self.name, url=redact_url(url))
                 else:
                     self.fatal = ConfigError(
@@ -230,6 +232,7 @@ class Link:
                 raise
             except Exception as exc:
                 reason = exc
+                self.last_error = _describe(exc)
                 _log.warning(
                     "broker connection failed",
                     link=self.name,
@@ -266,6 +269,7 @@ class Link:
         self._attached_gauge.set(self.attached)
         if self.attached != len(self.consumers):
             raise ConnectionLost(f"{self.attached} of {len(self.consumers)} consumers attached")
+        self.last_error = None
         self._connects += 1
         if self._connects > 1:
             metrics.AMQP_RECONNECTS.labels(self.name).inc()
@@ -305,6 +309,9 @@ class Link:
                 "delete it or align the settings"
             ) from None
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            if not passive:
+                # e.g. a queue whose cluster node is down: retry, other nodes may serve it.
+                raise ConnectionLost(f"declare failed: {_describe(exc)}") from None
             raise TopologyError(
                 f"passive declare found nothing: {_describe(exc)}; import "
                 "deploy/rabbitmq/definitions.json (burrow definitions) before starting"
@@ -349,6 +356,8 @@ class Link:
             await asyncio.Future()  # heartbeats off: never decide on our own
         while True:
             await asyncio.sleep(interval / 2)
+            if self.blocked:
+                continue  # a resource alarm stops the broker reading us: silence, not death
             try:
                 # A passive declare of a built-in exchange: a round trip that changes nothing.
                 await raw.exchange_declare(
@@ -526,6 +535,13 @@ class Link:
         except _CONNECTION_ERRORS as exc:
             self._published[kind, "timeout"].inc()
             raise ConnectionLost(f"connection lost while publishing: {_describe(exc)}") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller cancelled us
+            # aiormq cancels pending confirms when it drops the connection.
+            self._published[kind, "timeout"].inc()
+            raise ConnectionLost("connection lost while waiting for the confirm") from None
         if isinstance(result, DeliveredMessage):
             self._published[kind, "returned"].inc()
             raise Unroutable(

@@ -6,7 +6,7 @@ The shared node on 5672 is never touched: `settings` here points every fixture a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import aio_pika
@@ -14,7 +14,7 @@ import pytest
 
 from service import App, Client, Service, Settings, load_settings
 from service.topology import Topology
-from service.transport import Link
+from service.transport import ConsumerSpec, Link
 from tests.faults.harness import BrokerStartError, FaultProxy, Ledger, PrivateBroker
 
 __all__ = ["RunApp", "MakeClient", "MakeLink", "make_settings"]
@@ -98,15 +98,22 @@ async def run_app(namespace: str, broker: PrivateBroker) -> AsyncIterator[RunApp
     """Start an App on the private node (or `url=`); stopped, bounded, after the test.
 
     Args (of the factory): services; `url` (default: the node); `wait` for readiness (default
-    True); any other keyword is a setting.
+    True); `prepare`, called with the App before it starts (to instrument it); any other
+    keyword is a setting.
     """
     apps: list[App] = []
 
     async def run(
-        *services: Service, url: str | None = None, wait: bool = True, **overrides: Any
+        *services: Service,
+        url: str | None = None,
+        wait: bool = True,
+        prepare: Callable[[App], None] | None = None,
+        **overrides: Any,
     ) -> App:
         app = App(*services, settings=make_settings(url or broker.url, namespace, **overrides))
         apps.append(app)
+        if prepare is not None:
+            prepare(app)
         await app.start()
         if wait:
             await app.wait_ready(20)
@@ -147,17 +154,19 @@ async def make_client(namespace: str, broker: PrivateBroker) -> AsyncIterator[Ma
 
 @pytest.fixture
 async def make_link(namespace: str, broker: PrivateBroker) -> AsyncIterator[MakeLink]:
-    """Bare publishing Links (the test's producer) on the node or `url=`; closed after the test."""
+    """Bare Links (the test's producer, or `consumers=`) on the node or `url=`; closed after."""
     links: list[Link] = []
 
     async def make(
         name: str = "producer",
         url: str | None = None,
         topology: Topology | None = None,
+        consumers: Sequence[ConsumerSpec] = (),
         **overrides: Any,
     ) -> Link:
         settings = make_settings(url or broker.url, namespace, **overrides)
         link = Link(name, settings, topology=topology)
+        link.consumers.extend(consumers)
         links.append(link)
         link.start()
         await link.wait_ready(20)

@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -20,13 +21,14 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import aio_pika
+from prometheus_client import REGISTRY
 
 from service import Client, InvalidArgument, Service
 from service.codec import H_KIND, Model
@@ -49,11 +51,15 @@ __all__ = [
     "WorkRequest",
     "WorkReply",
     "work_service",
+    "Hook",
+    "crash_link",
+    "eventually",
     "cast",
     "publish_until_confirmed",
     "wait_until",
     "watch_loss",
     "free_port",
+    "sample",
 ]
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
@@ -92,6 +98,11 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -
         await asyncio.sleep(0.02)
 
 
+def sample(name: str, **labels: str) -> float:
+    """The current value of one Prometheus sample in this process (0 when never set)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 # -- the private broker ---------------------------------------------------------------------
 
 
@@ -121,18 +132,17 @@ class PrivateBroker:
     # -- process lifecycle (synchronous: session fixture) --------------------------------
 
     @classmethod
-    def start(cls, timeout: float = 120.0) -> PrivateBroker:
-        """Start a detached node and wait until it serves AMQP; raise `BrokerStartError`."""
+    def start(cls, timeout: float = 120.0, *, name: str = "burrowfault") -> PrivateBroker:
+        """Start a detached node and wait until it serves AMQP; raise `BrokerStartError`.
+
+        Args:
+            name: node name prefix; the pid is appended so parallel sessions never collide.
+        """
         if not (os.path.exists(RABBITMQ_SERVER) and os.path.exists(RABBITMQCTL)):
             raise BrokerStartError(f"RabbitMQ is not installed ({RABBITMQ_SERVER} missing)")
-        try:
-            rabbit = pwd.getpwnam("rabbitmq")
-        except KeyError:
-            raise BrokerStartError("no `rabbitmq` user to run a private node as") from None
-        if os.getuid() not in (0, rabbit.pw_uid):
-            raise BrokerStartError("starting a private node needs root or the rabbitmq user")
-        base = Path(tempfile.mkdtemp(prefix="burrowfault-"))
-        node = f"burrowfault{os.getpid()}@localhost"
+        rabbit = _rabbit_user()
+        base = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        node = f"{name}{os.getpid()}@localhost"
         broker = cls(node=node, port=free_port(), dist_port=free_port(), base=base)
         (base / "mnesia").mkdir()
         (base / "log").mkdir()
@@ -146,17 +156,27 @@ class PrivateBroker:
         if os.getuid() == 0:
             for path in (base, *base.rglob("*")):
                 os.chown(path, rabbit.pw_uid, rabbit.pw_gid)
+        try:
+            broker.launch(timeout)
+        except BrokerStartError:
+            broker.stop_node()
+            raise
+        return broker
+
+    def launch(self, timeout: float = 120.0) -> None:
+        """Start the node's Erlang VM on its existing data directory (first start or after
+        `kill_hard`) and wait until it serves AMQP."""
         env = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin"),
             "HOME": _RABBITMQ_HOME,
-            "RABBITMQ_NODENAME": node,
-            "RABBITMQ_NODE_PORT": str(broker.port),
-            "RABBITMQ_DIST_PORT": str(broker.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(base / "log"),
-            "RABBITMQ_PID_FILE": str(base / "pid"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_PID_FILE": str(self.base / "pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
         }
         prefix = ["runuser", "-u", "rabbitmq", "--"] if os.getuid() == 0 else []
         started = subprocess.run(
@@ -168,14 +188,8 @@ class PrivateBroker:
             check=False,
         )
         if started.returncode != 0:
-            broker.remove_files()
             raise BrokerStartError(f"rabbitmq-server -detached failed: {started.stderr[-2000:]}")
-        try:
-            broker._await_startup(timeout)
-        except BrokerStartError:
-            broker.stop_node()
-            raise
-        return broker
+        self._await_startup(timeout)
 
     def _await_startup(self, timeout: float) -> None:
         # `await_startup` returns at once (error) until the node registered with epmd: poll it.
@@ -219,6 +233,8 @@ class PrivateBroker:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.1)
+            if _alive(pid):  # never leave a node of ours running behind the session
+                os.kill(pid, signal.SIGKILL)
         self.remove_files()
 
     def remove_files(self) -> None:
@@ -263,6 +279,44 @@ class PrivateBroker:
         await self.ctl("await_startup", "--timeout", "60", timeout=70)
         self.dirty.discard("app")
 
+    async def kill_hard(self) -> None:
+        """SIGKILL the node's Erlang VM: no clean shutdown, nothing flushed, sockets just die."""
+        self.dirty.add("dead")
+        pid = int((self.base / "pid").read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the node's VM (pid {pid}) survived SIGKILL for 30 s")
+            await asyncio.sleep(0.05)
+
+    async def relaunch(self, timeout: float = 120.0) -> None:
+        """Boot the node again on its data after `kill_hard` (recovery included)."""
+        await asyncio.to_thread(self.launch, timeout)
+        self.dirty.discard("dead")
+
+    async def ready_count(self, queue: str) -> int:
+        """Messages ready in `queue` now (a passive declare: exact, unlike `list_queues`)."""
+        connection = await aio_pika.connect(self.url)
+        try:
+            channel = await connection.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            return int(declared.declaration_result.message_count or 0)
+        finally:
+            await connection.close()
+
+    async def queue_counts(self, queue: str) -> tuple[int, int]:
+        """(ready, unacknowledged) messages of `queue` from the broker's statistics, which lag
+        by up to the stats interval (5 s): poll them with `eventually`."""
+        out = await self.ctl(
+            "list_queues", "name", "messages_ready", "messages_unacknowledged",
+            "--formatter", "json",
+        )  # fmt: skip
+        for row in json.loads(out or "[]"):
+            if row.get("name") == queue:
+                return int(row["messages_ready"]), int(row["messages_unacknowledged"])
+        raise AssertionError(f"no queue {queue} on the node")
+
     async def close_all_connections(self, reason: str = "fault test") -> None:
         """Have the broker close every client connection (connection.close 320)."""
         await self.ctl("close_all_connections", reason)
@@ -301,6 +355,13 @@ class PrivateBroker:
         self.dirty.add("disk")
         await self.ctl("set_disk_free_limit", limit)
 
+    async def set_consumer_timeout(self, ms: int, tick_ms: int = 500) -> None:
+        """Make the broker close channels holding a delivery unacked longer than `ms` (read by
+        channels opened afterwards); `tick_ms` is how often channels check."""
+        self.dirty.add("consumer_timeout")
+        await self.ctl("eval", f"application:set_env(rabbit, consumer_timeout, {int(ms)}).")
+        await self.ctl("eval", f"application:set_env(rabbit, channel_tick_interval, {tick_ms}).")
+
     async def delete_queue(self, name: str) -> None:
         """Delete a queue (its consumers get basic.cancel)."""
         await self.ctl("delete_queue", name)
@@ -326,10 +387,16 @@ class PrivateBroker:
     async def heal(self) -> None:
         """Undo whatever the last test changed on the node."""
         dirty, self.dirty = self.dirty, set()
+        if "dead" in dirty:
+            await self.relaunch()
         if "app" in dirty:
             await self.start_app()
         if "memory" in dirty:
             await self.ctl("set_vm_memory_high_watermark", "0.4")
+        if "consumer_timeout" in dirty:
+            # Back to the defaults of rabbit.app (unsetting the tick would crash new channels).
+            await self.ctl("eval", "application:set_env(rabbit, consumer_timeout, 1800000).")
+            await self.ctl("eval", "application:set_env(rabbit, channel_tick_interval, 60000).")
         if "disk" in dirty:
             await self.ctl("set_disk_free_limit", "1MB")
         if "guest" in dirty:
@@ -337,6 +404,16 @@ class PrivateBroker:
         for item in dirty:
             if item.startswith("user:"):
                 await self.ctl("delete_user", item.removeprefix("user:"), check=False)
+
+
+def _rabbit_user() -> pwd.struct_passwd:
+    try:
+        rabbit = pwd.getpwnam("rabbitmq")
+    except KeyError:
+        raise BrokerStartError("no `rabbitmq` user to run a private node as") from None
+    if os.getuid() not in (0, rabbit.pw_uid):
+        raise BrokerStartError("starting a private node needs root or the rabbitmq user")
+    return rabbit
 
 
 def _alive(pid: int) -> bool:
@@ -430,6 +507,16 @@ class FaultProxy:
         self.mode = ProxyMode.BLACKHOLE
         for pipe in self._pipes:
             pipe.holed = True
+
+    def abandon(self) -> int:
+        """Reset the client side of every connection but keep the broker side open and silent:
+        the client reconnects at once while the broker still believes in the old connection
+        until its heartbeat says otherwise. Return how many were abandoned."""
+        pipes = list(self._pipes)
+        for pipe in pipes:
+            pipe.holed = True
+            _rst(pipe.client)
+        return len(pipes)
 
     def refuse(self) -> None:
         """Reset every new connection at once, as a host with nothing listening would."""
@@ -529,6 +616,7 @@ class Ledger:
     attempts: Counter[str] = field(default_factory=Counter)
     started: Counter[str] = field(default_factory=Counter)
     effects: Counter[str] = field(default_factory=Counter)
+    first_effect_at: dict[str, float] = field(default_factory=dict)  # wall clock, time.time()
     dead: set[str] = field(default_factory=set)
     queued: set[str] = field(default_factory=set)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -547,6 +635,7 @@ class Ledger:
     def effect(self, key: str) -> None:
         """A handler performed its side effect for `key`."""
         self.effects[key] += 1
+        self.first_effect_at.setdefault(key, time.time())
         self._changed.set()
 
     @property
@@ -637,9 +726,20 @@ class CallRecord:
 
 
 async def tracked_call(
-    client: Client, index: int, *, deadline: float, delay_ms: int = 0, epsilon: float = 3.0
+    client: Client,
+    index: int,
+    *,
+    deadline: float,
+    delay_ms: int = 0,
+    epsilon: float = 3.0,
+    ledger: Ledger | None = None,
 ) -> CallRecord:
-    """Call `work.do` once; classify the ending; a call still pending at deadline+ε is a hang."""
+    """Call `work.do` once; classify the ending; a call still pending at deadline+ε is a hang.
+
+    Args:
+        ledger: also record the call's key as published (confirmed when answered, else
+            unknown: the request may still run), so the oracle can account for its effect.
+    """
     key = f"call-{index}-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
     try:
@@ -648,10 +748,16 @@ async def tracked_call(
                 "work.do", {"key": key, "delay_ms": delay_ms}, timeout=deadline
             )
     except TimeoutError:
+        if ledger is not None:
+            ledger.record_publish(key, PublishOutcome.UNKNOWN)
         return CallRecord(index, "hang", time.monotonic() - started, deadline)
     except ServiceError as exc:
+        if ledger is not None:
+            ledger.record_publish(key, PublishOutcome.UNKNOWN)
         outcome = "timeout" if exc.code.value == "DEADLINE_EXCEEDED" else "error"
         return CallRecord(index, outcome, time.monotonic() - started, deadline, error=exc)
+    if ledger is not None:
+        ledger.record_publish(key, PublishOutcome.CONFIRMED)
     correct = isinstance(reply, dict) and reply.get("key") == key
     return CallRecord(index, "result", time.monotonic() - started, deadline, correct=correct)
 
@@ -685,13 +791,27 @@ class WorkReply(Model):
     key: str
 
 
+Hook = Callable[[str], Awaitable[None]]
+
+
 def work_service(
-    ledger: Ledger, *, name: str = "work", gate: asyncio.Event | None = None
+    ledger: Ledger,
+    *,
+    name: str = "work",
+    gate: asyncio.Event | None = None,
+    before: Hook | None = None,
+    after: Hook | None = None,
+    idempotent: bool = False,
+    retries: int | None = None,
+    timeout: float | None = None,
 ) -> Service:
     """A service whose one operation `do` records its side effect in `ledger`.
 
     Args:
         gate: when given, every handler waits for it before working (holds deliveries unacked).
+        before: awaited with the key before the side effect; raise from it to fail the attempt.
+        after: awaited with the key right after the side effect (e.g. to crash there).
+        idempotent, retries, timeout: passed to the operation's declaration.
     """
     svc = Service(name)
 
@@ -700,15 +820,37 @@ def work_service(
         ledger.begin(req.key)
         if gate is not None:
             await gate.wait()
+        if before is not None:
+            await before(req.key)
         if req.delay_ms:
             await asyncio.sleep(req.delay_ms / 1000)
         if req.digest and hashlib.sha256(req.blob.encode()).hexdigest() != req.digest:
             raise InvalidArgument("body corrupted in transit")
         ledger.effect(req.key)
+        if after is not None:
+            await after(req.key)
         return WorkReply(key=req.key)
 
-    svc.add_operation(do, name="do")
+    svc.add_operation(do, name="do", idempotent=idempotent, retries=retries, timeout=timeout)
     return svc
+
+
+async def crash_link(broker: PrivateBroker, link: Link, timeout: float = 10.0) -> None:
+    """Have the broker drop `link`'s connection, as a crashed process would, and wait until the
+    link noticed: what it held unacked goes back to the queue."""
+    lost = watch_loss(link)
+    assert await broker.close_connection(f"burrow:{link.name}") >= 1, f"no {link.name} connection"
+    async with asyncio.timeout(timeout):
+        await lost.wait()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll an async check (a broker query) every 100 ms until true; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        await asyncio.sleep(0.1)
 
 
 def cast(namespace: str, key: str, *, route: str = "work.do", **fields: Any) -> Outgoing:
