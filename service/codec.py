@@ -6,6 +6,7 @@ ever unpickled or decompressed: only `application/json` in UTF-8 is accepted.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, TypeVar
 
 import orjson
@@ -104,8 +105,6 @@ def encode(value: Any) -> bytes:
 
 def body_fingerprint(body: bytes) -> dict[str, Any]:
     """What logs may hold of an untrusted body: its size, a hash and a short escaped prefix."""
-    import hashlib  # noqa: PLC0415 - only on the error path
-
     return {
         "body_size": len(body),
         "body_sha256": hashlib.sha256(body).hexdigest()[:16],

@@ -27,6 +27,7 @@ __all__ = [
     "AMQP_RECONNECTS",
     "AMQP_CONNECTION_BLOCKED",
     "CONSUMERS_ATTACHED",
+    "PUBLISH_KINDS",
     "PUBLISH_OUTCOMES",
     "CALL_OUTCOMES",
     "DEAD_LETTER_REASONS",
@@ -129,7 +130,19 @@ DEAD_LETTER_REASONS = (
     "retries_exhausted",
 )
 
-for _kind in ("request", "reply", "dead_letter"):
+# Label values of burrow_messages_published_total{kind}, all created at zero.
+PUBLISH_KINDS = (
+    "request",
+    "command",
+    "reply",
+    "dead_letter",
+    "event",
+    "completion",
+    "scheduled",
+    "retry",
+)
+
+for _kind in PUBLISH_KINDS:
     for _outcome in PUBLISH_OUTCOMES:
         MESSAGES_PUBLISHED.labels(_kind, _outcome)
 RPC_LATE_REPLIES.inc(0)

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from service import metrics, tracing
+from service import codec, metrics, tracing
 from service.errors import DeadlineExceeded, Internal, ServiceError, Unavailable
 from service.registry import Operation, Subscription
 from service.types import Delivery, Outcome
@@ -122,6 +122,9 @@ async def log_middleware(request: Request, call_next: Next) -> Result:
         fields["error"] = result.error.message[:300]
     if result.dead_reason is not None and result.outcome is not Outcome.OK:
         fields["reason"] = result.dead_reason
+    if result.outcome is Outcome.REJECTED or result.dead_reason not in (None, "failed"):
+        # Refused input: enough to find it again, never the (untrusted) body itself.
+        fields.update(codec.body_fingerprint(delivery.body))
     if result.duplicate:
         fields["duplicate"] = True
     if ok:

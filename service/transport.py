@@ -42,19 +42,8 @@ from service.errors import (
 from service.topology import QueueDecl, Topology
 from service.types import Delivery, DeliveryCallback, Outgoing, Settle
 
-__all__ = ["PUBLISH_KINDS", "ConsumerSpec", "Link", "LinkFactory", "Transport"]
+__all__ = ["ConsumerSpec", "Link", "LinkFactory", "Transport"]
 
-# Label values of burrow_messages_published_total{kind}; created at zero by every link.
-PUBLISH_KINDS = (
-    "request",
-    "command",
-    "reply",
-    "dead_letter",
-    "event",
-    "completion",
-    "scheduled",
-    "retry",
-)
 
 _log = structlog.get_logger("burrow.transport")
 
@@ -117,7 +106,7 @@ class Link:
         self._blocked_gauge = metrics.AMQP_CONNECTION_BLOCKED.labels(name)
         self._published = {
             (kind, outcome): metrics.MESSAGES_PUBLISHED.labels(kind, outcome)
-            for kind in PUBLISH_KINDS
+            for kind in metrics.PUBLISH_KINDS
             for outcome in metrics.PUBLISH_OUTCOMES
         }
 
