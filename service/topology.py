@@ -163,6 +163,22 @@ def _queue_args(
     return args
 
 
+def _holding_args(settings: Settings, ttl_ms: int, dead_letter_exchange: str) -> dict[str, Any]:
+    """A holding queue: a FIFO with one fixed TTL (so expiry is always at the head) that
+    dead-letters what expires. Same type as the work queues: a quorum holding queue survives
+    the loss of a cluster node (G2), where a classic one would wait for its home node. Quorum
+    dead-letters at least once: an expired message leaves only once its target confirmed it."""
+    args: dict[str, Any] = {
+        "x-queue-type": settings.queue_type,
+        "x-message-ttl": ttl_ms,
+        "x-dead-letter-exchange": dead_letter_exchange,
+    }
+    if settings.queue_type == "quorum":
+        args["x-dead-letter-strategy"] = "at-least-once"
+        args["x-overflow"] = "reject-publish"  # required by at-least-once; no length limit
+    return args
+
+
 def client_topology(settings: Settings) -> Topology:
     """What a caller declares: the shared exchanges, so a call to nothing is returned, not a
     channel error (publishing to a missing exchange closes the channel)."""
@@ -228,16 +244,8 @@ def retry_topology(settings: Settings) -> Topology:
     for level in range(settings.retry_levels):
         exchange, queue = names.retry_exchange(level), names.retry_queue(level)
         topology.exchanges.append(ExchangeDecl(exchange, "fanout"))
-        topology.queues.append(
-            QueueDecl(
-                queue,
-                {
-                    "x-queue-type": "classic",
-                    "x-message-ttl": int(settings.retry_base_delay * 1000) << level,
-                    "x-dead-letter-exchange": "",
-                },
-            )
-        )
+        ttl_ms = int(settings.retry_base_delay * 1000) << level
+        topology.queues.append(QueueDecl(queue, _holding_args(settings, ttl_ms, "")))
         topology.bindings.append(BindingDecl(exchange, queue, ""))
     return topology
 
@@ -260,13 +268,7 @@ def delay_topology(settings: Settings) -> Topology:
     for level in range(LEVELS):
         exchange, queue = names.delay_exchange(level), names.delay_queue(level)
         below = names.delay_exchange(level - 1) if level else ""
-        args: dict[str, Any] = {
-            # A FIFO with one fixed TTL keeps expiry at the head. Classic: 25 quorum queues
-            # per namespace made a broker's crash recovery too slow (measured in A2).
-            "x-queue-type": "classic",
-            "x-message-ttl": UNIT_MS << level,
-            "x-dead-letter-exchange": below,
-        }
+        args = _holding_args(settings, UNIT_MS << level, below)
         if not level:
             args["x-dead-letter-routing-key"] = ready
         topology.exchanges.append(ExchangeDecl(exchange, "topic"))

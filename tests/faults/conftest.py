@@ -6,6 +6,7 @@ The shared node on 5672 is never touched: `settings` here points every fixture a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from service import App, Client, Service, Settings, load_settings
 from service.topology import Topology
 from service.transport import ConsumerSpec, Link
+from tests.conftest import delete_topology
 from tests.faults.harness import BrokerStartError, FaultProxy, Ledger, PrivateBroker
 
 __all__ = ["RunApp", "MakeClient", "MakeLink", "make_settings"]
@@ -126,6 +128,11 @@ async def run_app(namespace: str, broker: PrivateBroker) -> AsyncIterator[RunApp
                 await app.stop()
         except TimeoutError:
             pytest.fail(f"App.stop did not return within {_STOP_TIMEOUT}s")
+    # The node lives for the session: without this, every test's queues (quorum: one Raft log
+    # each) pile up and a later crash recovery (A2) replays all of them.
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(30):
+            await delete_topology(*(app.topology for app in apps), url=broker.url)
 
 
 @pytest.fixture
@@ -179,3 +186,6 @@ async def make_link(namespace: str, broker: PrivateBroker) -> AsyncIterator[Make
                 await link.close()
         except TimeoutError:
             pytest.fail(f"Link.close did not return within {_STOP_TIMEOUT}s")
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(30):
+            await delete_topology(*(link.topology for link in links), url=broker.url)

@@ -104,11 +104,6 @@ async def test_g2_publishers_fail_over_nothing_confirmed_lost(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="limitation: the classic delay/retry holding queues live on one node; while it is "
-    "down the service's re-declare fails (404) and it waits for that node instead of failing over",
-)
 async def test_g2_service_fails_over_and_rpc_resumes(
     cluster: list[PrivateBroker],
     run_app: RunApp,
