@@ -29,7 +29,7 @@ from service.errors import (
     Unavailable,
 )
 from service.events import event_message, publish_event
-from service.idempotency import IdempotencyStore, MemoryStore
+from service.idempotency import Claim, IdempotencyStore, MemoryStore
 from service.jobs import H_CALLBACK, H_JOB_ID, completion_messages, valid_callback, valid_job_id
 from service.middleware import DEFAULT_MIDDLEWARE, Middleware, Request, Result, compose, failure
 from service.registry import Context, Operation, Service, Subscription
@@ -43,6 +43,7 @@ __all__ = ["RpcServer"]
 _log = structlog.get_logger("burrow.rpc_server")
 _KINDS = frozenset({"call", "cast", "submit"})
 _REPLY_PREFIX = DIRECT_REPLY_TO + "."
+_LEASE_MARGIN = 5.0  # seconds an idempotency claim outlives the handler timeout
 
 
 class RpcServer:
@@ -169,23 +170,44 @@ class RpcServer:
             reason = "malformed" if exc.details.get("reason") == "json" else "invalid"
             return failure(request, exc, reason, Outcome.REJECTED)
         key = self._idempotency_key(op, payload, request.delivery) if op.idempotent else None
-        if key is not None:
-            stored = await self.store.get(key)
-            if stored is not None:
-                return Result(Outcome.OK, reply=stored if op.reply else None, duplicate=True)
+        if key is None:
+            return Result(Outcome.OK, reply=await self._run(op, payload, request))
+        claim = await self._claim(key, request)
+        if claim.state == "done":
+            reply = claim.answer if op.reply else None
+            return Result(Outcome.OK, reply=reply, duplicate=True)
+        try:
+            answer = await self._run(op, payload, request)
+        except BaseException:
+            # Shielded: a cancelled handler (connection lost) must still give the key back.
+            await asyncio.shield(self.store.release(claim, key))
+            raise
+        await self.store.put(key, answer or b"", self.settings.idempotency_ttl)
+        return Result(Outcome.OK, reply=answer)
+
+    async def _run(
+        self, op: Operation[Any, Any] | Subscription, payload: Any, request: Request
+    ) -> bytes | None:
         if op.wants_context:
             reply = await op.handler(payload, self._context(request))
         else:
             reply = await op.handler(payload)
-        answer = None
-        if op.reply is not None:
-            if not isinstance(reply, op.reply):
-                _log.error("handler returned the wrong type", operation=op.route)
-                raise TypeError(f"{op.route} returned {type(reply).__name__}")
-            answer = codec.encode(reply)
-        if key is not None:
-            await self.store.put(key, answer or b"", self.settings.idempotency_ttl)
-        return Result(Outcome.OK, reply=answer)
+        if op.reply is None:
+            return None
+        if not isinstance(reply, op.reply):
+            _log.error("handler returned the wrong type", operation=op.route)
+            raise TypeError(f"{op.route} returned {type(reply).__name__}")
+        return codec.encode(reply)
+
+    async def _claim(self, key: str, request: Request) -> Claim:
+        """Claim the key, or wait while another copy of the message holds it (bounded by the
+        deadline middleware's handler timeout); the lease outlives a crashed holder's handler."""
+        lease = request.handler_timeout + _LEASE_MARGIN
+        pause = 0.02
+        while (claim := await self.store.claim(key, lease)).state == "busy":
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+        return claim
 
     def _admit(self, request: Request) -> Result | None:
         """Refuse before parsing: nobody to answer, foreign version, envelope, unknown op."""
