@@ -80,6 +80,7 @@ _EQUIVALENT_ARGS = (
     "x-overflow",
     "x-dead-letter-exchange",
     "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
     "x-delivery-limit",
 )
 _SOFT_LIMIT = 0.8  # a quorum queue accepts publishes again below 80% of x-max-length

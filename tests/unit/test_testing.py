@@ -290,6 +290,17 @@ async def test_conflicting_topology_is_fatal(settings: Settings) -> None:
         await pub.declare_queue(QueueDecl("q", {"x-queue-type": "classic"}))
 
 
+async def test_dead_letter_strategy_is_compared_on_redeclare(settings: Settings) -> None:
+    """As RabbitMQ does, a different `x-dead-letter-strategy` is a topology conflict."""
+    broker = InMemoryBroker()
+    args = {"x-queue-type": "quorum", "x-dead-letter-strategy": "at-least-once"}
+    broker.declare_queue("q", args)
+    pub = await started(broker, settings)
+    await pub.declare_queue(QueueDecl("q", dict(args)))  # the same arguments: fine
+    with pytest.raises(ConnectionLost):
+        await pub.declare_queue(QueueDecl("q", {"x-queue-type": "quorum"}))
+
+
 async def test_peek_leaves_the_message(settings: Settings) -> None:
     """peek waits for the first message and leaves it; NotFound and DeadlineExceeded otherwise."""
     broker = InMemoryBroker()
