@@ -6,11 +6,12 @@ at the end of the session every queue and exchange of this run's prefix is delet
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import aio_pika
@@ -79,30 +80,32 @@ async def start_app(settings: Settings) -> AsyncIterator[AppFactory]:
 
 
 async def delete_topology(*topologies: Topology, url: str = AMQP_URL) -> None:
-    """Delete what a test's apps declared, so the broker does not pile up queues.
-
-    Best effort: a refused delete (e.g. the node holding the queue is down) closes only its own
-    channel and the rest is still deleted.
-    """
+    """Delete what a test's apps declared, so the broker does not pile up queues."""
     queues = {queue.name for topology in topologies for queue in topology.queues}
     exchanges = {exchange.name for topology in topologies for exchange in topology.exchanges}
-    if not queues and not exchanges:
+    await delete_entities(queues, exchanges, url)
+
+
+async def delete_entities(queues: Iterable[str], exchanges: Iterable[str], url: str) -> None:
+    """Delete these queues and exchanges, best effort: a refused delete (e.g. the node holding
+    the queue is down) closes only its own channel and the rest is still deleted."""
+    work = [*(("queue", name) for name in queues), *(("exchange", name) for name in exchanges)]
+    if not work:
         return
     connection = await aio_pika.connect(url, timeout=10)
     try:
         channel = await connection.channel()
-        for kind, names in (("queue", queues), ("exchange", exchanges)):
-            for name in names:
-                if channel.is_closed:
-                    channel = await connection.channel()
-                raw = await channel.get_underlay_channel()
-                try:
-                    if kind == "queue":
-                        await raw.queue_delete(name, timeout=5)
-                    else:
-                        await raw.exchange_delete(name, timeout=5)
-                except Exception:  # cleanup is best effort
-                    continue
+        for kind, name in work:
+            if channel.is_closed:
+                channel = await connection.channel()
+            raw = await channel.get_underlay_channel()
+            try:
+                if kind == "queue":
+                    await raw.queue_delete(name, timeout=5)
+                else:
+                    await raw.exchange_delete(name, timeout=5)
+            except Exception:  # cleanup is best effort
+                continue
     finally:
         await connection.close()
 
@@ -157,29 +160,4 @@ def _delete_run_entities() -> Iterator[None]:
     """After the run, delete every queue and exchange this run declared."""
     yield
     queues, exchanges = _rabbitmqctl_names("list_queues"), _rabbitmqctl_names("list_exchanges")
-    if not queues and not exchanges:
-        return
-    import asyncio
-
-    async def delete() -> None:
-        connection = await aio_pika.connect(AMQP_URL, timeout=10)
-        try:
-            for kind, names in (("queue", queues), ("exchange", exchanges)):
-                for name in names:
-                    # A fresh channel each time: one refused delete closes its channel.
-                    channel = await connection.channel()
-                    raw = await channel.get_underlay_channel()
-                    try:
-                        if kind == "queue":
-                            await raw.queue_delete(name, timeout=5)
-                        else:
-                            await raw.exchange_delete(name, timeout=5)
-                    except Exception:  # cleanup is best effort
-                        continue
-                    finally:
-                        if not channel.is_closed:
-                            await channel.close()
-        finally:
-            await connection.close()
-
-    asyncio.run(asyncio.wait_for(delete(), 120))
+    asyncio.run(asyncio.wait_for(delete_entities(queues, exchanges, AMQP_URL), 120))
