@@ -1,14 +1,16 @@
 """Settings from `BURROW_*` environment variables, validated once at start.
 
-The AMQP URL holds a password: it is kept as a secret and only ever shown redacted.
+The AMQP URL holds a password: it is kept as a secret and only ever shown redacted. TLS files
+must exist at start; amqps:// always verifies the broker's certificate and hostname.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.errors import ConfigError
@@ -60,6 +62,21 @@ class Settings(BaseSettings):
         default=None,
         description="File holding the AMQP password (a mounted secret); re-read at every connect.",
     )
+    tls_ca_file: str | None = Field(
+        default=None,
+        description="PEM CA bundle that signed the broker's certificate (unset: system CAs).",
+    )
+    tls_cert_file: str | None = Field(
+        default=None, description="PEM client certificate for amqps:// (with tls_key_file)."
+    )
+    tls_key_file: str | None = Field(
+        default=None,
+        validate_default=True,  # so a certificate without its key is caught
+        description="PEM private key of tls_cert_file.",
+    )
+    tls_required: bool = Field(
+        default=False, description="Refuse plain amqp:// URLs: every connection must be TLS."
+    )
     passive_topology: bool = Field(
         default=False,
         description="Only check that exchanges/queues exist (least privilege; pre-provisioned).",
@@ -76,8 +93,45 @@ class Settings(BaseSettings):
             parts = urlsplit(url)
             if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
                 raise ValueError(f"not an amqp:// or amqps:// URL: {redact_url(url)}")
+            tls_options = sorted(
+                _URL_TLS_OPTIONS.intersection(k for k, _ in parse_qsl(parts.query))
+            )
+            if tls_options:
+                # Our SSL context overrides them; refusing beats silently ignoring no_verify_ssl.
+                raise ValueError(
+                    f"TLS options in the URL ({', '.join(tls_options)}) are not used: "
+                    "set BURROW_TLS_CA_FILE / BURROW_TLS_CERT_FILE / BURROW_TLS_KEY_FILE"
+                )
         if not _split(value.get_secret_value()):
             raise ValueError("no URL given")
+        return value
+
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
+    @classmethod
+    def _check_tls_files(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not os.path.isfile(value):
+            raise ValueError(f"no such file: {value}")
+        # A tls_cert_file that failed is missing from info.data (and already reported).
+        if (
+            info.field_name == "tls_key_file"
+            and "tls_cert_file" in info.data
+            and (info.data["tls_cert_file"] is None) != (value is None)
+        ):
+            raise ValueError(
+                "BURROW_TLS_CERT_FILE and BURROW_TLS_KEY_FILE go together: set both or neither"
+            )
+        return value
+
+    @field_validator("tls_required")
+    @classmethod
+    def _check_tls_required(cls, value: bool, info: ValidationInfo) -> bool:
+        urls: SecretStr | None = info.data.get("amqp_url")
+        if value and urls is not None:
+            for url in _split(urls.get_secret_value()):
+                if urlsplit(url).scheme != "amqps":
+                    raise ValueError(
+                        f"TLS is required but BURROW_AMQP_URL has a plain URL: {redact_url(url)}"
+                    )
         return value
 
     def amqp_urls(self) -> list[str]:
@@ -103,6 +157,10 @@ class Settings(BaseSettings):
     def redacted_urls(self) -> list[str]:
         """The URLs with passwords masked, for logs and errors."""
         return [redact_url(url) for url in self.amqp_urls()]
+
+
+# What aiormq would read from an amqps:// URL's query; Burrow's own SSL context replaces them.
+_URL_TLS_OPTIONS = frozenset({"cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl"})
 
 
 def _split(urls: str) -> list[str]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -193,21 +195,30 @@ class Link:
             except (
                 aiormq.exceptions.ProbableAuthenticationError,
                 aiormq.exceptions.AuthenticationError,
+                TlsFailure,
             ) as exc:
-                if self._connects:
-                    # Credentials changed under a running service: keep trying, slowly, so
-                    # rotated secrets are picked up without a login storm.
-                    reason = exc
-                    attempt = max(attempt, 16)
-                    self.last_error = "the broker refused the login"
-                    _log.error("broker refused the login", link=self.name, url=redact_url(url))
+                fatal: ConfigError
+                if isinstance(exc, TlsFailure):
+                    event, problem, fatal = "TLS failure", str(exc), exc
                 else:
-                    self.fatal = ConfigError(
+                    event = problem = "broker refused the login"
+                    fatal = ConfigError(
                         f"the broker refused the login at {redact_url(url)} "
                         "(check BURROW_AMQP_URL credentials and permissions)"
                     )
+                if self._connects:
+                    # Credentials or certificates changed under a running service: keep
+                    # trying, slowly, so rotated secrets are picked up without a login storm.
+                    reason = exc
+                    attempt = max(attempt, 16)
+                    self.last_error = problem
+                    _log.error(event, link=self.name, url=redact_url(url), error=problem)
+                else:
+                    # At start, retrying cannot fix a password or a certificate: fail now
+                    # (wait_ready raises, `burrow run` exits 1) instead of looping.
+                    self.fatal = fatal
                     self.failed.set()
-                    _log.error("broker refused the login; not retrying", link=self.name)
+                    _log.error(f"{event}; not retrying", link=self.name, error=str(fatal))
                     self._lost(exc)
                     return
             except TopologyError as exc:
@@ -239,11 +250,22 @@ class Link:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _connect(self, url: str) -> None:
-        connection = await aio_pika.connect(
-            _with_heartbeat(url, self.settings.heartbeat),
-            timeout=self.settings.connect_timeout,
-            client_properties={"connection_name": f"burrow:{self.name}"},
-        )
+        context = None
+        try:
+            if urlsplit(url).scheme == "amqps":
+                # Built at every connect, so renewed certificate files are picked up.
+                context = await asyncio.to_thread(_tls_context, self.settings)
+            connection = await aio_pika.connect(
+                _with_heartbeat(url, self.settings.heartbeat),
+                timeout=self.settings.connect_timeout,
+                client_properties={"connection_name": f"burrow:{self.name}"},
+                ssl_context=context,
+            )
+        except Exception as exc:
+            problem = _tls_problem(exc)
+            if problem is None:
+                raise
+            raise TlsFailure(f"{problem} (broker at {redact_url(url)})") from None
         self._connection = connection
         channel = await connection.channel(publisher_confirms=True)
         raw = cast(aiormq.Channel, await channel.get_underlay_channel())
@@ -620,6 +642,60 @@ def _settler(raw: aiormq.Channel) -> Callable[[Delivery, Settle], Any]:
             _log.info("settle failed; broker will redeliver", how=how.value, error=_describe(exc))
 
     return settle
+
+
+class TlsFailure(ConfigError):
+    """The TLS handshake failed (certificate, hostname, protocol): a configuration problem."""
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext:
+    """A client context that always verifies the broker's certificate and hostname."""
+    try:
+        # create_default_context: CERT_REQUIRED, check_hostname, TLS 1.2+.
+        context = ssl.create_default_context(cafile=settings.tls_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"BURROW_TLS_CA_FILE: cannot load {settings.tls_ca_file}: {exc}"
+        ) from None
+    if settings.tls_cert_file is not None:
+        try:
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"BURROW_TLS_CERT_FILE / BURROW_TLS_KEY_FILE: cannot load "
+                f"{settings.tls_cert_file}: {exc}"
+            ) from None
+    return context
+
+
+def _tls_problem(exc: BaseException) -> str | None:
+    """What went wrong with TLS in a failed connect, for a human; None if it was not TLS."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # aiormq wraps the ssl error in AMQPConnectionError; bound any cycle
+        if seen is None:
+            break
+        if isinstance(seen, ConfigError):
+            return str(seen)
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            reason = seen.verify_message or seen.reason or str(seen)
+            if seen.verify_code in (_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH):
+                hint = "connect by a name the broker's certificate holds"
+            else:
+                hint = "is BURROW_TLS_CA_FILE the CA that signed the broker's certificate?"
+            return f"TLS verification failed: {reason}; {hint}"
+        if isinstance(seen, ssl.SSLError) and not isinstance(
+            seen, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError
+        ):
+            # e.g. WRONG_VERSION_NUMBER: an amqps:// URL pointing at a plain AMQP port.
+            text = str(seen.args[1]) if len(seen.args) > 1 else str(seen)
+            return f"TLS handshake failed: {_SSL_NOISE.sub('', text)}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+_SSL_NOISE = re.compile(r"^\[SSL: \w+\] | \(_ssl\.c:\d+\)$")
+_HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
+_IP_ADDRESS_MISMATCH = 64  # X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
 def _with_heartbeat(url: str, heartbeat: int) -> str:

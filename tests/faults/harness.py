@@ -28,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+from aiormq.abc import AbstractChannel as RawChannel
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 from prometheus_client import REGISTRY
 
 from service import Client, InvalidArgument, Service
-from service.codec import H_KIND, Model
+from service.codec import H_DEADLINE, H_KIND, Model
 from service.errors import ConnectionLost, PublishFailed, ServiceError, Unavailable
-from service.topology import Names
+from service.topology import DIRECT_REPLY_TO, Names
 from service.transport import Link
 from service.types import Outgoing
 
@@ -42,6 +45,7 @@ __all__ = [
     "RABBITMQCTL",
     "BrokerStartError",
     "PrivateBroker",
+    "TlsFiles",
     "FaultProxy",
     "PublishOutcome",
     "Ledger",
@@ -60,6 +64,13 @@ __all__ = [
     "watch_loss",
     "free_port",
     "sample",
+    "DIRECT_REPLY_TO",
+    "RawCaller",
+    "raw_channel",
+    "reply_json",
+    "drain_dead_letters",
+    "drain_service",
+    "tracked_route_call",
 ]
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
@@ -103,6 +114,84 @@ def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+# -- TLS material --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA, a server certificate for `localhost` only (no IP address in it) and a
+    client certificate, all signed by that CA; plus a second CA that signed nothing here."""
+
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca_file: Path
+
+    @classmethod
+    def generate(cls, directory: Path) -> TlsFiles:
+        """Write the files into `directory` with `openssl` (EC P-256 keys: fast to make)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        files = cls(
+            ca_file=directory / "ca.pem",
+            server_cert=directory / "server.pem",
+            server_key=directory / "server.key",
+            client_cert=directory / "client.pem",
+            client_key=directory / "client.key",
+            other_ca_file=directory / "other-ca.pem",
+        )
+        ca_key = directory / "ca.key"
+        _self_signed_ca(ca_key, files.ca_file, "burrow-test-ca")
+        _self_signed_ca(directory / "other-ca.key", files.other_ca_file, "burrow-other-ca")
+        _signed_cert(
+            files.server_key, files.server_cert, ca_key, files.ca_file,
+            subject="localhost", extensions="subjectAltName=DNS:localhost\n"
+            "extendedKeyUsage=serverAuth\n",
+        )  # fmt: skip
+        _signed_cert(
+            files.client_key, files.client_cert, ca_key, files.ca_file,
+            subject="burrow-test-client", extensions="extendedKeyUsage=clientAuth\n",
+        )  # fmt: skip
+        return files
+
+
+_EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+
+def _openssl(*args: str | Path) -> None:
+    done = subprocess.run(
+        ["openssl", *map(str, args)], capture_output=True, text=True, timeout=30, check=False
+    )
+    if done.returncode != 0:
+        raise BrokerStartError(f"openssl {args[0]} failed: {done.stderr[-1000:]}")
+
+
+def _self_signed_ca(key: Path, cert: Path, name: str) -> None:
+    _openssl(
+        "req", "-x509", *_EC, "-keyout", key, "-out", cert, "-days", "7", "-subj", f"/CN={name}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+
+
+def _signed_cert(
+    key: Path, cert: Path, ca_key: Path, ca_cert: Path, *, subject: str, extensions: str
+) -> None:
+    request = cert.with_suffix(".csr")
+    ext = cert.with_suffix(".ext")
+    ext.write_text(
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyAgreement\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n" + extensions
+    )
+    _openssl("req", *_EC, "-keyout", key, "-out", request, "-subj", f"/CN={subject}")
+    _openssl(
+        "x509", "-req", "-in", request, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
+        "-out", cert, "-days", "7", "-extfile", ext,
+    )  # fmt: skip
+
+
 # -- the private broker ---------------------------------------------------------------------
 
 
@@ -119,6 +208,8 @@ class PrivateBroker:
     dist_port: int
     base: Path
     dirty: set[str] = field(default_factory=set)
+    tls_port: int = 0  # 0: no TLS listener
+    tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
@@ -129,14 +220,39 @@ class PrivateBroker:
         """An AMQP URL on this node (or on `port`, e.g. a proxy in front of it)."""
         return f"amqp://{user}:{password}@127.0.0.1:{port or self.port}/"
 
+    @property
+    def tls_url(self) -> str:
+        """The amqps:// URL of the node's TLS listener for guest, by the certificate's name."""
+        return self.tls_url_for("guest", "guest")
+
+    def tls_url_for(
+        self, user: str, password: str, *, host: str = "localhost", port: int | None = None
+    ) -> str:
+        """An amqps:// URL on the TLS listener (or on `port`); `host` other than `localhost`
+        does not match the server certificate."""
+        if self.tls is None:
+            raise AssertionError("this node was started without a TLS listener")
+        return f"amqps://{user}:{password}@{host}:{port or self.tls_port}/"
+
+    @property
+    def ca_file(self) -> str:
+        """The CA that signed the node's server certificate (and the client certificate)."""
+        if self.tls is None:
+            raise AssertionError("this node was started without a TLS listener")
+        return str(self.tls.ca_file)
+
     # -- process lifecycle (synchronous: session fixture) --------------------------------
 
     @classmethod
-    def start(cls, timeout: float = 120.0, *, name: str = "burrowfault") -> PrivateBroker:
+    def start(
+        cls, timeout: float = 120.0, *, name: str = "burrowfault", tls: bool = True
+    ) -> PrivateBroker:
         """Start a detached node and wait until it serves AMQP; raise `BrokerStartError`.
 
         Args:
             name: node name prefix; the pid is appended so parallel sessions never collide.
+            tls: also listen for amqps:// on `tls_port` with fresh certificates (`tls`); one
+                more listener costs the node's start next to nothing.
         """
         if not (os.path.exists(RABBITMQ_SERVER) and os.path.exists(RABBITMQCTL)):
             raise BrokerStartError(f"RabbitMQ is not installed ({RABBITMQ_SERVER} missing)")
@@ -147,11 +263,28 @@ class PrivateBroker:
         (base / "mnesia").mkdir()
         (base / "log").mkdir()
         (base / "enabled_plugins").write_text("[].\n")
-        (base / "rabbitmq.conf").write_text(
+        config = (
             f"listeners.tcp.local = 127.0.0.1:{broker.port}\n"
             # Tests set the alarms themselves; the defaults must never trip by accident.
             "disk_free_limit.absolute = 1MB\n"
         )
+        if tls:
+            broker.tls_port = free_port()
+            try:
+                broker.tls = files = TlsFiles.generate(base / "tls")
+            except BrokerStartError:
+                broker.remove_files()
+                raise
+            # Client certificates are checked when offered, not required (both cases tested).
+            config += (
+                f"listeners.ssl.local = 127.0.0.1:{broker.tls_port}\n"
+                f"ssl_options.cacertfile = {files.ca_file}\n"
+                f"ssl_options.certfile = {files.server_cert}\n"
+                f"ssl_options.keyfile = {files.server_key}\n"
+                "ssl_options.verify = verify_peer\n"
+                "ssl_options.fail_if_no_peer_cert = false\n"
+            )
+        (base / "rabbitmq.conf").write_text(config)
         base.chmod(0o755)
         if os.getuid() == 0:
             for path in (base, *base.rglob("*")):
@@ -340,6 +473,35 @@ class PrivateBroker:
                 found.append({"pid": pid.strip(), "name": match.group(1) if match else ""})
         return found
 
+    async def connection_details(self) -> list[dict[str, Any]]:
+        """Open connections as the broker sees them: `name` (client-given), `user`, `ssl`,
+        `port` (the broker's port the client reached) and `peer_cert_subject`."""
+        out = await self.ctl(
+            "list_connections", "user", "ssl", "port", "peer_cert_subject", "client_properties",
+            "--formatter", "json",
+        )  # fmt: skip
+        found = []
+        for row in json.loads(out or "[]"):
+            props = {item[0]: item[-1] for item in row.pop("client_properties") or []}
+            found.append({**row, "name": props.get("connection_name", "")})
+        return found
+
+    async def close_user_connections(self, user: str, reason: str = "fault test") -> int:
+        """Close every connection logged in as `user`; return how many."""
+        out = await self.ctl("list_connections", "--no-table-headers", "pid", "user")
+        pids = [
+            pid.strip()
+            for pid, _, who in (line.partition("\t") for line in out.splitlines())
+            if who.strip() == user
+        ]
+        for pid in pids:
+            await self.ctl("close_connection", pid, reason, check=False)  # may be gone already
+        return len(pids)
+
+    async def change_password(self, user: str, password: str) -> None:
+        """Give `user` a new password (its open connections stay logged in)."""
+        await self.ctl("change_password", user, password)
+
     async def consumer_count(self, queue: str) -> int:
         """How many consumers the broker has on `queue` (the ground truth for A1/A4/A10)."""
         out = await self.ctl("list_consumers", "queue_name", "--formatter", "json")
@@ -443,6 +605,7 @@ class _Pipe:
     def __init__(self, client: asyncio.StreamWriter) -> None:
         self.client = client
         self.upstream: asyncio.StreamWriter | None = None
+        self.opened = False  # the client sent its first bytes
         self.holed = False
         self.task = asyncio.current_task()
 
@@ -469,6 +632,7 @@ class FaultProxy:
         self.mode = ProxyMode.PASS
         self.accepted = 0
         self.bytes_up = 0  # client to broker, to time a fault "mid-publish"
+        self.openings: list[bytes] = []  # each connection's first bytes: TLS or plain AMQP?
         self.port = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[_Pipe] = set()
@@ -580,6 +744,9 @@ class FaultProxy:
                     continue
                 if upstream:
                     self.bytes_up += len(data)
+                    if not pipe.opened:
+                        pipe.opened = True
+                        self.openings.append(data[:8])
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -885,3 +1052,175 @@ async def publish_until_confirmed(
         if time.monotonic() > deadline:
             return ledger.published[message.message_id]
         await asyncio.sleep(0.05)
+
+
+# -- hand-made requests and the bad-input oracle ----------------------------------------------
+# Raw-channel requests (moved here from tests/integration with the C and D scenarios): they can
+# be exactly as broken as a buggy client or an attacker would send them.
+
+_RAW_WAIT = 10.0  # upper bound on one wait for the broker; never reached when things work
+
+
+async def raw_channel(channel: aio_pika.abc.AbstractChannel) -> RawChannel:
+    """The aiormq channel under an aio-pika channel, for byte-exact publishing."""
+    return await channel.get_underlay_channel()
+
+
+class RawCaller:
+    """Publishes hand-made requests to `<ns>.rpc` and collects replies on direct reply-to.
+
+    Args:
+        ledger: record every publish: confirmed when the broker confirmed it, except a call
+            awaiting its reply here, recorded unknown (its outcome is the reply, as in
+            `tracked_call`).
+    """
+
+    def __init__(self, raw: RawChannel, namespace: str, ledger: Ledger | None = None) -> None:
+        self.raw = raw
+        self.names = Names(namespace)
+        self.ledger = ledger
+        self.replies: dict[str, asyncio.Future[DeliveredMessage]] = {}
+        self.stray: list[DeliveredMessage] = []  # replies to no call of ours, or a second one
+
+    async def start(self) -> RawCaller:
+        """Consume direct reply-to on this channel (must precede any publish with reply_to)."""
+        await self.raw.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+        return self
+
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        future = self.replies.get(message.header.properties.correlation_id or "")
+        if future is None or future.done():
+            self.stray.append(message)
+        else:
+            future.set_result(message)
+
+    async def publish(
+        self,
+        route: str,
+        body: bytes,
+        *,
+        content_type: str | None = "application/json",
+        content_encoding: str | None = None,
+        headers: dict[str, Any] | None = None,
+        reply_to: str | None = DIRECT_REPLY_TO,
+        correlation_id: str | None = None,
+        deadline_in: float | None = 30.0,
+    ) -> str:
+        """Publish one request exactly as given (message id = correlation id); return the id.
+
+        Args:
+            deadline_in: seconds from now for `x-deadline` (negative: already passed; None: none).
+        """
+        correlation_id = correlation_id or uuid.uuid4().hex
+        all_headers: dict[str, Any] = dict(headers or {})
+        if deadline_in is not None:
+            all_headers.setdefault(H_DEADLINE, int((time.time() + deadline_in) * 1000))
+        awaited = reply_to == DIRECT_REPLY_TO
+        if awaited:
+            self.replies[correlation_id] = asyncio.get_running_loop().create_future()
+        confirmation = await self.raw.basic_publish(
+            body,
+            exchange=self.names.rpc_exchange,
+            routing_key=route,
+            properties=Basic.Properties(
+                content_type=content_type,
+                content_encoding=content_encoding,
+                correlation_id=correlation_id,
+                message_id=correlation_id,
+                reply_to=reply_to,
+                message_type=route,
+                headers=all_headers or None,
+            ),
+        )
+        if self.ledger is not None:
+            confirmed = isinstance(confirmation, Basic.Ack) and not awaited
+            outcome = PublishOutcome.CONFIRMED if confirmed else PublishOutcome.UNKNOWN
+            self.ledger.record_publish(correlation_id, outcome)
+        return correlation_id
+
+    async def reply(self, correlation_id: str, timeout: float = _RAW_WAIT) -> DeliveredMessage:
+        """The reply to a published request."""
+        async with asyncio.timeout(timeout):
+            return await self.replies[correlation_id]
+
+    async def call(self, route: str, body: bytes, **kwargs: Any) -> DeliveredMessage:
+        """Publish with reply_to and wait for the reply."""
+        return await self.reply(await self.publish(route, body, **kwargs))
+
+    def unanswered(self) -> set[str]:
+        """Calls of ours still waiting for their reply."""
+        return {cid for cid, future in self.replies.items() if not future.done()}
+
+
+def reply_json(message: DeliveredMessage) -> Any:
+    """The decoded body of a reply."""
+    return json.loads(message.body)
+
+
+async def drain_dead_letters(
+    url: str, queue: str, ledger: Ledger, *, expect: int, timeout: float = _RAW_WAIT
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Wait until `expect` messages are parked in `queue`, take (ack) every one there, record
+    each as dead in `ledger`, and return them all: more than `expect` is a loop."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        dlq = await channel.get_queue(queue, ensure=True)
+        taken: list[aio_pika.abc.AbstractIncomingMessage] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            message = await dlq.get(fail=False, no_ack=True)
+            if message is not None:
+                taken.append(message)
+                ledger.dead.add(message.message_id or "?")
+                continue
+            if len(taken) >= expect:
+                return taken
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(taken)} of {expect} dead letters in {queue}")
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+
+
+async def drain_service(url: str, ledger: Ledger, namespace: str, service: str = "work") -> str:
+    """Once the App stopped: take what is left in the service's request, commands and
+    dead-letter queues into `ledger`, assert the oracle, return its summary."""
+    names = Names(namespace)
+    await ledger.drain(
+        url,
+        [names.request_queue(service), names.commands_queue(service)],
+        [names.dead_letter_queue(service)],
+    )
+    return ledger.assert_sound()
+
+
+async def tracked_route_call(
+    client: Client,
+    route: str,
+    payload: Any,
+    *,
+    deadline: float,
+    index: int = 0,
+    epsilon: float = 3.0,
+    expect: Callable[[Any], bool] | None = None,
+) -> tuple[CallRecord, Any]:
+    """`tracked_call` for any operation and payload: classify the ending, return it and the
+    reply (None unless a result).
+
+    Args:
+        expect: tells whether a reply answers this call (default: any reply does).
+    """
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(deadline + epsilon):
+            reply = await client.call(route, payload, timeout=deadline)
+    except TimeoutError:
+        return CallRecord(index, "hang", time.monotonic() - started, deadline), None
+    except ServiceError as exc:
+        outcome = "timeout" if exc.code.value == "DEADLINE_EXCEEDED" else "error"
+        elapsed = time.monotonic() - started
+        return CallRecord(index, outcome, elapsed, deadline, error=exc), None
+    correct = expect is None or expect(reply)
+    elapsed = time.monotonic() - started
+    return CallRecord(index, "result", elapsed, deadline, correct=correct), reply

@@ -1,12 +1,13 @@
-"""Faults E1-E5, F1 and F3 of RELIABILITY.md: resource alarms, nacks, unroutable messages,
-revoked permissions, wrong credentials and a deleted user — each an error and a metric.
+"""Faults E1-E5 and F1-F4 of RELIABILITY.md: resource alarms, nacks, unroutable messages,
+revoked permissions, wrong, rotated and deleted credentials, and TLS — each an error and a metric.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,7 @@ from structlog.testing import capture_logs
 from service import (
     App,
     BurrowError,
+    ConfigError,
     NotFound,
     PublishFailed,
     ResourceExhausted,
@@ -25,7 +27,7 @@ from service import (
 )
 from service.topology import Names
 from service.types import Outgoing
-from tests.faults.conftest import MakeClient, MakeLink, RunApp
+from tests.faults.conftest import MakeClient, MakeLink, RunApp, make_settings
 from tests.faults.harness import (
     FaultProxy,
     Ledger,
@@ -334,3 +336,213 @@ async def test_f3_readiness_names_the_refused_login(
     status, body = await _readyz(app)
     assert status == 503
     assert any("login" in p or "refused" in p for p in body["problems"]), body
+
+
+# -- F2: credentials rotated -------------------------------------------------------------------
+
+
+async def test_f2_password_rotated_picked_up_on_reconnect(  # noqa: PLR0917 (fixtures)
+    broker: PrivateBroker,
+    run_app: RunApp,
+    make_client: MakeClient,
+    ledger: Ledger,
+    namespace: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """F2: the password rotated on the broker, the App's connections closed: its reconnects are
+    refused (slowly retried) until the secret file holds the new password, which it then reads
+    and serves calls again; nothing lost, neither password in any log."""
+    old, new = "F2-old-pw-7kq3z", "F2-new-pw-9xv5m"
+    await broker.add_user("f2", old)
+    secret = tmp_path / "amqp-password"
+    secret.write_text(f"{old}\n")
+    client = await make_client()  # guest: untouched by the rotation
+    with capture_logs() as logs:
+        app = await run_app(
+            work_service(ledger),
+            url=f"amqp://f2@127.0.0.1:{broker.port}/",
+            amqp_password_file=str(secret),
+        )
+        reconnects = sample("burrow_amqp_reconnects_total", link="consumer")
+        records = [await tracked_call(client, i, deadline=10, ledger=ledger) for i in range(3)]
+
+        await broker.change_password("f2", new)
+        assert await broker.close_user_connections("f2") == 2  # consumer and publisher
+        await wait_until(
+            lambda: any(e["event"] == "broker refused the login" for e in logs),
+            10,
+            "a reconnect refused with the old password",
+        )
+        assert not app.health.ready
+        assert app.transport.consumer.fatal is None, "a rotation must not stop a running App"
+        secret.write_text(f"{new}\n")  # the orchestrator updates the mounted secret
+        await app.wait_ready(20)
+        records += [await tracked_call(client, i, deadline=10, ledger=ledger) for i in (3, 4, 5)]
+
+    assert [r.outcome for r in records] == ["result"] * 6, records
+    assert_calls_sound(records, client)
+    assert sample("burrow_amqp_reconnects_total", link="consumer") > reconnects
+    users = {
+        c["name"]: c["user"]
+        for c in await broker.connection_details()
+        if c["name"] in ("burrow:consumer", "burrow:publisher")
+    }
+    assert users == {"burrow:consumer": "f2", "burrow:publisher": "f2"}, users
+    await app.stop()
+    names = Names(namespace)
+    await ledger.drain(
+        broker.url,
+        [names.request_queue("work"), names.commands_queue("work")],
+        [names.dead_letter_queue("work")],
+    )
+    ledger.assert_sound()
+    out = capsys.readouterr()
+    for where, text in (
+        ("structlog", repr(logs)),
+        ("stdlib logging", caplog.text),
+        ("stdout", out.out),
+        ("stderr", out.err),
+    ):
+        assert old not in text, f"old password leaked to {where}"
+        assert new not in text, f"new password leaked to {where}"
+
+
+# -- F4: TLS -------------------------------------------------------------------------------------
+
+
+async def test_f4_tls_verified_call_round_trip(  # noqa: PLR0917 (fixtures)
+    broker: PrivateBroker,
+    run_app: RunApp,
+    make_client: MakeClient,
+    make_link: MakeLink,
+    ledger: Ledger,
+    namespace: str,
+) -> None:
+    """F4: an App (offering a client certificate), a Client and a producer over verified
+    amqps:// serve calls and casts with nothing lost, and the broker holds each of their
+    connections as TLS on its TLS port."""
+    assert broker.tls is not None
+    client_cert = {
+        "tls_cert_file": str(broker.tls.client_cert),
+        "tls_key_file": str(broker.tls.client_key),
+    }
+    app = await run_app(
+        work_service(ledger), url=broker.tls_url, tls_ca_file=broker.ca_file, **client_cert
+    )
+    client = await make_client(broker.tls_url, tls_ca_file=broker.ca_file, tls_required=True)
+    producer = await make_link(url=broker.tls_url, tls_ca_file=broker.ca_file)
+
+    records = list(
+        await asyncio.gather(
+            *(tracked_call(client, i, deadline=10, ledger=ledger) for i in range(10))
+        )
+    )
+    casts = [f"tls-cast-{i}" for i in range(10)]
+    for key in casts:
+        outcome = await publish_until_confirmed(
+            producer, ledger, cast(namespace, key), give_up_after=10
+        )
+        assert outcome is PublishOutcome.CONFIRMED, key
+    await ledger.wait_processed(casts, 10)
+    assert [r.outcome for r in records] == ["result"] * 10, records
+    assert_calls_sound(records, client)
+
+    seen = {c["name"]: c for c in await broker.connection_details()}
+    ours = ("burrow:consumer", "burrow:publisher", "burrow:client", "burrow:producer")
+    for name in ours:
+        assert name in seen, f"no {name} connection on the broker: {sorted(seen)}"
+        assert seen[name]["ssl"] is True, seen[name]
+        assert seen[name]["port"] == broker.tls_port, seen[name]
+    client_subject = "CN=burrow-test-client"
+    assert seen["burrow:consumer"]["peer_cert_subject"] == client_subject, seen["burrow:consumer"]
+    assert not seen["burrow:client"]["peer_cert_subject"]  # no client certificate configured
+
+    await app.stop()
+    names = Names(namespace)
+    await ledger.drain(
+        broker.url,
+        [names.request_queue("work"), names.commands_queue("work")],
+        [names.dead_letter_queue("work")],
+    )
+    ledger.assert_sound()
+
+
+async def _tls_refused(
+    broker: PrivateBroker, make_client: MakeClient, **settings: Any
+) -> tuple[ConfigError, list[MutableMapping[str, Any]]]:
+    """Start a Client over amqps:// through a proxy in front of the TLS port, check it failed
+    at once, without retrying and only ever speaking TLS; return the error and the log."""
+    proxy = FaultProxy(broker.tls_port)
+    await proxy.start()
+    try:
+        host = settings.pop("host", "localhost")
+        url = broker.tls_url_for("guest", "guest", host=host, port=proxy.port)
+        client = await make_client(url, start=False, **settings)
+        started = time.monotonic()
+        with capture_logs() as logs, pytest.raises(ConfigError) as caught:
+            await client.start(timeout=10)
+        elapsed = time.monotonic() - started
+        assert elapsed < 5, f"took {elapsed:.1f}s: a TLS failure must not wait for a timeout"
+        assert client.link.fatal is caught.value
+        accepted = proxy.accepted
+        await asyncio.sleep(1.0)  # the observation window for retries after a fatal error
+        assert proxy.accepted == accepted == 1, f"{proxy.accepted} connection attempts"
+        # Only TLS handshakes (record type 0x16) crossed: never an AMQP header in clear.
+        assert proxy.openings, "the client never sent anything"
+        assert all(opening.startswith(b"\x16\x03") for opening in proxy.openings), proxy.openings
+    finally:
+        await proxy.close()
+    return caught.value, logs
+
+
+@pytest.mark.parametrize("trusted", ["other CA", "system CAs"])
+async def test_f4_unknown_ca_refused_clearly(
+    broker: PrivateBroker, make_client: MakeClient, trusted: str
+) -> None:
+    """F4: a broker certificate from a CA not trusted (another CA's file, or the system CAs)
+    fails the start at once with 'TLS verification failed'; no retry, never plaintext."""
+    assert broker.tls is not None
+    ca_file = str(broker.tls.other_ca_file) if trusted == "other CA" else None
+    error, logs = await _tls_refused(broker, make_client, tls_ca_file=ca_file)
+    text = str(error)
+    assert "TLS verification failed" in text, text
+    assert "BURROW_TLS_CA_FILE" in text, text
+    assert "guest:guest" not in text  # the URL is shown redacted
+    assert [e for e in logs if e["log_level"] == "error" and "TLS" in e["event"]], logs
+    connections = [c["name"] for c in await broker.connection_details()]
+    assert "burrow:client" not in connections, "a connection was made in spite of TLS failing"
+
+
+async def test_f4_hostname_mismatch_refused(
+    broker: PrivateBroker, make_client: MakeClient, run_app: RunApp, ledger: Ledger
+) -> None:
+    """F4: the right CA but an address the certificate does not name (127.0.0.1 for a
+    `localhost` certificate) is refused with a hostname error; an App says so in readiness."""
+    error, _logs = await _tls_refused(
+        broker, make_client, tls_ca_file=broker.ca_file, host="127.0.0.1"
+    )
+    text = str(error)
+    assert "TLS verification failed" in text, text
+    assert "mismatch" in text, text
+    assert "127.0.0.1" in text, text
+
+    url = broker.tls_url_for("guest", "guest", host="127.0.0.1")
+    app = await run_app(work_service(ledger), url=url, wait=False, tls_ca_file=broker.ca_file)
+    with pytest.raises(ConfigError, match="TLS verification failed"):
+        await app.wait_ready(10)
+    status, body = await _readyz(app)
+    assert status == 503
+    assert any("mismatch" in problem for problem in body["problems"]), body
+
+
+async def test_f4_tls_required_refuses_plain_url(broker: PrivateBroker, namespace: str) -> None:
+    """F4: with BURROW_TLS_REQUIRED any plain amqp:// URL in the list is a ConfigError at load
+    time, naming the setting; the same settings with amqps:// only load."""
+    for urls in (broker.url, f"{broker.tls_url},{broker.url}"):
+        with pytest.raises(ConfigError, match="BURROW_TLS_REQUIRED") as caught:
+            make_settings(urls, namespace, tls_required=True)
+        assert "amqp://guest:***@" in str(caught.value)
+    loaded = make_settings(broker.tls_url, namespace, tls_required=True, tls_ca_file=broker.ca_file)
+    assert loaded.amqp_urls() == [broker.tls_url]

@@ -6,11 +6,14 @@ The environment is cleared of BURROW_* first so the machine's own settings canno
 from __future__ import annotations
 
 import os
+import ssl
+from pathlib import Path
 
 import pytest
 
 from service.config import Settings, load_settings, redact_url
 from service.errors import ConfigError
+from service.transport import _tls_context, _tls_problem
 
 __all__: list[str] = []
 
@@ -127,3 +130,116 @@ def test_overrides_win_and_settings_are_frozen() -> None:
     with pytest.raises(ValueError, match="frozen"):
         settings.prefetch = 6  # type: ignore[misc]
     assert isinstance(settings, Settings)
+
+
+@pytest.fixture
+def pem_files(tmp_path: Path) -> dict[str, str]:
+    """Files standing in for a CA bundle, client certificate and key (existence is checked at
+    load time; their content only when connecting)."""
+    files = {}
+    for name in ("ca", "cert", "key"):
+        path = tmp_path / f"{name}.pem"
+        path.write_text("-----BEGIN NOTHING-----\n")
+        files[name] = str(path)
+    return files
+
+
+def test_tls_files_read_from_environment(
+    monkeypatch: pytest.MonkeyPatch, pem_files: dict[str, str]
+) -> None:
+    """BURROW_TLS_CA_FILE / _CERT_FILE / _KEY_FILE / _REQUIRED set the TLS settings."""
+    monkeypatch.setenv("BURROW_AMQP_URL", "amqps://u:p@rabbit:5671/")
+    monkeypatch.setenv("BURROW_TLS_CA_FILE", pem_files["ca"])
+    monkeypatch.setenv("BURROW_TLS_CERT_FILE", pem_files["cert"])
+    monkeypatch.setenv("BURROW_TLS_KEY_FILE", pem_files["key"])
+    monkeypatch.setenv("BURROW_TLS_REQUIRED", "true")
+    settings = load_settings()
+    assert (settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file) == (
+        pem_files["ca"],
+        pem_files["cert"],
+        pem_files["key"],
+    )
+    assert settings.tls_required
+
+
+def test_tls_defaults_are_off() -> None:
+    """With no TLS variable: system CAs, no client certificate, plain URLs allowed."""
+    settings = load_settings()
+    assert (settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file) == (None,) * 3
+    assert not settings.tls_required
+
+
+@pytest.mark.parametrize("name", ["tls_ca_file", "tls_cert_file", "tls_key_file"])
+def test_missing_tls_file_names_the_variable(name: str, pem_files: dict[str, str]) -> None:
+    """A TLS file that does not exist is a ConfigError naming its variable and the path."""
+    values = {"tls_cert_file": pem_files["cert"], "tls_key_file": pem_files["key"]}
+    values[name] = "/nonexistent/tls.pem"
+    with pytest.raises(ConfigError, match=f"BURROW_{name.upper()}") as caught:
+        load_settings(**values)
+    assert "/nonexistent/tls.pem" in str(caught.value)
+
+
+@pytest.mark.parametrize("given", ["cert", "key"])
+def test_client_cert_and_key_go_together(given: str, pem_files: dict[str, str]) -> None:
+    """A client certificate without its key (or a key without a certificate) is refused."""
+    with pytest.raises(ConfigError, match=r"BURROW_TLS_KEY_FILE: .*go together"):
+        load_settings(**{f"tls_{given}_file": pem_files[given]})
+
+
+@pytest.mark.parametrize("option", ["no_verify_ssl=1", "cafile=/ca.pem", "certfile=/c.pem"])
+def test_tls_options_in_url_refused(monkeypatch: pytest.MonkeyPatch, option: str) -> None:
+    """TLS options in the URL query (which would be ignored, or turn verification off) are a
+    ConfigError pointing at the BURROW_TLS_* variables, without the password."""
+    monkeypatch.setenv("BURROW_AMQP_URL", f"amqps://u:{PASSWORD}@rabbit:5671/?{option}")
+    with pytest.raises(ConfigError, match=r"BURROW_AMQP_URL: .*BURROW_TLS_CA_FILE") as caught:
+        load_settings()
+    assert PASSWORD not in str(caught.value)
+
+
+def test_tls_required_refuses_plain_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BURROW_TLS_REQUIRED with any amqp:// URL in the list is a ConfigError (never a silent
+    plaintext connection), shown redacted; an all-amqps:// list loads."""
+    monkeypatch.setenv("BURROW_TLS_REQUIRED", "1")
+    monkeypatch.setenv("BURROW_AMQP_URL", f"amqps://u:{PASSWORD}@a/,amqp://u:{PASSWORD}@b/")
+    with pytest.raises(ConfigError, match="BURROW_TLS_REQUIRED") as caught:
+        load_settings()
+    assert "amqp://u:***@b/" in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+    monkeypatch.setenv("BURROW_AMQP_URL", f"amqps://u:{PASSWORD}@a/,amqps://u:{PASSWORD}@b/")
+    assert load_settings().tls_required
+
+
+def test_tls_context_always_verifies() -> None:
+    """The amqps:// context requires the broker's certificate and checks its hostname."""
+    context = _tls_context(load_settings(amqp_url="amqps://rabbit/"))
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert context.check_hostname
+
+
+def test_unloadable_tls_files_name_the_variable(pem_files: dict[str, str]) -> None:
+    """A CA bundle or client certificate that exists but cannot be loaded is a ConfigError
+    naming the variable (raised at connect time: files may be replaced after start)."""
+    with pytest.raises(ConfigError, match="BURROW_TLS_CA_FILE"):
+        _tls_context(load_settings(tls_ca_file=pem_files["ca"]))
+    with pytest.raises(ConfigError, match="BURROW_TLS_CERT_FILE"):
+        _tls_context(load_settings(tls_cert_file=pem_files["cert"], tls_key_file=pem_files["key"]))
+
+
+def test_tls_failures_described_and_transient_ones_not() -> None:
+    """A certificate or handshake error (as aiormq wraps it) reads as a TLS problem naming
+    the cause; a connection cut mid-handshake is not one (it is retried like any loss)."""
+    unknown_ca = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    unknown_ca.verify_message, unknown_ca.verify_code = "unable to get local issuer certificate", 20
+    wrapped = ConnectionError("connect failed")
+    wrapped.__cause__ = unknown_ca
+    assert _tls_problem(wrapped) == (
+        "TLS verification failed: unable to get local issuer certificate; "
+        "is BURROW_TLS_CA_FILE the CA that signed the broker's certificate?"
+    )
+    mismatch = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    mismatch.verify_message, mismatch.verify_code = "Hostname mismatch", 62
+    assert "connect by a name the broker's certificate holds" in str(_tls_problem(mismatch))
+    plain_port = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)")
+    assert _tls_problem(plain_port) == "TLS handshake failed: wrong version number"
+    assert _tls_problem(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")) is None
+    assert _tls_problem(ConnectionResetError(104, "reset")) is None
