@@ -1,10 +1,18 @@
-"""Faults C5 and C8 of RELIABILITY.md, the bad-input cases tests/integration does not cover:
-oversize answers and events Burrow is asked to send, and hostile headers.
+"""Faults C1 to C9 of RELIABILITY.md: bad input sent to a service, and bad output asked of it.
+
+Malformed, foreign, oversize and deeply nested bodies, schema-invalid payloads, oversize answers,
+hostile headers and duplicate message ids. Hand-made requests go through a raw channel, so they
+are exactly as broken as a buggy client or an attacker would send them. Each checks the oracle:
+answered or dead-lettered with its reason, never requeued, nothing confirmed lost.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import pickle
+from collections.abc import MutableMapping
 from typing import Any
 
 import aio_pika
@@ -14,6 +22,7 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from service import (
+    App,
     Context,
     InvalidArgument,
     MessageTooLarge,
@@ -22,17 +31,317 @@ from service import (
     Service,
     Unavailable,
 )
-from service.codec import H_DEADLINE, H_KIND
-from service.dead_letters import DeadLetterTool
+from service.codec import H_DEAD_ERROR, H_DEADLINE, H_KIND, H_STATUS, encode
+from service.dead_letters import DeadLetter, DeadLetterTool
 from service.jobs import H_CALLBACK, H_JOB_ID
 from service.topology import Names
 from service.tracing import HEADER as TRACEPARENT
-from tests.faults.conftest import MakeClient, RunApp
-from tests.faults.harness import PrivateBroker, eventually, sample, wait_until
+from tests.faults.conftest import MakeClient, MakeLink, RunApp
+from tests.faults.harness import (
+    Ledger,
+    PrivateBroker,
+    RawCaller,
+    assert_calls_sound,
+    cast,
+    drain_dead_letters,
+    drain_service,
+    eventually,
+    publish_until_confirmed,
+    raw_channel,
+    reply_json,
+    sample,
+    tracked_call,
+    tracked_route_call,
+    wait_until,
+    work_service,
+)
 
 __all__: list[str] = []
 
 _LIMIT = 2048  # BURROW_MAX_BODY_BYTES for these tests
+
+
+_WORK = "work.do"
+TRACE_MARKERS = ("Traceback", 'File "', ".py", "pydantic_core")
+
+
+def _received(operation: str = _WORK) -> float:
+    return sample("burrow_messages_received_total", service="work", operation=operation)
+
+
+def _handled(outcome: str, operation: str = _WORK) -> float:
+    return sample(
+        "burrow_messages_handled_total", service="work", operation=operation, outcome=outcome
+    )
+
+
+def _dead_lettered(reason: str) -> float:
+    return sample("burrow_dead_lettered_total", service="work", reason=reason)
+
+
+def _request(key: str, **fields: Any) -> bytes:
+    """A valid `work.do` body whose side effect is recorded under `key`."""
+    return encode({"key": key, **fields})
+
+
+async def _assert_answered_and_acked(
+    broker: PrivateBroker, app: App, ledger: Ledger, *, received: float, deliveries: int = 1
+) -> None:
+    """Stop the App and drain its queues: every request was acked once (answered, neither
+    requeued nor parked), nothing confirmed is lost."""
+    await app.stop()
+    summary = await drain_service(broker.url, ledger, app.settings.namespace)
+    assert not ledger.queued, f"left unacked or requeued: {summary}"
+    assert not ledger.dead, f"answered and also parked: {summary}"
+    assert _received() == received + deliveries, "delivered again: requeued instead of acked"
+
+
+def _assert_fingerprint_only(logs: list[MutableMapping[str, Any]], body: bytes) -> None:
+    """The log names a refused body by its size, hash and a short prefix, never in full."""
+    [handled] = [event for event in logs if event["event"] == "handled"]
+    assert handled["body_size"] == len(body)
+    assert handled["body_sha256"] == hashlib.sha256(body).hexdigest()[:16]
+    assert "body" not in handled
+    if len(body) > 32:
+        text = body.decode("utf-8", "backslashreplace")
+        assert not [key for key, value in handled.items() if text in str(value)], handled
+
+
+async def _garbage_with_caller(
+    body: bytes, *, broker: PrivateBroker, run_app: RunApp, channel: AbstractChannel, ledger: Ledger
+) -> None:
+    app = await run_app(work_service(ledger))
+    received, rejected = _received(), _handled("rejected")
+    caller = await RawCaller(await raw_channel(channel), app.settings.namespace, ledger).start()
+    with capture_logs() as logs:
+        correlation_id = await caller.publish(_WORK, body)
+        reply = await caller.reply(correlation_id)
+    assert reply.header.properties.correlation_id == correlation_id
+    assert (reply.header.properties.headers or {}).get(H_STATUS) == "error"
+    error = reply_json(reply)
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert error["retryable"] is False
+    assert error["message"].startswith("malformed JSON")
+    _assert_fingerprint_only(logs, body)
+    assert not caller.stray
+    assert not caller.unanswered()
+    await _assert_answered_and_acked(broker, app, ledger, received=received)
+    assert not ledger.started, "garbage reached the handler"
+    assert _handled("rejected") == rejected + 1
+
+
+async def _garbage_without_caller(
+    body: bytes, *, broker: PrivateBroker, run_app: RunApp, channel: AbstractChannel, ledger: Ledger
+) -> None:
+    app = await run_app(work_service(ledger))
+    names = Names(app.settings.namespace)
+    received, parked_before = _received(), _dead_lettered("malformed")
+    caller = RawCaller(await raw_channel(channel), names.namespace, ledger)
+    correlation_id = await caller.publish(_WORK, body, reply_to=None)
+    [parked] = await drain_dead_letters(
+        broker.url, names.dead_letter_queue("work"), ledger, expect=1
+    )
+    assert parked.body == body
+    assert parked.correlation_id == correlation_id
+    headers = parked.headers or {}
+    assert H_KIND not in headers
+    assert DeadLetter.from_message(parked).reason == "malformed"
+    assert '"INVALID_ARGUMENT"' in str(headers[H_DEAD_ERROR])
+    await app.stop()
+    summary = await drain_service(broker.url, ledger, names.namespace)
+    assert ledger.dead == {correlation_id}, summary
+    assert not ledger.queued, summary
+    assert not ledger.started, "garbage reached the handler"
+    assert _received() == received + 1, "delivered again: requeued instead of parked"
+    assert _dead_lettered("malformed") == parked_before + 1
+
+
+MALFORMED_JSON = [
+    pytest.param(b"{not json", id="malformed"),
+    pytest.param(b'{"key": "c1", "delay_ms":', id="truncated"),
+]
+BINARY_GARBAGE = [
+    pytest.param(b"\x80\x81\xfe\xff\x00\x01garbage\xc3\x28", id="binary"),
+    pytest.param(bytes(range(256)), id="all-bytes"),
+]
+
+
+@pytest.mark.parametrize("body", MALFORMED_JSON)
+async def test_c1_malformed_json_with_caller_gets_invalid_argument(
+    broker: PrivateBroker,
+    run_app: RunApp,
+    amqp_channel: AbstractChannel,
+    ledger: Ledger,
+    body: bytes,
+) -> None:
+    """C1: malformed JSON from a caller → INVALID_ARGUMENT reply, acked once, never requeued;
+    the log holds the body's hash and prefix."""
+    await _garbage_with_caller(
+        body, broker=broker, run_app=run_app, channel=amqp_channel, ledger=ledger
+    )
+
+
+@pytest.mark.parametrize("body", MALFORMED_JSON)
+async def test_c1_malformed_json_without_caller_dead_lettered(
+    broker: PrivateBroker,
+    run_app: RunApp,
+    amqp_channel: AbstractChannel,
+    ledger: Ledger,
+    body: bytes,
+) -> None:
+    """C1: malformed JSON with no reply_to and no kind header (a cast) → DLQ once, reason
+    `malformed`, counted by reason; never requeued."""
+    await _garbage_without_caller(
+        body, broker=broker, run_app=run_app, channel=amqp_channel, ledger=ledger
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "error_type"),
+    [
+        pytest.param({"delay_ms": 1}, "key", "missing", id="missing-field"),
+        pytest.param({"key": "c2", "delay_ms": "one"}, "delay_ms", "int_parsing", id="wrong-type"),
+        pytest.param({"key": "c2", "extra": 3}, "extra", "extra_forbidden", id="extra-field"),
+    ],
+)
+async def test_c2_schema_invalid_payload_lists_failing_fields(  # noqa: PLR0917 (fixtures)
+    broker: PrivateBroker,
+    run_app: RunApp,
+    make_client: MakeClient,
+    ledger: Ledger,
+    payload: dict[str, object],
+    field: str,
+    error_type: str,
+) -> None:
+    """C2: a payload that breaks the schema → INVALID_ARGUMENT listing the field, no trace;
+    acked, the handler never runs."""
+    app = await run_app(work_service(ledger))
+    client = await make_client()
+    received = _received()
+    record, _ = await tracked_route_call(client, _WORK, payload, deadline=5)
+    assert record.outcome == "error", record
+    assert isinstance(record.error, InvalidArgument), record
+    errors = record.error.details["errors"]
+    assert [(err["loc"], err["type"]) for err in errors] == [(field, error_type)]
+    assert record.error.details["reason"] == "schema"
+    for marker in TRACE_MARKERS:
+        assert marker not in record.error.message
+        assert marker not in str(record.error.details)
+    assert_calls_sound([record], client)
+    await _assert_answered_and_acked(broker, app, ledger, received=received)
+    assert not ledger.started
+
+
+async def test_c2_schema_errors_list_every_field(
+    broker: PrivateBroker, run_app: RunApp, make_client: MakeClient, ledger: Ledger
+) -> None:
+    """C2: several problems in one payload are all listed."""
+    app = await run_app(work_service(ledger))
+    client = await make_client()
+    received = _received()
+    record, _ = await tracked_route_call(client, _WORK, {"delay_ms": "x", "z": 1}, deadline=5)
+    assert isinstance(record.error, InvalidArgument), record
+    locs = {err["loc"] for err in record.error.details["errors"]}
+    assert locs == {"delay_ms", "key", "z"}
+    assert_calls_sound([record], client)
+    await _assert_answered_and_acked(broker, app, ledger, received=received)
+    assert not ledger.started
+
+
+@pytest.mark.parametrize(
+    ("content_type", "content_encoding", "body"),
+    [
+        pytest.param("application/x-python-pickle", None, pickle.dumps({"key": "c3"}), id="pickle"),
+        pytest.param("application/json", "gzip", gzip.compress(b'{"key": "c3"}'), id="gzip"),
+        pytest.param("text/plain", None, b'{"key": "c3"}', id="text"),
+        pytest.param(None, None, b'{"key": "c3"}', id="none"),
+    ],
+)
+async def test_c3_foreign_content_type_or_encoding_refused(  # noqa: PLR0917 (fixtures)
+    broker: PrivateBroker,
+    run_app: RunApp,
+    amqp_channel: AbstractChannel,
+    ledger: Ledger,
+    content_type: str | None,
+    content_encoding: str | None,
+    body: bytes,
+) -> None:
+    """C3: pickle, gzip or non-JSON content is refused with INVALID_ARGUMENT, never decoded:
+    the handler never runs; acked once."""
+    app = await run_app(work_service(ledger))
+    received = _received()
+    caller = await RawCaller(
+        await raw_channel(amqp_channel), app.settings.namespace, ledger
+    ).start()
+    reply = await caller.call(
+        _WORK, body, content_type=content_type, content_encoding=content_encoding
+    )
+    error = reply_json(reply)
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert "content" in error["message"]
+    assert not caller.stray
+    await _assert_answered_and_acked(broker, app, ledger, received=received)
+    assert not ledger.started
+
+
+async def test_c3_foreign_content_without_caller_dead_lettered(
+    broker: PrivateBroker, run_app: RunApp, amqp_channel: AbstractChannel, ledger: Ledger
+) -> None:
+    """C3: a pickle cast is parked once with reason `unsupported_content`, never decoded."""
+    app = await run_app(work_service(ledger))
+    names = Names(app.settings.namespace)
+    received, parked_before = _received(), _dead_lettered("unsupported_content")
+    body = pickle.dumps({"key": "c3"})
+    correlation_id = await RawCaller(
+        await raw_channel(amqp_channel), names.namespace, ledger
+    ).publish(_WORK, body, content_type="application/x-python-pickle", reply_to=None)
+    [parked] = await drain_dead_letters(
+        broker.url, names.dead_letter_queue("work"), ledger, expect=1
+    )
+    assert DeadLetter.from_message(parked).reason == "unsupported_content"
+    assert parked.body == body
+    await app.stop()
+    summary = await drain_service(broker.url, ledger, names.namespace)
+    assert ledger.dead == {correlation_id}, summary
+    assert not ledger.queued, summary
+    assert not ledger.started
+    assert _received() == received + 1
+    assert _dead_lettered("unsupported_content") == parked_before + 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(_request("c4-big", blob="x" * 4096), id="valid-json"),
+        pytest.param(b'{"key": "c4-big", "blob": "' + b"x" * 4096, id="malformed-json"),
+    ],
+)
+async def test_c4_oversize_body_refused_before_parsing(
+    broker: PrivateBroker,
+    run_app: RunApp,
+    amqp_channel: AbstractChannel,
+    ledger: Ledger,
+    body: bytes,
+) -> None:
+    """C4: a 4 kB body above a 2 kB limit is refused for its size (even if malformed), acked;
+    the next small request is served."""
+    app = await run_app(work_service(ledger), max_body_bytes=2048)
+    received, rejected = _received(), _handled("rejected")
+    caller = await RawCaller(
+        await raw_channel(amqp_channel), app.settings.namespace, ledger
+    ).start()
+    error = reply_json(await caller.call(_WORK, body))
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert error["details"] == {"limit": 2048, "size": len(body)}
+    assert "malformed" not in error["message"]
+    assert not ledger.started
+    small = _request("c4-small")
+    ok = reply_json(await caller.call(_WORK, small, correlation_id="c4-small"))
+    assert ok == {"key": "c4-small"}
+    assert not caller.stray
+    assert _handled("rejected") == rejected + 1
+    await _assert_answered_and_acked(broker, app, ledger, received=received, deliveries=2)
+    assert dict(ledger.started) == {"c4-small": 1}
 
 
 class Size(Model):
@@ -92,6 +401,71 @@ async def test_c5_oversize_reply_and_event_refused_locally(
     assert sample("burrow_amqp_reconnects_total", link="publisher") == reconnects
     assert app.transport.publisher.ready.is_set()
     assert client.link.ready.is_set()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="lists"),
+        pytest.param(b'{"a":' * 100_000 + b"1" + b"}" * 100_000, id="objects"),
+    ],
+)
+async def test_c6_deeply_nested_json_refused_and_service_keeps_serving(  # noqa: PLR0917 (fixtures)
+    broker: PrivateBroker,
+    run_app: RunApp,
+    make_client: MakeClient,
+    amqp_channel: AbstractChannel,
+    ledger: Ledger,
+    body: bytes,
+) -> None:
+    """C6: 100,000 levels of nesting → INVALID_ARGUMENT, no RecursionError; acked; the service
+    still serves afterwards."""
+    app = await run_app(work_service(ledger), max_body_bytes=1_048_576)
+    client = await make_client(max_body_bytes=1_048_576)
+    received = _received()
+    caller = await RawCaller(
+        await raw_channel(amqp_channel), app.settings.namespace, ledger
+    ).start()
+    error = reply_json(await caller.call(_WORK, body))
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert "Recursion" not in error["message"]
+    assert not ledger.started
+    record = await tracked_call(client, 1, deadline=5, ledger=ledger)
+    assert record.outcome == "result", record
+    assert_calls_sound([record], client)
+    assert not caller.stray
+    assert app.health.ready
+    await _assert_answered_and_acked(broker, app, ledger, received=received, deliveries=2)
+    assert list(ledger.started.values()) == [1]
+
+
+@pytest.mark.parametrize("body", BINARY_GARBAGE)
+async def test_c7_binary_garbage_with_caller_gets_invalid_argument(
+    broker: PrivateBroker,
+    run_app: RunApp,
+    amqp_channel: AbstractChannel,
+    ledger: Ledger,
+    body: bytes,
+) -> None:
+    """C7: binary garbage from a caller → INVALID_ARGUMENT reply, acked once, never requeued;
+    the log holds the body's hash and prefix, not the body."""
+    await _garbage_with_caller(
+        body, broker=broker, run_app=run_app, channel=amqp_channel, ledger=ledger
+    )
+
+
+@pytest.mark.parametrize("body", BINARY_GARBAGE)
+async def test_c7_binary_garbage_without_caller_dead_lettered(
+    broker: PrivateBroker,
+    run_app: RunApp,
+    amqp_channel: AbstractChannel,
+    ledger: Ledger,
+    body: bytes,
+) -> None:
+    """C7: binary garbage as a cast → DLQ once, reason `malformed`, counted; never requeued."""
+    await _garbage_without_caller(
+        body, broker=broker, run_app=run_app, channel=amqp_channel, ledger=ledger
+    )
 
 
 def _flaky_service(calls: list[str]) -> Service:
@@ -182,3 +556,26 @@ async def test_c8_hostile_headers_capped_and_validated(
             assert len(str(value)) <= 2_000, f"log field {key} of {len(str(value))} chars"
     assert all(len(value) <= 128 for value in _burrow_label_values())
     assert app.health.ready
+
+
+async def test_c9_same_message_id_twice_is_processed_once(
+    broker: PrivateBroker, run_app: RunApp, make_link: MakeLink, ledger: Ledger
+) -> None:
+    """C9: with idempotency on, a second cast with the same message id is acked without a second
+    side effect (the handler does not run again)."""
+    app = await run_app(work_service(ledger, idempotent=True))
+    namespace = app.settings.namespace
+    producer = await make_link()
+    received, handled = _received(), _handled("ok")
+    for _ in range(2):
+        await publish_until_confirmed(
+            producer, ledger, cast(namespace, "c9-once"), give_up_after=10
+        )
+    # A later, distinct cast proves the duplicate was consumed (queues are FIFO per consumer).
+    await publish_until_confirmed(producer, ledger, cast(namespace, "c9-after"), give_up_after=10)
+    await ledger.wait_processed(["c9-once", "c9-after"], 10)
+    await wait_until(lambda: _handled("ok") >= handled + 3, 10, "all three casts handled")
+    assert ledger.effects == {"c9-once": 1, "c9-after": 1}, ledger.effects
+    assert ledger.started["c9-once"] == 1, "the duplicate ran the handler again"
+    await _assert_answered_and_acked(broker, app, ledger, received=received, deliveries=3)
+    assert not ledger.duplicates()

@@ -1,5 +1,5 @@
 """Faults B1 to B9 of RELIABILITY.md: crashes before the ack, poison and flaky work, backlog,
-slow handlers, acks that outlive their channel, and a graceful stop.
+slow handlers, double settles, acks that outlive their channel, and a graceful stop.
 
 Each checks the ledger oracle: nothing confirmed is lost, redeliveries are counted, not hidden.
 """
@@ -7,6 +7,7 @@ Each checks the ledger oracle: nothing confirmed is lost, redeliveries are count
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from service.dead_letters import DeadLetterTool
 from service.idempotency import MemoryStore
 from service.topology import Names
 from service.transport import Link
+from service.types import Delivery, DeliveryCallback, Settle
 from tests.faults.conftest import MakeClient, MakeLink, RunApp
 from tests.faults.harness import (
     Ledger,
@@ -438,3 +440,66 @@ async def test_b6_broker_consumer_timeout_never_crashes_the_service(  # noqa: PL
     assert record.outcome == "result", record
     assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
     assert not [e for e in logs if "dispatch failed" in e["event"]]
+
+
+async def test_b7_second_settle_is_ignored_by_the_broker_too(
+    broker: PrivateBroker, run_app: RunApp, make_link: MakeLink, ledger: Ledger, namespace: str
+) -> None:
+    """B7: a real delivery settled again after Burrow acked it (ack, requeue, reject through
+    its Delivery) reaches the broker once: no channel error, nothing redelivered. The same
+    second ack sent past the guard does close the channel (the check can fail)."""
+    settled: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    def settle_again(callback: DeliveryCallback) -> DeliveryCallback:
+        async def on_delivery(delivery: Delivery) -> None:
+            await callback(delivery)  # the server handles it and acks
+            await delivery.ack()
+            await delivery.requeue()
+            await delivery.reject()
+            await settled.put(delivery)
+
+        return on_delivery
+
+    def prepare(app: App) -> None:
+        specs = app.transport.consumer.consumers
+        specs[:] = [replace(spec, callback=settle_again(spec.callback)) for spec in specs]
+
+    app = await run_app(work_service(ledger), prepare=prepare)
+    lost = watch_loss(app.transport.consumer)
+    reconnects = sample("burrow_amqp_reconnects_total", link="consumer")
+    received = _received()
+    producer = await make_link()
+    deliveries: list[Delivery] = []
+    with capture_logs() as logs:
+        # One after the other: the second proves the channel outlived the first's extra settles.
+        for key in ("b7-0", "b7-1"):
+            await publish_until_confirmed(producer, ledger, cast(namespace, key), give_up_after=10)
+            async with asyncio.timeout(10):
+                deliveries.append(await settled.get())
+    assert [d.settled for d in deliveries] == [Settle.ACK, Settle.ACK]
+    ignored = [e for e in logs if e["event"] == "delivery already settled"]
+    assert [(e["first"], e["second"]) for e in ignored] == 2 * [
+        (Settle.ACK, Settle.ACK),
+        (Settle.ACK, Settle.REQUEUE),
+        (Settle.ACK, Settle.REJECT),
+    ]
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
+    assert not lost.is_set(), "the broker closed the channel: a second settle reached it"
+    assert sample("burrow_amqp_reconnects_total", link="consumer") == reconnects
+    assert app.transport.consumer.ready.is_set()
+    assert ledger.started == ledger.effects == {"b7-0": 1, "b7-1": 1}, "redelivered"
+    assert _received() == received + 2
+
+    # Control: the same second ack past Delivery's guard is an unknown delivery tag to the
+    # broker (PRECONDITION_FAILED), which closes the channel — what the guard prevents.
+    first = deliveries[0]
+    assert first.settle_fn is not None
+    await first.settle_fn(first, Settle.ACK)
+    async with asyncio.timeout(10):
+        await lost.wait()
+    await app.wait_ready(20)
+    await app.stop()
+    await _drain_all(broker, ledger, namespace)
+    assert not ledger.queued, ledger.summary()
+    assert not ledger.dead, ledger.summary()
+    assert _received() == received + 2, "an acked delivery came back after the reconnect"
