@@ -13,6 +13,7 @@ import signal
 import structlog
 
 from service.config import Settings, load_settings
+from service.errors import Unavailable
 from service.health import Health
 from service.http import HttpServer
 from service.idempotency import store_from_url
@@ -102,29 +103,54 @@ class App:
             await self.http.close()
         _log.info("burrow stopped")
 
-    async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT (exit 0) or a fatal broker error (exit 1)."""
+    async def run(self, stop: asyncio.Event | None = None) -> int:
+        """Serve until SIGTERM/SIGINT or `stop` is set (exit 0), or until a fatal broker error
+        or `BURROW_STARTUP_TIMEOUT` passing before the first ready (exit 1)."""
         await self.start()
-        stop = asyncio.Event()
+        stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
+        signals = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
+                signals.append(sig)
         fatal = asyncio.ensure_future(self._watch_fatal())
         waiter = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({fatal, waiter}, return_when="FIRST_COMPLETED")
-        code = 0
-        if fatal.done() and not fatal.cancelled():
-            _log.error("fatal broker error; exiting", error=fatal.result())
-            code = 1
-        fatal.cancel()
-        waiter.cancel()
-        await self.stop()
+        try:
+            await asyncio.wait({fatal, waiter}, return_when="FIRST_COMPLETED")
+            code = 0
+            if fatal.done() and not fatal.cancelled():
+                _log.error("fatal broker error; exiting", error=fatal.result())
+                code = 1
+            fatal.cancel()
+            waiter.cancel()
+            await self.stop()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
         return code
 
     async def _watch_fatal(self) -> str:
-        while True:
-            for link in self.transport.links:
-                if link.fatal is not None:
-                    return str(link.fatal)
-            await asyncio.sleep(0.2)
+        """The first fatal link error, or the startup timeout running out before ready."""
+        limit = self.settings.startup_timeout
+        startup = None
+        if limit is not None:
+            startup = asyncio.ensure_future(self.transport.wait_ready(limit))
+        try:
+            while True:
+                for link in self.transport.links:
+                    if link.fatal is not None:
+                        return str(link.fatal)
+                if startup is not None and startup.done():
+                    if isinstance(startup.exception(), Unavailable):
+                        problems = "; ".join(
+                            f"{link.name}: {link.last_error or 'consumers not attached'}"
+                            for link in self.transport.links
+                            if not link.ready.is_set()
+                        )
+                        return f"not ready within BURROW_STARTUP_TIMEOUT={limit:g}s ({problems})"
+                    startup = None  # ready in time: only the start is bounded
+                await asyncio.sleep(0.2)
+        finally:
+            if startup is not None:
+                startup.cancel()

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     tls_required: bool = Field(
         default=False, description="Refuse plain amqp:// URLs: every connection must be TLS."
     )
+    startup_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Exit 1 if not ready this many seconds after start (unset: keep trying).",
+    )
     passive_topology: bool = Field(
         default=False,
         description="Only check that exchanges/queues exist (least privilege; pre-provisioned).",

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel
+from structlog.testing import capture_logs
 
 from service import (
     App,
@@ -30,7 +31,7 @@ from service import (
 from service.topology import Names, QueueDecl, Topology, service_topology
 from service.transport import ConsumerSpec, Link
 from service.types import Delivery, Outgoing
-from tests.faults.conftest import MakeClient, MakeLink, RunApp
+from tests.faults.conftest import MakeClient, MakeLink, RunApp, make_settings
 from tests.faults.harness import (
     FaultProxy,
     Ledger,
@@ -307,6 +308,52 @@ async def test_a7_broker_down_at_start(
     await app.wait_ready(30)
     assert app.health.ready
     assert await _readyz(app) == 200
+
+
+async def test_a7_startup_timeout_exits_non_zero_with_the_cause(
+    proxy: FaultProxy, broker: PrivateBroker, ledger: Ledger, namespace: str
+) -> None:
+    """A7 (when so configured): broker unreachable for BURROW_STARTUP_TIMEOUT → `App.run`
+    returns 1 at about that time, with a message naming the timeout and the last error."""
+    proxy.refuse()
+    url = broker.url_for("guest", "guest", proxy.port)
+    app = App(work_service(ledger), settings=make_settings(url, namespace, startup_timeout=1.5))
+    started = time.monotonic()
+    with capture_logs() as logs:
+        code = await asyncio.wait_for(app.run(), 30)
+    elapsed = time.monotonic() - started
+    assert code == 1
+    assert 1.5 <= elapsed < 1.5 + 5, f"exited after {elapsed:.1f}s"
+    [event] = [e for e in logs if e["event"] == "fatal broker error; exiting"]
+    assert "BURROW_STARTUP_TIMEOUT=1.5s" in event["error"], event
+    assert "consumer:" in event["error"], event
+    assert "guest@" not in event["error"]  # the URL, if named, is redacted
+    assert not ledger.started
+
+
+async def test_a7_startup_timeout_bounds_only_the_start(
+    proxy: FaultProxy, broker: PrivateBroker, ledger: Ledger, namespace: str
+) -> None:
+    """A7: a broker that comes up within BURROW_STARTUP_TIMEOUT → the App serves and keeps
+    running past the timeout, also through a later outage; `stop` ends `run` with 0."""
+    proxy.refuse()
+    url = broker.url_for("guest", "guest", proxy.port)
+    app = App(work_service(ledger), settings=make_settings(url, namespace, startup_timeout=3))
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(app.run(stop))
+    try:
+        await asyncio.sleep(0.5)
+        proxy.heal()
+        await app.wait_ready(20)
+        proxy.reset_all()  # an outage after the start is waited out, not fatal
+        proxy.refuse()
+        await asyncio.sleep(4)  # past the startup timeout while not ready; nothing to await
+        assert not running.done(), "the App exited on an outage after its start"
+        proxy.heal()
+        await app.wait_ready(20)
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(running, 30) == 0
 
 
 async def test_a9_topology_conflict_fails_fast(  # noqa: PLR0917 (fixtures)
