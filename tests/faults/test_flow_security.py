@@ -35,6 +35,7 @@ from tests.faults.harness import (
     PublishOutcome,
     assert_calls_sound,
     cast,
+    drain_service,
     eventually,
     publish_until_confirmed,
     sample,
@@ -188,13 +189,7 @@ async def _resource_alarm(  # noqa: PLR0917 (fixtures)
     assert_calls_sound([record, call], client)
     await app.wait_ready(10)
     await app.stop()
-    names = Names(namespace)
-    await ledger.drain(
-        broker.url,
-        [names.request_queue("work"), names.commands_queue("work")],
-        [names.dead_letter_queue("work")],
-    )
-    summary = ledger.assert_sound()
+    summary = await drain_service(broker.url, ledger, namespace)
     # Only the message published in the alarm may arrive twice (its retry and itself).
     assert set(ledger.duplicates()) <= {"in-alarm"}, summary
 
@@ -391,13 +386,7 @@ async def test_f2_password_rotated_picked_up_on_reconnect(  # noqa: PLR0917 (fix
     }
     assert users == {"burrow:consumer": "f2", "burrow:publisher": "f2"}, users
     await app.stop()
-    names = Names(namespace)
-    await ledger.drain(
-        broker.url,
-        [names.request_queue("work"), names.commands_queue("work")],
-        [names.dead_letter_queue("work")],
-    )
-    ledger.assert_sound()
+    await drain_service(broker.url, ledger, namespace)
     out = capsys.readouterr()
     for where, text in (
         ("structlog", repr(logs)),
@@ -460,13 +449,7 @@ async def test_f4_tls_verified_call_round_trip(  # noqa: PLR0917 (fixtures)
     assert not seen["burrow:client"]["peer_cert_subject"]  # no client certificate configured
 
     await app.stop()
-    names = Names(namespace)
-    await ledger.drain(
-        broker.url,
-        [names.request_queue("work"), names.commands_queue("work")],
-        [names.dead_letter_queue("work")],
-    )
-    ledger.assert_sound()
+    await drain_service(broker.url, ledger, namespace)
 
 
 async def _tls_refused(
