@@ -28,6 +28,24 @@ MakeLink = Callable[..., Awaitable[Link]]
 _STOP_TIMEOUT = 30.0  # App.stop / Client.close taking longer than this is itself a defect
 
 
+async def _close_all(what: str, closers: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Close each, in order; one that hangs fails the test instead of hanging the session."""
+    for close in closers:
+        try:
+            async with asyncio.timeout(_STOP_TIMEOUT):
+                await close()
+        except TimeoutError:
+            pytest.fail(f"{what} did not return within {_STOP_TIMEOUT}s")
+
+
+async def _delete_declared(topologies: Sequence[Topology], broker: PrivateBroker) -> None:
+    """The node lives for the session: without this, every test's queues (quorum: one Raft log
+    each) pile up and a later crash recovery (A2) replays all of them. Best effort."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(30):
+            await delete_topology(*topologies, url=broker.url)
+
+
 def make_settings(url: str, namespace: str, **overrides: Any) -> Settings:
     """Settings for fault tests: fast reconnects, a 2 s heartbeat, short timeouts."""
     values: dict[str, Any] = {
@@ -122,17 +140,8 @@ async def run_app(namespace: str, broker: PrivateBroker) -> AsyncIterator[RunApp
         return app
 
     yield run
-    for app in apps:
-        try:
-            async with asyncio.timeout(_STOP_TIMEOUT):
-                await app.stop()
-        except TimeoutError:
-            pytest.fail(f"App.stop did not return within {_STOP_TIMEOUT}s")
-    # The node lives for the session: without this, every test's queues (quorum: one Raft log
-    # each) pile up and a later crash recovery (A2) replays all of them.
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(30):
-            await delete_topology(*(app.topology for app in apps), url=broker.url)
+    await _close_all("App.stop", [app.stop for app in apps])
+    await _delete_declared([app.topology for app in apps], broker)
 
 
 @pytest.fixture
@@ -151,12 +160,7 @@ async def make_client(namespace: str, broker: PrivateBroker) -> AsyncIterator[Ma
         return client
 
     yield make
-    for client in clients:
-        try:
-            async with asyncio.timeout(_STOP_TIMEOUT):
-                await client.close()
-        except TimeoutError:
-            pytest.fail(f"Client.close did not return within {_STOP_TIMEOUT}s")
+    await _close_all("Client.close", [client.close for client in clients])
 
 
 @pytest.fixture
@@ -180,12 +184,5 @@ async def make_link(namespace: str, broker: PrivateBroker) -> AsyncIterator[Make
         return link
 
     yield make
-    for link in links:
-        try:
-            async with asyncio.timeout(_STOP_TIMEOUT):
-                await link.close()
-        except TimeoutError:
-            pytest.fail(f"Link.close did not return within {_STOP_TIMEOUT}s")
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(30):
-            await delete_topology(*(link.topology for link in links), url=broker.url)
+    await _close_all("Link.close", [link.close for link in links])
+    await _delete_declared([link.topology for link in links], broker)

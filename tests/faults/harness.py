@@ -60,6 +60,7 @@ __all__ = [
     "eventually",
     "cast",
     "publish_until_confirmed",
+    "PublishStream",
     "wait_until",
     "watch_loss",
     "free_port",
@@ -70,6 +71,7 @@ __all__ = [
     "reply_json",
     "drain_dead_letters",
     "drain_service",
+    "drain_work",
     "tracked_route_call",
 ]
 
@@ -1054,6 +1056,53 @@ async def publish_until_confirmed(
         await asyncio.sleep(0.05)
 
 
+class PublishStream:
+    """One paced publisher (a stream, not a flood) confirming message after message into the
+    ledger while a test injects its fault; stopped, bounded, when the `async with` ends.
+
+    One stream only: concurrent publishers on one link can trip aiormq's
+    ChannelInvalidStateError leak (reported upstream).
+    """
+
+    def __init__(
+        self,
+        producer: Link,
+        ledger: Ledger,
+        message: Callable[[int], Outgoing],
+        *,
+        give_up_after: float = 60.0,
+    ) -> None:
+        self.producer, self.ledger, self.message = producer, ledger, message
+        self.give_up_after = give_up_after
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> PublishStream:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._stop.set()
+        assert self._task is not None
+        async with asyncio.timeout(self.give_up_after + 30):
+            await self._task
+
+    async def confirmed(self, more: int, timeout: float, what: str) -> None:
+        """Wait until `more` messages beyond those confirmed so far are confirmed."""
+        mark = len(self.ledger.confirmed)
+        await wait_until(lambda: len(self.ledger.confirmed) >= mark + more, timeout, what)
+
+    async def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            message = self.message(i)
+            await publish_until_confirmed(
+                self.producer, self.ledger, message, give_up_after=self.give_up_after
+            )
+            i += 1
+            await asyncio.sleep(0.01)
+
+
 # -- hand-made requests and the bad-input oracle ----------------------------------------------
 # Raw-channel requests (moved here from tests/integration with the C and D scenarios): they can
 # be exactly as broken as a buggy client or an attacker would send them.
@@ -1183,15 +1232,20 @@ async def drain_dead_letters(
         await connection.close()
 
 
-async def drain_service(url: str, ledger: Ledger, namespace: str, service: str = "work") -> str:
+async def drain_work(url: str, ledger: Ledger, namespace: str, service: str = "work") -> None:
     """Once the App stopped: take what is left in the service's request, commands and
-    dead-letter queues into `ledger`, assert the oracle, return its summary."""
+    dead-letter queues into `ledger`."""
     names = Names(namespace)
     await ledger.drain(
         url,
         [names.request_queue(service), names.commands_queue(service)],
         [names.dead_letter_queue(service)],
     )
+
+
+async def drain_service(url: str, ledger: Ledger, namespace: str, service: str = "work") -> str:
+    """`drain_work`, then assert the oracle; returns its summary."""
+    await drain_work(url, ledger, namespace, service)
     return ledger.assert_sound()
 
 

@@ -37,8 +37,10 @@ from tests.faults.harness import (
     Ledger,
     PrivateBroker,
     PublishOutcome,
+    PublishStream,
     assert_calls_sound,
     cast,
+    drain_work,
     eventually,
     publish_until_confirmed,
     tracked_call,
@@ -77,37 +79,19 @@ async def test_a1_clean_restart_mid_stream(
     app = await run_app(work_service(ledger))
     producer = await make_link()
 
-    stop = asyncio.Event()
-
-    async def stream(p: int) -> None:
-        i = 0
-        while not stop.is_set():
-            message = cast(namespace, f"a1-{p}-{i}")
-            await publish_until_confirmed(producer, ledger, message, give_up_after=60)
-            i += 1
-            await asyncio.sleep(0.01)  # pace the load: a stream, not a flood
-
-    # One stream: concurrent publishers can trip the ChannelInvalidStateError leak (reported).
-    producers = [asyncio.create_task(stream(0))]
-    await wait_until(lambda: len(ledger.confirmed) >= 40, 20, "40 confirmed before the fault")
-    await broker.stop_app()
-    await broker.start_app()
-    mark = len(ledger.confirmed)
-    await wait_until(lambda: len(ledger.confirmed) >= mark + 40, 60, "40 confirmed after it")
-    stop.set()
-    async with asyncio.timeout(90):
-        await asyncio.gather(*producers)
+    stream = PublishStream(producer, ledger, lambda i: cast(namespace, f"a1-{i}"))
+    async with stream:
+        await stream.confirmed(40, 20, "40 confirmed before the fault")
+        await broker.stop_app()
+        await broker.start_app()
+        await stream.confirmed(40, 60, "40 confirmed after it")
 
     await app.wait_ready(30)
     assert app.transport.consumer.attached == len(app.transport.consumer.consumers)
     assert await broker.consumer_count(names.request_queue("work")) == 1
     await ledger.wait_processed(ledger.confirmed, 30)
     await app.stop()
-    await ledger.drain(
-        broker.url,
-        [names.request_queue("work"), names.commands_queue("work")],
-        [names.dead_letter_queue("work")],
-    )
+    await drain_work(broker.url, ledger, namespace)
     summary = ledger.assert_sound()
     assert any(n > 1 for n in ledger.attempts.values()), f"no publish hit the outage: {summary}"
 
@@ -207,7 +191,6 @@ async def test_a5_tcp_reset_mid_publish(  # noqa: PLR0917 (fixtures)
     namespace: str,
 ) -> None:
     """A5: RST during large publishes: the publish raises, is retried, nothing partial consumed."""
-    names = Names(namespace)
     await run_app(work_service(ledger))
     producer = await make_link(url=broker.url_for("guest", "guest", proxy.port))
     blob = os.urandom(96 * 1024).hex()  # ~192 kB bodies: a reset lands mid-frame
@@ -224,11 +207,7 @@ async def test_a5_tcp_reset_mid_publish(  # noqa: PLR0917 (fixtures)
     async with asyncio.timeout(90):
         await asyncio.gather(*producers)
     await ledger.wait_processed(ledger.confirmed, 30)
-    await ledger.drain(
-        broker.url,
-        [names.request_queue("work"), names.commands_queue("work")],
-        [names.dead_letter_queue("work")],
-    )
+    await drain_work(broker.url, ledger, namespace)
     summary = ledger.assert_sound()
     assert not ledger.dead, f"a partial or corrupt body reached the handler: {summary}"
     assert sum(ledger.attempts.values()) > len(ledger.published), f"no publish failed: {summary}"
@@ -417,27 +396,17 @@ async def test_a2_broker_killed_hard(  # noqa: PLR0917 (fixtures)
     names = Names(namespace)
     app = await run_app(work_service(ledger))
     producer = await make_link(topology=service_topology(Service("parked"), settings))
-    stop = asyncio.Event()
 
-    async def stream() -> None:
+    def message(i: int) -> Outgoing:
         # One publisher alternating between a consumed and an unconsumed queue.
-        i = 0
-        while not stop.is_set():
-            route = "work.do" if i % 2 else "parked.do"
-            message = cast(namespace, f"a2-{route[:4]}-{i}", route=route)
-            await publish_until_confirmed(producer, ledger, message, give_up_after=120)
-            i += 1
-            await asyncio.sleep(0.01)
+        route = "work.do" if i % 2 else "parked.do"
+        return cast(namespace, f"a2-{route[:4]}-{i}", route=route)
 
-    producers = [asyncio.create_task(stream())]
-    await wait_until(lambda: len(ledger.confirmed) >= 40, 20, "40 confirmed before the kill")
-    await broker.kill_hard()
-    await broker.relaunch()
-    mark = len(ledger.confirmed)
-    await wait_until(lambda: len(ledger.confirmed) >= mark + 40, 60, "40 confirmed after it")
-    stop.set()
-    async with asyncio.timeout(130):
-        await asyncio.gather(*producers)
+    async with PublishStream(producer, ledger, message, give_up_after=120) as stream:
+        await stream.confirmed(40, 20, "40 confirmed before the kill")
+        await broker.kill_hard()
+        await broker.relaunch()
+        await stream.confirmed(40, 60, "40 confirmed after it")
     await app.wait_ready(30)
     assert await broker.consumer_count(names.request_queue("work")) == 1
     work = {k for k in ledger.confirmed if k.startswith("a2-work")}

@@ -17,11 +17,10 @@ from tests.faults.harness import (
     BrokerStartError,
     Ledger,
     PrivateBroker,
+    PublishStream,
     assert_calls_sound,
     cast,
-    publish_until_confirmed,
     tracked_call,
-    wait_until,
     watch_loss,
     work_service,
 )
@@ -69,32 +68,17 @@ async def test_g2_publishers_fail_over_nothing_confirmed_lost(
     await declarer.close()
     producer = await make_link(url=urls)
     client = await make_client(url=urls)
-    stop = asyncio.Event()
-
-    async def stream() -> None:
-        i = 0
-        while not stop.is_set():
-            message = cast(namespace, f"g2-{i}")
-            await publish_until_confirmed(producer, ledger, message, give_up_after=60)
-            i += 1
-            await asyncio.sleep(0.01)
-
-    producers = [asyncio.create_task(stream())]
+    stream = PublishStream(producer, ledger, lambda i: cast(namespace, f"g2-{i}"))
     try:
-        await wait_until(lambda: len(ledger.confirmed) >= 40, 20, "40 confirmed before")
-        client_lost = watch_loss(client.link)
-        producer_lost = watch_loss(producer)
-        await first.stop_app()  # every link started on the first URL: this is their node
-        mark = len(ledger.confirmed)
-        await wait_until(lambda: len(ledger.confirmed) >= mark + 40, 60, "40 confirmed after")
-        async with asyncio.timeout(10):
-            await client_lost.wait()
-        await client.link.wait_ready(30)  # the caller's link failed over too
-    finally:
-        stop.set()
-        async with asyncio.timeout(70):
-            await asyncio.gather(*producers)
-    try:
+        async with stream:
+            await stream.confirmed(40, 20, "40 confirmed before")
+            client_lost = watch_loss(client.link)
+            producer_lost = watch_loss(producer)
+            await first.stop_app()  # every link started on the first URL: this is their node
+            await stream.confirmed(40, 60, "40 confirmed after")
+            async with asyncio.timeout(10):
+                await client_lost.wait()
+            await client.link.wait_ready(30)  # the caller's link failed over too
         await ledger.drain(others[0].url, [names.commands_queue("work")])
         summary = ledger.assert_sound()
         assert ledger.confirmed <= ledger.queued, summary

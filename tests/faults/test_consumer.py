@@ -28,6 +28,8 @@ from tests.faults.harness import (
     assert_calls_sound,
     cast,
     crash_link,
+    drain_service,
+    drain_work,
     eventually,
     publish_until_confirmed,
     sample,
@@ -45,7 +47,6 @@ async def test_b8_stale_acks_across_reconnect(
     broker: PrivateBroker, run_app: RunApp, make_link: MakeLink, ledger: Ledger, namespace: str
 ) -> None:
     """B8: acks for deliveries of a dead channel fail quietly; the broker redelivers them."""
-    names = Names(namespace)
     gate = asyncio.Event()
     app = await run_app(work_service(ledger, gate=gate))
     producer = await make_link()
@@ -77,11 +78,7 @@ async def test_b8_stale_acks_across_reconnect(
     assert all(ledger.started[k] == 2 for k in keys), ledger.started
     assert all(ledger.effects[k] in (1, 2) for k in keys), ledger.effects
     await app.stop()
-    await ledger.drain(
-        broker.url,
-        [names.request_queue("work"), names.commands_queue("work")],
-        [names.dead_letter_queue("work")],
-    )
+    await drain_work(broker.url, ledger, namespace)
     ledger.assert_sound()
     assert not ledger.queued
 
@@ -91,7 +88,6 @@ async def test_b9_graceful_stop_under_load(
     broker: PrivateBroker, run_app: RunApp, make_link: MakeLink, ledger: Ledger, namespace: str
 ) -> None:
     """B9: App.stop under load finishes and acks in-flight work; the rest stays queued."""
-    names = Names(namespace)
     app = await run_app(work_service(ledger), prefetch=5)
     producer = await make_link()
     keys = [f"b9-{i}" for i in range(40)]
@@ -103,11 +99,7 @@ async def test_b9_graceful_stop_under_load(
         await app.stop()
     interrupted = set(ledger.started) - ledger.processed
     assert not interrupted, f"handlers cut short by stop: {sorted(interrupted)}"
-    await ledger.drain(
-        broker.url,
-        [names.request_queue("work"), names.commands_queue("work")],
-        [names.dead_letter_queue("work")],
-    )
+    await drain_work(broker.url, ledger, namespace)
     summary = ledger.assert_sound()
     assert not (ledger.queued & ledger.processed), f"finished work was not acked: {summary}"
     assert ledger.queued, f"stop came after all the work: nothing tested ({summary})"
@@ -125,16 +117,6 @@ async def _publish_all(
         await publish_until_confirmed(
             link, ledger, cast(namespace, key, **fields), give_up_after=10
         )
-
-
-async def _drain_all(broker: PrivateBroker, ledger: Ledger, namespace: str) -> str:
-    names = Names(namespace)
-    await ledger.drain(
-        broker.url,
-        [names.request_queue("work"), names.commands_queue("work")],
-        [names.dead_letter_queue("work")],
-    )
-    return ledger.assert_sound()
 
 
 class _CrashAfterPut(MemoryStore):
@@ -197,7 +179,7 @@ async def test_b1_crash_after_side_effect_before_ack(  # noqa: PLR0917 (fixtures
         await wait_until(lambda: ledger.effects["b1-0"] == 2, 10, "the raw second effect")
         assert ledger.duplicates() == {"b1-0": 2}
     await app.stop()
-    await _drain_all(broker, ledger, namespace)
+    await drain_service(broker.url, ledger, namespace)
     assert not ledger.queued, ledger.summary()
     assert not ledger.dead, ledger.summary()
 
@@ -290,7 +272,7 @@ async def test_b3_poison_message_bounded_then_dead_lettered(  # noqa: PLR0917 (f
     names = Names(namespace)
     for level in range(3):
         assert await broker.ready_count(names.retry_queue(level)) == 0
-    await _drain_all(broker, ledger, namespace)
+    await drain_service(broker.url, ledger, namespace)
     assert ledger.dead == set(retryable + fatal)
     assert not ledger.processed
 
@@ -319,7 +301,7 @@ async def test_b4_transient_dependency_failure_retried_until_back(
     await ledger.wait_processed(keys, 20)
     assert all(2 <= ledger.started[k] <= 6 for k in keys), ledger.started
     assert not ledger.duplicates()
-    await _drain_all(broker, ledger, namespace)
+    await drain_service(broker.url, ledger, namespace)
     assert not ledger.dead, ledger.summary()
     assert not ledger.queued, ledger.summary()
 
@@ -372,7 +354,7 @@ async def test_b5_backlog_in_flight_never_exceeds_prefetch(
     await ledger.wait_processed(keys, 30)
     assert peak == prefetch, f"{peak} handlers at once with prefetch={prefetch}"
     assert not ledger.duplicates()
-    await _drain_all(broker, ledger, namespace)
+    await drain_service(broker.url, ledger, namespace)
 
 
 @pytest.mark.slow
@@ -499,7 +481,7 @@ async def test_b7_second_settle_is_ignored_by_the_broker_too(
         await lost.wait()
     await app.wait_ready(20)
     await app.stop()
-    await _drain_all(broker, ledger, namespace)
+    await drain_service(broker.url, ledger, namespace)
     assert not ledger.queued, ledger.summary()
     assert not ledger.dead, ledger.summary()
     assert _received() == received + 2, "an acked delivery came back after the reconnect"

@@ -41,6 +41,7 @@ from tests.faults.harness import (
     assert_calls_sound,
     drain_dead_letters,
     drain_service,
+    drain_work,
     raw_channel,
     sample,
     tracked_call,
@@ -195,12 +196,7 @@ async def test_d2_expired_request_not_executed_and_counted(
     await wait_until(lambda: _handled("expired") >= expired + 2, _WAIT, "two expired requests")
     assert not ledger.started
     await app.stop()
-    names = Names(app.settings.namespace)
-    await ledger.drain(
-        broker.url,
-        [names.request_queue("work"), names.commands_queue("work")],
-        [names.dead_letter_queue("work")],
-    )
+    await drain_work(broker.url, ledger, app.settings.namespace)
     assert not ledger.started
     assert not ledger.queued, ledger.summary()
     assert not ledger.dead, ledger.summary()
