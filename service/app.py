@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from typing import Any
 
 import structlog
 
@@ -132,25 +133,29 @@ class App:
 
     async def _watch_fatal(self) -> str:
         """The first fatal link error, or the startup timeout running out before ready."""
+        links = self.transport.links
+        pending: set[asyncio.Future[Any]] = {
+            asyncio.ensure_future(link.failed.wait()) for link in links
+        }
         limit = self.settings.startup_timeout
         startup = None
         if limit is not None:
             startup = asyncio.ensure_future(self.transport.wait_ready(limit))
+            pending.add(startup)
         try:
             while True:
-                for link in self.transport.links:
+                done, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
+                for link in links:
                     if link.fatal is not None:
                         return str(link.fatal)
-                if startup is not None and startup.done():
-                    if isinstance(startup.exception(), Unavailable):
-                        problems = "; ".join(
-                            f"{link.name}: {link.last_error or 'consumers not attached'}"
-                            for link in self.transport.links
-                            if not link.ready.is_set()
-                        )
-                        return f"not ready within BURROW_STARTUP_TIMEOUT={limit:g}s ({problems})"
-                    startup = None  # ready in time: only the start is bounded
-                await asyncio.sleep(0.2)
+                if startup in done and isinstance(startup.exception(), Unavailable):
+                    problems = "; ".join(
+                        f"{link.name}: {link.last_error or 'consumers not attached'}"
+                        for link in links
+                        if not link.ready.is_set()
+                    )
+                    return f"not ready within BURROW_STARTUP_TIMEOUT={limit:g}s ({problems})"
+                # Otherwise ready in time: only the start is bounded; keep watching for fatal.
         finally:
-            if startup is not None:
-                startup.cancel()
+            for future in pending:
+                future.cancel()

@@ -360,6 +360,22 @@ async def test_a9_topology_conflict_fails_fast(  # noqa: PLR0917 (fixtures)
     assert attempts <= 2
 
 
+async def test_a9_run_exits_1_on_the_conflict(
+    broker: PrivateBroker, ledger: Ledger, namespace: str, amqp_channel: AbstractChannel
+) -> None:
+    """A9: `App.run` (what `burrow run` serves with) returns 1 at once on a topology conflict,
+    logging the conflict, instead of serving without its queue."""
+    queue = Names(namespace).request_queue("work")
+    await amqp_channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "classic"})
+    app = App(work_service(ledger), settings=make_settings(broker.url, namespace))
+    with capture_logs() as logs:
+        code = await asyncio.wait_for(app.run(), 20)
+    assert code == 1
+    [event] = [e for e in logs if e["event"] == "fatal broker error; exiting"]
+    assert queue in event["error"], event
+    await amqp_channel.queue_delete(queue)
+
+
 @pytest.mark.slow
 async def test_a10_queue_deleted_under_live_consumer(
     broker: PrivateBroker, run_app: RunApp, make_client: MakeClient, ledger: Ledger, namespace: str
