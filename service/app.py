@@ -63,7 +63,9 @@ class App:
         for server in self.servers:
             consumers.extend(server.consumers())
         consumers.append(self.forwarder.consumer())
-        self.health = Health(links=self.transport.links)
+        self.health = Health(
+            links=self.transport.links, consumers=self.servers, prefetch=self.settings.prefetch
+        )
         self.http = (
             HttpServer(self.health, self.settings.http_host, self.settings.http_port)
             if http

@@ -26,6 +26,8 @@ __all__ = [
     "H_DEAD_ERROR",
     "H_ORIGINAL_EXCHANGE",
     "H_ORIGINAL_ROUTING_KEY",
+    "H_JOB_ID",
+    "H_CALLBACK",
     "MAX_ERROR_DETAILS",
     "Model",
     "check_envelope",
@@ -47,6 +49,8 @@ H_DEAD_REASON = "x-burrow-dead-reason"
 H_DEAD_ERROR = "x-burrow-dead-error"
 H_ORIGINAL_EXCHANGE = "x-burrow-original-exchange"
 H_ORIGINAL_ROUTING_KEY = "x-burrow-original-routing-key"
+H_JOB_ID = "x-job-id"
+H_CALLBACK = "x-callback-route"  # routing key on the events exchange for the completion
 
 MAX_ERROR_DETAILS = 20
 

@@ -68,11 +68,32 @@ def envelope_schema() -> dict[str, Any]:
         "$id": "urn:burrow:envelope-headers",
         "title": "EnvelopeHeaders",
         "type": "object",
+        "description": (
+            "AMQP field-table values; how each AMQP type is read is in docs/protocol.md §3. "
+            "Text may also arrive as a byte array or long string of UTF-8 bytes."
+        ),
         "properties": {
-            H_DEADLINE: {"type": "integer", "minimum": 0, "description": "ms since the epoch"},
-            H_KIND: {"type": "string", "enum": ["call", "cast", "submit"]},
+            H_DEADLINE: {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "exclusiveMaximum": 2**53,
+                "description": (
+                    "ms since the epoch; Burrow sends an integer and accepts any integer "
+                    "width, a float, double or decimal (rounded), or an AMQP timestamp; any "
+                    "other value present is refused with INVALID_ARGUMENT"
+                ),
+            },
+            H_KIND: {
+                "type": "string",
+                "enum": ["call", "cast", "submit"],
+                "description": "other values and types are treated as absent",
+            },
             H_STATUS: {"type": "string", "enum": ["ok", "error"]},
-            H_VERSION: {"type": "string", "pattern": "^[0-9]+$"},
+            H_VERSION: {
+                "type": ["string", "integer"],
+                "pattern": "^[0-9]+$",
+                "description": "a string or an integer; another type is refused (INVALID_ARGUMENT)",
+            },
             H_JOB_ID: {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
             H_CALLBACK: {"type": "string", "maxLength": 255},
         },

@@ -8,7 +8,6 @@ headers saying why, when, the error, and where it was originally routed (for rep
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +29,11 @@ from service.codec import (
     H_ORIGINAL_ROUTING_KEY,
 )
 from service.config import Settings
+from service.envelope import forward
 from service.errors import NotFound, ServiceError
 from service.topology import Names
 from service.transport import Link
-from service.types import Delivery, Outgoing
+from service.types import Delivery
 
 __all__ = ["H_DEAD_AT", "DeadLetter", "DeadLetterQueue", "DeadLetterTool"]
 
@@ -50,27 +50,17 @@ class DeadLetterQueue:
 
     async def park(self, delivery: Delivery, reason: str, error: ServiceError | None) -> None:
         """Publish `delivery` into the DLQ with a confirm (the caller acks it afterwards)."""
-        headers: dict[str, Any] = dict(delivery.headers)
-        headers.update(
-            {
-                H_DEAD_REASON: reason,
-                H_DEAD_ERROR: codec.encode(error.to_wire()).decode() if error else "",
-                H_ORIGINAL_EXCHANGE: delivery.exchange,
-                H_ORIGINAL_ROUTING_KEY: delivery.routing_key,
-                H_DEAD_AT: int(time.time() * 1000),
-            }
-        )
-        message = Outgoing(
+        message = forward(
+            delivery,
             exchange=self.names.dead_letter_exchange,
             routing_key=self.name,
-            body=delivery.body,
-            message_id=delivery.message_id or uuid.uuid4().hex,
-            type=delivery.type,
-            correlation_id=delivery.correlation_id,
-            reply_to=delivery.reply_to,
-            headers=headers,
-            persistent=True,
-            content_type=delivery.content_type or "application/octet-stream",
+            add={
+                H_DEAD_REASON: reason,
+                H_DEAD_ERROR: codec.encode(error.to_wire()).decode() if error else "",
+                H_ORIGINAL_EXCHANGE: str(delivery.exchange),
+                H_ORIGINAL_ROUTING_KEY: str(delivery.routing_key),
+                H_DEAD_AT: int(time.time() * 1000),
+            },
         )
         await self.publisher.publish(message, kind="dead_letter", mandatory=True, check_size=False)
 

@@ -1,14 +1,24 @@
-"""Liveness and readiness: ready means connected, every consumer attached, and not draining."""
+"""Liveness and readiness: ready means connected, every consumer attached and making
+progress, and not draining."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from service import metrics
 from service.transport import Link
 
-__all__ = ["Health"]
+__all__ = ["Health", "Progress"]
+
+
+class Progress(Protocol):
+    """A consumer side that can tell which queues have deliveries held past their timeout."""
+
+    def stuck(self) -> dict[str, int]:
+        """Per queue, the deliveries held past the handler timeout."""
+        ...
 
 
 @dataclass
@@ -17,6 +27,8 @@ class Health:
 
     links: Sequence[Link] = field(default_factory=tuple)
     draining: bool = False
+    consumers: Sequence[Progress] = field(default_factory=tuple)
+    prefetch: int | None = None  # per consumer: that many stuck deliveries stall it
 
     def __post_init__(self) -> None:
         for link in self.links:
@@ -37,6 +49,14 @@ class Health:
                 found.append(f"{link.name}: {link.attached}/{len(link.consumers)} consumers")
             if link.blocked:
                 found.append(f"{link.name}: blocked by the broker (resource alarm)")
+        if self.prefetch is not None:
+            for consumer in self.consumers:
+                for queue, held in sorted(consumer.stuck().items()):
+                    if held >= self.prefetch:
+                        found.append(
+                            f"consumer of {queue}: all {self.prefetch} prefetch slots held "
+                            "past the handler timeout; no progress"
+                        )
         return found
 
     @property

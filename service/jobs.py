@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from service import codec, tracing
-from service.codec import H_STATUS, H_VERSION
+from service.codec import H_CALLBACK, H_JOB_ID, H_STATUS, H_VERSION
 from service.errors import InvalidArgument, error_from_wire
 from service.topology import Names, QueueDecl
 from service.transport import Link
@@ -26,8 +26,6 @@ __all__ = [
     "Job",
 ]
 
-H_JOB_ID = "x-job-id"
-H_CALLBACK = "x-callback-route"  # routing key on the events exchange for the completion
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ROUTE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,15}$")
 

@@ -128,6 +128,10 @@ DEAD_LETTER_REASONS = (
     "invalid_reply_to",
     "failed",
     "retries_exhausted",
+    "undecodable",
+    "invalid_target",
+    "job_id_in_use",
+    "internal",
 )
 
 # Label values of burrow_messages_published_total{kind}, all created at zero.

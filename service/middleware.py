@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from service import codec, metrics, tracing
+from service.envelope import Refusal
 from service.errors import DeadlineExceeded, Internal, ServiceError, Unavailable
 from service.registry import Operation, Subscription
 from service.types import Delivery, Outcome
@@ -55,6 +56,8 @@ class Request:
     callback: str | None = None  # validated callback routing key of a submit
     attempt: int = 0  # retries already made (from x-death)
     max_retries: int = 0
+    version: str | None = None  # x-contract-version as sent, coerced to text
+    refusal: Refusal | None = None  # the envelope could not be used (undecodable, bad header)
     started: float = field(default_factory=time.perf_counter)
 
     @property

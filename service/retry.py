@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.envelope import forward
 from service.topology import Names
 from service.types import Delivery, Outgoing
 
@@ -43,16 +44,8 @@ def retry_level(attempt: int, levels: int) -> int:
 
 
 def retry_message(delivery: Delivery, names: Names, level: int) -> Outgoing:
-    """The copy of `delivery` that waits at `level` and then goes back to its queue."""
-    return Outgoing(
-        exchange=names.retry_exchange(level),
-        routing_key=delivery.queue,
-        body=delivery.body,
-        message_id=delivery.message_id or "",
-        type=delivery.type,
-        correlation_id=delivery.correlation_id,
-        reply_to=delivery.reply_to,
-        headers=dict(delivery.headers),  # keeps x-death, which the broker keeps counting
-        persistent=True,
-        content_type=delivery.content_type or "application/json",
-    )
+    """The copy of `delivery` that waits at `level` and then goes back to its queue.
+
+    It keeps x-death, which the broker keeps counting.
+    """
+    return forward(delivery, exchange=names.retry_exchange(level), routing_key=delivery.queue)

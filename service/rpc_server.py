@@ -8,18 +8,21 @@ middleware chain → endpoint (codec + handler) → reply, completion or dead le
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import structlog
 from pydantic import BaseModel
 
-from service import codec, metrics, tracing
-from service.codec import H_DEADLINE, H_KIND, H_STATUS, H_VERSION
+from service import codec, envelope, metrics, tracing
+from service.codec import H_STATUS, H_VERSION
 from service.config import Settings
 from service.dead_letters import DeadLetterQueue
 from service.errors import (
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     MessageTooLarge,
     NotFound,
@@ -30,7 +33,7 @@ from service.errors import (
 )
 from service.events import event_message, publish_event
 from service.idempotency import Claim, IdempotencyStore, MemoryStore
-from service.jobs import H_CALLBACK, H_JOB_ID, completion_messages, valid_callback, valid_job_id
+from service.jobs import completion_messages, valid_callback, valid_job_id
 from service.middleware import DEFAULT_MIDDLEWARE, Middleware, Request, Result, compose, failure
 from service.registry import Context, Operation, Service, Subscription
 from service.retry import attempts, retry_level, retry_message
@@ -41,7 +44,6 @@ from service.types import Delivery, DeliveryCallback, Outcome, Outgoing, new_id
 __all__ = ["RpcServer"]
 
 _log = structlog.get_logger("burrow.rpc_server")
-_KINDS = frozenset({"call", "cast", "submit"})
 _REPLY_PREFIX = DIRECT_REPLY_TO + "."
 _LEASE_MARGIN = 5.0  # seconds an idempotency claim outlives the handler timeout
 
@@ -73,6 +75,8 @@ class RpcServer:
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        # Deliveries being handled: the queue they came from and when the handler must be done.
+        self._held: dict[Delivery, tuple[str, float]] = {}
         self._chain = compose(middleware, self._endpoint)
         self._version = str(service.major)
         self._accepts = frozenset(str(major) for major in service.accepts)
@@ -93,69 +97,107 @@ class RpcServer:
             specs.append(ConsumerSpec(queue, self._event_callback(sub)))
         return specs
 
+    def stuck(self) -> dict[str, int]:
+        """Per queue, how many deliveries are held past their handler timeout (plus the publish
+        timeout of the answer): when that reaches the prefetch, the consumer is stalled."""
+        now = time.monotonic()
+        found: dict[str, int] = {}
+        for queue, due in self._held.values():
+            if due < now:
+                found[queue] = found.get(queue, 0) + 1
+        return found
+
     async def on_delivery(self, delivery: Delivery) -> None:
         """Handle one call, cast or submit end to end; never raises."""
-        await self._handle(delivery, self._request(delivery))
+        request = self._request(delivery)
+        await self._handle(delivery, request, envelope.text(delivery.headers.get(tracing.HEADER)))
 
     def _event_callback(self, sub: Subscription) -> DeliveryCallback:
         async def on_event(delivery: Delivery) -> None:
+            fields = envelope.read(delivery)
             request = Request(
                 service=self.service.name,
                 route=sub.route,
                 operation=sub,
                 delivery=delivery,
                 kind="event",
-                deadline=_deadline(delivery.headers.get(H_DEADLINE)),
+                deadline=fields.deadline,
                 reply_to=None,
                 handler_timeout=sub.timeout or self.settings.handler_timeout,
                 attempt=attempts(delivery.headers, self.names),
                 max_retries=_pick(sub.retries, self.settings.max_retries),
+                refusal=fields.refusal,
             )
-            await self._handle(delivery, request)
+            await self._handle(delivery, request, fields.traceparent)
 
         return on_event
 
-    async def _handle(self, delivery: Delivery, request: Request) -> None:
+    async def _handle(
+        self, delivery: Delivery, request: Request, traceparent: str | None = None
+    ) -> None:
         self.in_flight += 1
         self.idle.clear()
-        token = tracing.activate(tracing.parse(delivery.headers.get(tracing.HEADER)))
+        due = time.monotonic() + request.handler_timeout + self.settings.publish_timeout
+        self._held[delivery] = (delivery.queue, due)
+        token = tracing.activate(tracing.parse(traceparent))
         try:
             result = await self._chain(request)
             await self._finish(request, result)
-        except Exception:  # a bug here must not kill the consumer; the broker redelivers
-            _log.exception("dispatch failed; requeueing", message_id=delivery.message_id)
-            await delivery.requeue()
+        except Exception:
+            # A bug, not the broker: requeueing would bring the same message back for ever.
+            # Park it (reason internal) and keep serving; if even that fails, reject it to the
+            # queue's own dead-letter exchange.
+            _log.exception(
+                "dispatch failed; dead-lettering",
+                message_id=str(delivery.message_id or "")[:128],
+                route=request.route[:128],
+            )
+            await self._park_after_bug(delivery)
         finally:
             tracing.deactivate(token)
+            del self._held[delivery]
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
 
+    async def _park_after_bug(self, delivery: Delivery) -> None:
+        if delivery.settled is not None:
+            return
+        try:
+            await self.dead_letters.park(delivery, "internal", Internal("dispatch failed"))
+        except Exception:  # last resort: never leave a delivery unsettled
+            await delivery.reject()
+            return
+        await delivery.ack()
+
     def _request(self, delivery: Delivery) -> Request:
-        headers = delivery.headers
+        fields = envelope.read(delivery)
         route = delivery.type or delivery.routing_key
-        kind = headers.get(H_KIND)
-        if kind not in _KINDS:
-            kind = "call" if delivery.reply_to else "cast"
+        kind = fields.kind or ("call" if delivery.reply_to else "cast")
         reply_to = delivery.reply_to
         if kind != "call" or not reply_to or not reply_to.startswith(_REPLY_PREFIX):
             reply_to = None
-        job_id = valid_job_id(headers.get(H_JOB_ID)) if kind == "submit" else None
+        refusal = fields.refusal
+        if refusal is not None and not refusal.answerable:
+            reply_to = None  # the reply address itself came undecodable: nobody to answer
+        job_id = valid_job_id(fields.job_id) if kind == "submit" else None
         operation = self.service.get(route)
         timeout = (operation.timeout if operation else None) or self.settings.handler_timeout
         return Request(
             service=self.service.name,
-            route=route if len(route) <= 128 else route[:128],
+            route=route,
             operation=operation,
             delivery=delivery,
-            kind=str(kind),
-            deadline=_deadline(headers.get(H_DEADLINE)),
+            kind=kind,
+            deadline=fields.deadline,
             reply_to=reply_to,
             job_id=job_id,
-            callback=valid_callback(headers.get(H_CALLBACK)) if job_id else None,
+            callback=valid_callback(fields.callback) if job_id else None,
             handler_timeout=timeout,
-            attempt=attempts(headers, self.names) if kind != "call" else 0,
+            attempt=attempts(delivery.headers, self.names) if kind != "call" else 0,
             max_retries=_pick(operation.retries if operation else None, self.settings.max_retries),
+            version=fields.version,
+            refusal=refusal,
         )
 
     async def _endpoint(self, request: Request) -> Result:
@@ -169,6 +211,12 @@ class RpcServer:
         except InvalidArgument as exc:
             reason = "malformed" if exc.details.get("reason") == "json" else "invalid"
             return failure(request, exc, reason, Outcome.REJECTED)
+        if request.job_id is not None and not await self._own_job(request):
+            # Another submit holds this job id: its result must not be touched. Nobody is
+            # answered (the job's queue belongs to the first submitter); the copy is parked.
+            request.job_id = request.callback = None
+            error = FailedPrecondition("the job id is already in use by another submit")
+            return Result(Outcome.DEAD_LETTERED, error=error, dead_reason="job_id_in_use")
         key = self._idempotency_key(op, payload, request.delivery) if op.idempotent else None
         if key is None:
             return Result(Outcome.OK, reply=await self._run(op, payload, request))
@@ -199,6 +247,23 @@ class RpcServer:
             raise TypeError(f"{op.route} returned {type(reply).__name__}")
         return codec.encode(reply)
 
+    async def _own_job(self, request: Request) -> bool:
+        """H8: the first submit of a job id owns it for the result's lifetime; a redelivered
+        copy of that submit (same id, route, callback and body) is still its owner."""
+        assert request.job_id is not None
+        delivery = request.delivery
+        digest = hashlib.sha256()
+        for part in (request.route, request.callback or "", str(delivery.message_id or "")):
+            digest.update(part.encode("utf-8", "backslashreplace") + b"\0")
+        digest.update(delivery.body)
+        owner = digest.digest()
+        key = f"{self.names.namespace}:job-owner:{request.job_id}"
+        claim = await self._claim(key, request)
+        if claim.state == "mine":
+            await self.store.put(key, owner, self.settings.job_result_ttl + _LEASE_MARGIN)
+            return True
+        return claim.answer == owner
+
     async def _claim(self, key: str, request: Request) -> Claim:
         """Claim the key, or wait while another copy of the message holds it (bounded by the
         deadline middleware's handler timeout); the lease outlives a crashed holder's handler."""
@@ -210,15 +275,18 @@ class RpcServer:
         return claim
 
     def _admit(self, request: Request) -> Result | None:
-        """Refuse before parsing: nobody to answer, foreign version, envelope, unknown op."""
+        """Refuse before parsing: unreadable envelope, nobody to answer, foreign version,
+        envelope limits, unknown op."""
         delivery = request.delivery
+        if request.refusal is not None:
+            return failure(request, request.refusal.error, request.refusal.reason, Outcome.REJECTED)
         refused = _refusal(request)
         if refused is not None:
             return refused
-        version = delivery.headers.get(H_VERSION)
-        if version is not None and request.kind != "event" and str(version) not in self._accepts:
+        version = request.version
+        if version is not None and request.kind != "event" and version not in self._accepts:
             refusal = FailedPrecondition(
-                f"contract version {str(version)[:16]!r} is not accepted by {self.service.name}",
+                f"contract version {version[:16]!r} is not accepted by {self.service.name}",
                 details={"accepted": sorted(self._accepts), "current": self._version},
             )
             return failure(request, refusal, "invalid", Outcome.REJECTED)
@@ -229,7 +297,7 @@ class RpcServer:
         except InvalidArgument as exc:
             return failure(request, exc, "unsupported_content", Outcome.REJECTED)
         if request.operation is None:
-            error = NotFound(f"unknown operation {request.route!r}")
+            error = NotFound(f"unknown operation {request.route[:128]!r}")
             return failure(request, error, "unknown_operation", Outcome.REJECTED)
         return None
 
@@ -378,10 +446,3 @@ def _answer(result: Result) -> tuple[bytes, str]:
 
 def _pick(value: int | None, default: int) -> int:
     return default if value is None else value
-
-
-def _deadline(value: object) -> float | None:
-    # Hostile input: accept only a plausible integer millisecond timestamp.
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**53:
-        return value / 1000.0
-    return None

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from dataclasses import replace
 
 import structlog
 
 from service.config import Settings
-from service.errors import ServiceError, Unavailable
+from service.dead_letters import DeadLetterQueue
+from service.envelope import forward, text, undecodable_fields
+from service.errors import InvalidArgument, ServiceError, Unavailable
 from service.topology import Names
 from service.transport import ConsumerSpec, Link
 from service.types import Delivery, Outgoing
@@ -97,6 +98,7 @@ class Forwarder:
     def __init__(self, settings: Settings, publisher: Link) -> None:
         self.names = Names(settings.namespace)
         self.publisher = publisher
+        self.dead_letters = DeadLetterQueue(self.names, "scheduler", publisher)
         self._targets = frozenset(
             {self.names.rpc_exchange, self.names.commands_exchange, self.names.events_exchange}
         )
@@ -107,25 +109,31 @@ class Forwarder:
 
     async def on_delivery(self, delivery: Delivery) -> None:
         """Forward one due message; a target that is gone sends it to the scheduler's DLQ."""
-        headers = delivery.headers
-        exchange, key = headers.get(H_TARGET_EXCHANGE), headers.get(H_TARGET_KEY)
-        if exchange not in self._targets or not isinstance(key, str):
-            # Only Burrow's own exchanges may be targeted: nothing else is forwarded.
-            _log.warning("scheduled message with a foreign target", target=str(exchange)[:64])
-            await delivery.reject()
+        exchange = text(delivery.headers.get(H_TARGET_EXCHANGE))
+        key = text(delivery.headers.get(H_TARGET_KEY))
+        undecodable = undecodable_fields(delivery)
+        if exchange not in self._targets or key is None or undecodable:
+            # Only Burrow's own exchanges may be targeted, and only what can be read again.
+            reason = "undecodable" if undecodable else "invalid_target"
+            _log.warning(
+                "scheduled message refused; dead-lettered",
+                reason=reason,
+                target=(exchange or "")[:64],
+                message_id=str(delivery.message_id or "")[:128],
+            )
+            error = InvalidArgument(
+                f"a delayed message must name one of {sorted(self._targets)} in "
+                f"{H_TARGET_EXCHANGE} and a routing key in {H_TARGET_KEY}, all decodable",
+                details={"fields": undecodable[:8]},
+            )
+            try:
+                await self.dead_letters.park(delivery, reason, error)
+            except ServiceError:
+                await delivery.reject()  # the ready queue dead-letters to the scheduler's DLQ
+                return
+            await delivery.ack()
             return
-        message = Outgoing(
-            exchange=str(exchange),
-            routing_key=key,
-            body=delivery.body,
-            message_id=delivery.message_id or uuid.uuid4().hex,
-            type=delivery.type,
-            correlation_id=delivery.correlation_id,
-            reply_to=delivery.reply_to,
-            headers={k: v for k, v in headers.items() if k not in _STRIP},
-            persistent=True,
-            content_type=delivery.content_type or "application/json",
-        )
+        message = forward(delivery, exchange=exchange, routing_key=key, drop=_STRIP)
         try:
             await self.publisher.publish(
                 message, kind="scheduled", mandatory=True, check_size=False

@@ -836,6 +836,7 @@ class InMemoryBroker:
             type=outgoing.type,
             headers=copy.deepcopy(outgoing.headers),
             content_type=outgoing.content_type,
+            content_encoding=outgoing.content_encoding,
             expiration=(
                 str(outgoing.expiration_ms) if outgoing.expiration_ms is not None else None
             ),

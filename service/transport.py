@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from service import metrics
+from service import metrics, shim
 from service.config import Settings, redact_url
 from service.errors import (
     BurrowError,
@@ -45,6 +45,8 @@ from service.topology import QueueDecl, Topology
 from service.types import Delivery, DeliveryCallback, Outgoing, Settle
 
 __all__ = ["ConsumerSpec", "Link", "LinkFactory", "Transport"]
+
+shim.install()  # before any frame is read: foreign bytes must not kill a connection
 
 
 _log = structlog.get_logger("burrow.transport")
@@ -338,7 +340,15 @@ class Link:
         callback, queue = consumer.callback, consumer.queue
 
         async def on_message(message: DeliveredMessage) -> None:
-            await callback(_delivery(message, queue=queue, settle=settle))
+            delivery = _delivery(message, queue=queue, settle=settle)
+            try:
+                await callback(delivery)
+            except Exception:
+                # Never leave a delivery unsettled (its prefetch slot would be lost until the
+                # connection closes): reject it to the queue's dead-letter exchange, no requeue.
+                _log.exception("consumer callback failed; rejecting", queue=queue)
+                if delivery.settled is None:
+                    await delivery.reject()
 
         await raw.basic_consume(
             consumer.queue, on_message, no_ack=consumer.no_ack, exclusive=consumer.exclusive
@@ -512,6 +522,10 @@ class Link:
             raw = await self._live_raw(timeout)
         properties = spec.Basic.Properties(
             content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            app_id=message.app_id,
+            priority=message.priority,
+            timestamp=message.timestamp,
             delivery_mode=2 if message.persistent else 1,
             message_id=message.message_id,
             correlation_id=message.correlation_id,
@@ -624,6 +638,9 @@ def _delivery(
         delivery_tag=message.delivery_tag or 0,
         settle_fn=settle,
         queue=queue,
+        app_id=props.app_id,
+        priority=props.priority,
+        timestamp=props.timestamp,
     )
 
 

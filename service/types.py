@@ -5,6 +5,7 @@ Neither knows aio-pika nor pydantic: the transport fills them, the codec reads t
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 from collections.abc import Awaitable, Callable
@@ -67,7 +68,11 @@ class Outgoing:
     headers: Headers = field(default_factory=dict)
     expiration_ms: int | None = None
     persistent: bool = True
-    content_type: str = "application/json"
+    content_type: str | None = "application/json"
+    content_encoding: str | None = None
+    app_id: str | None = None
+    priority: int | None = None
+    timestamp: datetime.datetime | None = None
 
 
 class Settle(StrEnum):
@@ -89,6 +94,7 @@ class Delivery:
     """
 
     __slots__ = (
+        "app_id",
         "body",
         "content_encoding",
         "content_type",
@@ -98,12 +104,14 @@ class Delivery:
         "expiration",
         "headers",
         "message_id",
+        "priority",
         "queue",
         "redelivered",
         "reply_to",
         "routing_key",
         "settle_fn",
         "settled",
+        "timestamp",
         "type",
     )
 
@@ -125,6 +133,9 @@ class Delivery:
         delivery_tag: int = 0,
         settle_fn: SettleFn | None = None,
         queue: str = "",
+        app_id: str | None = None,
+        priority: int | None = None,
+        timestamp: datetime.datetime | None = None,
     ) -> None:
         self.body = body
         self.routing_key = routing_key
@@ -141,6 +152,9 @@ class Delivery:
         self.delivery_tag = delivery_tag
         self.settle_fn = settle_fn
         self.queue = queue  # the queue it was consumed from (retries go back there)
+        self.app_id = app_id
+        self.priority = priority
+        self.timestamp = timestamp
         self.settled: Settle | None = None
 
     async def settle(self, how: Settle) -> None:

@@ -328,19 +328,30 @@ async def dead_letter_failed_cast(env: Env) -> None:
 
 
 async def broker_dead_letter_on_reject(env: Env) -> None:
-    """A message the forwarder rejects is dead-lettered by the broker, with x-death."""
+    """A message a consumer rejects is dead-lettered by the broker, with x-death."""
     names = env.names
-    await env.start_app(calc)
+    await env.start_app(calc)  # declares the dead-letter exchange and the scheduler's DLQ
     dlq = await env.consume(names.scheduler_dead_letter_queue)
+    source = f"{env.settings.namespace}.rejecting"
+    args = {
+        "x-queue-type": "classic",
+        "x-dead-letter-exchange": names.dead_letter_exchange,
+        "x-dead-letter-routing-key": names.scheduler_dead_letter_queue,
+    }
+
+    async def reject(delivery: Delivery) -> None:
+        await delivery.reject()
+
+    link = env.link_factory(
+        "rejecter", env.settings, topology=Topology(queues=[QueueDecl(source, args)])
+    )
+    link.consumers.append(ConsumerSpec(source, reject))
+    env.links.append(link)
+    link.start()
+    await link.wait_ready(WAIT)
     client = await env.make_client()
     await client.link.publish(
-        Outgoing(
-            exchange="",
-            routing_key=names.delay_ready_queue,
-            body=b'{"n": 1}',
-            message_id="foreign",
-            headers={H_TARGET_EXCHANGE: "amq.topic", H_TARGET_KEY: "x"},
-        ),
+        Outgoing(exchange="", routing_key=source, body=b'{"n": 1}', message_id="foreign"),
         kind="scheduled",
         mandatory=True,
     )
@@ -350,7 +361,7 @@ async def broker_dead_letter_on_reject(env: Env) -> None:
     assert dead.routing_key == names.scheduler_dead_letter_queue
     death = dead.headers["x-death"][0]
     assert death["reason"] == "rejected"
-    assert death["queue"] == names.delay_ready_queue
+    assert death["queue"] == source
     assert death["count"] == 1
     assert dead.headers["x-first-death-reason"] == "rejected"
 

@@ -1,0 +1,167 @@
+"""What Burrow changes in the AMQP libraries under it: pamqp's decoders made tolerant.
+
+pamqp raises on a non-UTF-8 short string, recurses without bound into nested tables and
+overflows on far-away timestamps; any of these in one delivery kills aiormq's connection, and
+the broker redelivers the message for ever. `install()` swaps those decoders for ones that
+return an `Undecodable` marker instead, so the envelope reader can refuse the message.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any, cast
+
+from pamqp import base, decode
+
+__all__ = ["MAX_DEPTH", "UNDECODABLE_HEADER", "Undecodable", "install", "installed"]
+
+MAX_DEPTH = 32  # tables and arrays nested deeper than this are not decoded
+UNDECODABLE_HEADER = "x-burrow-undecodable"  # set when the properties as a whole failed
+
+_Decoder = Callable[[bytes], tuple[int, Any]]
+_UINT = struct.Struct(">I")
+
+
+class Undecodable(str):
+    """A value the AMQP library could not decode. As a str it is a printable escape of the
+    bytes (safe to log length-capped, to compare, to re-encode); `raw` keeps the bytes."""
+
+    raw: bytes
+    problem: str
+
+    @classmethod
+    def of(cls, raw: bytes, problem: str) -> Undecodable:
+        """The marker for `raw`, which could not be decoded because of `problem`."""
+        value = cls(raw.decode("utf-8", "backslashreplace"))
+        value.raw = raw
+        value.problem = problem
+        return value
+
+
+class _Depth(threading.local):
+    level = 0
+
+
+_depth = _Depth()
+_original: dict[str, Any] = {}
+
+
+def _short_str(value: bytes) -> tuple[int, str]:
+    if not value:
+        raise ValueError("Could not unpack short string value")
+    length = value[0]
+    raw = bytes(value[1 : length + 1])
+    try:
+        return length + 1, raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return length + 1, Undecodable.of(raw, "short string is not UTF-8")
+
+
+def _nested(decode_items: Callable[[bytes], Any], kind: str) -> _Decoder:
+    """A table/array decoder that skips (by its length prefix) what is nested too deep."""
+
+    def decoder(value: bytes) -> tuple[int, Any]:
+        try:
+            (length,) = _UINT.unpack_from(value, 0)
+        except struct.error as err:
+            raise ValueError(f"Could not unpack {kind}") from err
+        end = 4 + length
+        if end > len(value):
+            raise ValueError(f"{kind} length exceeds available data")
+        if _depth.level >= MAX_DEPTH:
+            return end, Undecodable.of(b"", f"{kind} nested deeper than {MAX_DEPTH} levels")
+        _depth.level += 1
+        try:
+            return end, decode_items(value[4:end])
+        finally:
+            _depth.level -= 1
+
+    return decoder
+
+
+def _value(data: bytes, offset: int) -> tuple[int, Any]:
+    decoder = decode.TABLE_MAPPING.get(data[offset : offset + 1])
+    if decoder is None:
+        raise ValueError(f"Unknown type: {data[offset : offset + 1]!r}")
+    consumed, value = decoder(data[offset + 1 :])
+    return offset + 1 + consumed, value
+
+
+def _table_items(data: bytes) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    offset = 0
+    while offset < len(data):
+        consumed, key = _short_str(data[offset:])
+        offset, table[key] = _value(data, offset + consumed)
+    return table
+
+
+def _array_items(data: bytes) -> list[Any]:
+    items: list[Any] = []
+    offset = 0
+    while offset < len(data):
+        offset, item = _value(data, offset)
+        items.append(item)
+    return items
+
+
+_field_table = _nested(_table_items, "field table")
+_field_array = _nested(_array_items, "field array")
+
+
+def _timestamp(value: bytes) -> tuple[int, Any]:
+    try:
+        return _original["timestamp"](value)  # type: ignore[no-any-return]
+    except (ValueError, OverflowError, OSError):
+        if len(value) < 8:
+            raise ValueError("Could not unpack timestamp value") from None
+        return 8, Undecodable.of(bytes(value[:8]), "timestamp out of range")
+
+
+def _properties_unmarshal(self: base.BasicProperties, flags: int, data: bytes) -> None:
+    try:
+        _original["properties"](self, flags, data)
+    except Exception as exc:  # any failure here would kill the connection
+        # What was decoded before the failure stays; the rest is lost. The marker tells the
+        # envelope reader to refuse the message as undecodable.
+        problem = f"properties could not be decoded: {type(exc).__name__}"
+        cast(Any, self).headers = {UNDECODABLE_HEADER: Undecodable.of(b"", problem)}
+
+
+def install() -> None:
+    """Make pamqp's decoding tolerant (idempotent; process-wide, as pamqp's tables are)."""
+    if _original:
+        return
+    _original["timestamp"] = decode.timestamp
+    _original["properties"] = base.BasicProperties.unmarshal
+    replacements: dict[str, _Decoder] = {
+        "shortstr": _short_str,
+        "table": _field_table,
+        "array": _field_array,
+        "timestamp": _timestamp,
+    }
+    for name, decoder in replacements.items():
+        if name not in decode.METHODS:
+            raise RuntimeError(f"pamqp.decode.METHODS has no {name!r}: pamqp changed")
+        decode.METHODS[name] = decoder
+    for tag, decoder in ((b"F", _field_table), (b"A", _field_array), (b"T", _timestamp)):
+        if tag not in decode.TABLE_MAPPING:
+            raise RuntimeError(f"pamqp.decode.TABLE_MAPPING has no {tag!r}: pamqp changed")
+        decode.TABLE_MAPPING[tag] = decoder
+    decode.short_str = _short_str
+    decode.field_table = _field_table  # type: ignore[assignment]
+    decode.field_array = _field_array  # type: ignore[assignment]
+    decode.timestamp = _timestamp
+    base.BasicProperties.unmarshal = _properties_unmarshal  # type: ignore[method-assign]
+
+
+def installed() -> bool:
+    """Whether `install()` is in effect (and pamqp still dispatches through its tables)."""
+    return (
+        bool(_original)
+        and decode.METHODS.get("shortstr") is _short_str
+        and decode.TABLE_MAPPING.get(b"F") is _field_table
+        and base.BasicProperties.unmarshal is _properties_unmarshal
+    )

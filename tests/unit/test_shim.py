@@ -1,0 +1,117 @@
+"""The pamqp shim: frames pamqp alone would choke on decode to marked values instead."""
+
+from __future__ import annotations
+
+import datetime
+import struct
+import sys
+from typing import Any
+
+from pamqp import commands, decode, frame, header
+
+from service import shim
+from service.shim import MAX_DEPTH, UNDECODABLE_HEADER, Undecodable
+
+__all__: list[str] = []
+
+shim.install()
+
+
+def _header_frame(props: commands.Basic.Properties, *replace: tuple[bytes, bytes]) -> bytes:
+    raw = frame.marshal(header.ContentHeader(0, 10, props), 1)
+    for old, new in replace:
+        assert len(old) == len(new)
+        assert raw.count(old) == 1
+        raw = raw.replace(old, new)
+    return raw
+
+
+def _properties(raw: bytes) -> commands.Basic.Properties:
+    _, _, decoded = frame.unmarshal(raw)
+    assert isinstance(decoded, header.ContentHeader)
+    return decoded.properties
+
+
+def test_installed_on_import_of_the_transport() -> None:
+    """Importing the transport installs the shim, and pamqp still dispatches through it."""
+    import service.transport  # noqa: F401 - the import is the point
+
+    assert shim.installed()
+
+
+def test_pamqp_tables_still_hold_what_the_shim_patches() -> None:
+    """pamqp still has the decoder tables the shim patches (fails loudly if pamqp changes)."""
+    assert {"shortstr", "table", "array", "timestamp"} <= set(decode.METHODS)
+    assert {b"F", b"A", b"T", b"S", b"x"} <= set(decode.TABLE_MAPPING)
+    assert callable(getattr(commands.Basic.Properties, "unmarshal", None))
+
+
+def test_non_utf8_short_string_property_is_marked() -> None:
+    """A non-UTF-8 correlation_id decodes to an Undecodable that keeps the raw bytes."""
+    props = commands.Basic.Properties(correlation_id="AAAA", message_id="m-1")
+    decoded = _properties(_header_frame(props, (b"AAAA", b"\xff\xfe\xfd\xfc")))
+    value = decoded.correlation_id
+    assert isinstance(value, Undecodable)
+    assert value.raw == b"\xff\xfe\xfd\xfc"
+    assert value == "\\xff\\xfe\\xfd\\xfc"
+    assert decoded.message_id == "m-1"
+
+
+def test_non_utf8_header_name_is_marked() -> None:
+    """A header name that is not UTF-8 becomes an Undecodable key; its value is kept."""
+    props = commands.Basic.Properties(headers={"KEYX": 1})
+    decoded = _properties(_header_frame(props, (b"KEYX", b"\xffKEY")))
+    assert decoded.headers is not None
+    ((key, value),) = decoded.headers.items()
+    assert isinstance(key, Undecodable)
+    assert value == 1
+
+
+def test_table_nested_past_the_recursion_limit_is_cut_at_max_depth() -> None:
+    """A table nested 2000 deep decodes without recursion error, cut at MAX_DEPTH."""
+    nested: dict[str, Any] = {}
+    inner = nested
+    for _ in range(2000):
+        inner["a"] = {}
+        inner = inner["a"]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # only pamqp's encoder needs it, to build the frame
+    try:
+        raw = _header_frame(commands.Basic.Properties(headers=nested, message_id="after"))
+    finally:
+        sys.setrecursionlimit(limit)
+    decoded = _properties(raw)
+    value: Any = decoded.headers
+    depth = 0
+    while isinstance(value, dict):
+        value = value["a"]
+        depth += 1
+    assert depth == MAX_DEPTH
+    assert isinstance(value, Undecodable)
+    assert decoded.message_id == "after"  # what follows the table is still read
+
+
+def test_timestamp_out_of_range_is_marked() -> None:
+    """A header timestamp far beyond year 9999 is marked instead of overflowing."""
+    props = commands.Basic.Properties(headers={"t": datetime.datetime(2020, 1, 1)})
+    stamp = struct.pack(">Q", int(datetime.datetime(2020, 1, 1).timestamp()))
+    decoded = _properties(_header_frame(props, (b"T" + stamp, b"T" + struct.pack(">Q", 2**63))))
+    assert decoded.headers is not None
+    assert isinstance(decoded.headers["t"], Undecodable)
+
+
+def test_properties_that_cannot_be_decoded_at_all_are_marked() -> None:
+    """Properties with an unknown field type become one marker header, never an exception."""
+    props = commands.Basic.Properties(headers={"k": 1})
+    decoded = _properties(_header_frame(props, (b"kb\x01", b"kZ\x01")))
+    assert decoded.headers is not None
+    assert isinstance(decoded.headers[UNDECODABLE_HEADER], Undecodable)
+
+
+def test_non_utf8_routing_key_in_deliver_is_marked() -> None:
+    """A Basic.Deliver whose routing key is not UTF-8 decodes, with the key marked."""
+    deliver = commands.Basic.Deliver("ctag", 1, False, "ex", "RKEY")
+    raw = frame.marshal(deliver, 1).replace(b"RKEY", b"\xffKEY")
+    _, _, decoded = frame.unmarshal(raw)
+    assert isinstance(decoded, commands.Basic.Deliver)
+    assert isinstance(decoded.routing_key, Undecodable)
