@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
 import os
 import signal
 import subprocess
@@ -15,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pydantic_core
 
-from service import contracts
+from service import codec, contracts
 from service.app import App
 from service.client import Client
 from service.config import load_settings
-from service.dead_letters import DeadLetterTool
-from service.errors import BurrowError, ConfigError, ServiceError
+from service.dead_letters import DeadLetterTool, json_line, readable_body
+from service.errors import BurrowError, ConfigError, InvalidArgument, ServiceError
 from service.events import tail
 from service.log import configure_logging
 from service.registry import Service
@@ -107,14 +109,20 @@ def _cmd_call(args: argparse.Namespace) -> int:
 
 
 def _payload(text: str) -> Any:
+    # codec.decode_json, not orjson.loads: integers beyond 64 bits must stay exact.
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise ConfigError(f"payload is not JSON: {exc}") from None
+        return codec.decode_json(text.encode("utf-8", "surrogateescape"))
+    except InvalidArgument as exc:
+        raise ConfigError(f"payload is not JSON: {exc.message}") from None
 
 
 def _print(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value).decode() + "\n")
+    try:
+        text = orjson.dumps(value)
+    except TypeError:
+        # orjson refuses integers beyond 64 bits (and a few types): pydantic writes them exact.
+        text = pydantic_core.to_json(value, inf_nan_mode="null", fallback=repr)
+    sys.stdout.write(text.decode("utf-8", "backslashreplace") + "\n")
     sys.stdout.flush()
 
 
@@ -172,18 +180,33 @@ def _cmd_emit(args: argparse.Namespace) -> int:
 
 def _cmd_tail(args: argparse.Namespace) -> int:
     settings = load_settings()
-    configure_logging(settings.log_format, "error")
+    _tool_logging(settings.log_format)
 
     async def run() -> int:
-        async for message in tail(settings, args.pattern):
-            try:
-                body = orjson.loads(message.body)
-            except orjson.JSONDecodeError:
-                body = message.body.decode("utf-8", "backslashreplace")
-            _print({"event": message.routing_key, "headers": message.headers, "body": body})
+        async for event in tail(settings, args.pattern):
+            _emit(
+                {
+                    "event": event.routing_key,
+                    "headers": event.headers,
+                    "body": readable_body(event.body),
+                }
+            )
         return 0
 
     return _run(run)
+
+
+def _tool_logging(fmt: Any) -> None:
+    """`burrow dlq` and `burrow tail` report a failure as one `error:` line: the connection
+    attempts' own log lines (aiormq, the link) would only repeat it."""
+    configure_logging(fmt, "error")
+    for name in ("aiormq", "aio_pika", "burrow.transport"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _emit(value: Any) -> None:
+    sys.stdout.write(json_line(value) + "\n")
+    sys.stdout.flush()
 
 
 def _cmd_definitions(args: argparse.Namespace) -> int:
@@ -204,32 +227,42 @@ def _cmd_definitions(args: argparse.Namespace) -> int:
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
     settings = load_settings()
-    configure_logging(settings.log_format, "error")
+    _tool_logging(settings.log_format)
     tool = DeadLetterTool(settings, args.service)
 
     async def run() -> int:
         if args.action == "list":
             for letter in await tool.list(args.limit):
-                _print(letter.summary())
+                _emit(letter.summary())
         elif args.action == "show":
-            found = [
-                letter for letter in await tool.list(args.limit) if letter.message_id in args.ids
-            ]
+            if not args.ids:
+                raise ConfigError("name the message ids to show")
+            found = await tool.show(args.ids, args.limit)
             for letter in found:
-                _print(letter.detail())
-            if len(found) < len(set(args.ids)):
+                _emit(letter.detail())
+            missing = set(args.ids) - {letter.message_id for letter in found}
+            if missing:
                 print(
-                    "error: some message ids are not in the first --limit letters", file=sys.stderr
+                    f"error: {len(missing)} message id(s) not in the first {args.limit} letters",
+                    file=sys.stderr,
                 )
                 return 1
         elif args.action == "replay":
             if not args.ids and not args.all:
                 raise ConfigError("name message ids to replay, or pass --all")
-            _print({"replayed": await tool.replay(None if args.all else args.ids)})
+            report = await tool.replay(None if args.all else args.ids)
+            _emit(report.to_dict())
+            if report.skipped or report.missing:
+                print(
+                    f"error: {len(report.skipped)} letter(s) skipped and left in the dead-letter "
+                    f"queue, {len(report.missing)} message id(s) not found",
+                    file=sys.stderr,
+                )
+                return 1
         else:
             if not args.yes:
                 raise ConfigError("purge deletes every dead letter: pass --yes")
-            _print({"purged": await tool.purge()})
+            _emit({"purged": await tool.purge()})
         return 0
 
     return _run(run)
@@ -308,8 +341,12 @@ def _parser() -> argparse.ArgumentParser:
     dlq.add_argument("action", choices=["list", "show", "replay", "purge"])
     dlq.add_argument("service", help="service whose dead-letter queue to use (or scheduler)")
     dlq.add_argument("ids", nargs="*", help="message ids (show, replay)")
-    dlq.add_argument("--all", action="store_true", help="replay every dead letter")
-    dlq.add_argument("--limit", type=int, default=1000, help="at most this many (list, show)")
+    dlq.add_argument(
+        "--all", action="store_true", help="replay every dead letter (unreadable ones stay)"
+    )
+    dlq.add_argument(
+        "--limit", type=int, default=1000, help="look at most at this many (list, show)"
+    )
     dlq.add_argument("--yes", action="store_true", help="confirm purge")
     dlq.set_defaults(func=_cmd_dlq)
 
@@ -340,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServiceError as exc:
         print(f"error: {exc.code.value}: {exc.message}", file=sys.stderr)
         if exc.details:
-            print(orjson.dumps(exc.details).decode(), file=sys.stderr)
+            print(codec.encode(exc.details).decode(), file=sys.stderr)
         return 1
     except BurrowError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -124,9 +124,12 @@ class Client:
             fallback_to_submit: when the request queue is full (`QueueFull`), submit the
                 request as a job instead and wait for its result within the same deadline.
 
+        Integers keep their exact value at any size, in the payload and in the reply.
+
         Raises:
             ServiceError: the remote error, typed by its code; `DeadlineExceeded` at the
                 deadline; `ConnectionLost` if the connection drops while waiting.
+            ValueError: the payload holds NaN or ±Infinity, which JSON cannot carry.
         """
         route, reply = _route(operation), reply or _reply_model(operation)
         timeout = self.settings.default_deadline if timeout is None else timeout

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from typing import Literal
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     )
     retry_levels: int = Field(default=6, ge=1, le=20, description="Holding queues (delays).")
     idempotency_url: str = Field(
-        default="memory://", description="memory:// (one process) or redis://host:port/db."
+        default="memory://",
+        description="memory:// (one process) or redis://host:port/db.",
+        repr=False,  # may hold a Redis password
     )
     idempotency_ttl: float = Field(default=86400.0, gt=0, description="Seconds a key is kept.")
     job_result_ttl: float = Field(
@@ -94,12 +96,18 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_urls(cls, value: SecretStr) -> SecretStr:
-        for url in _split(value.get_secret_value()):
-            parts = urlsplit(url)
-            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-                raise ValueError(f"not an amqp:// or amqps:// URL: {redact_url(url)}")
+        urls = _split(value.get_secret_value())
+        if not urls:
+            raise ValueError("no URL given")
+        for number, url in enumerate(urls, 1):
+            # Never echo the URL: a misplaced character leaves the password where redaction
+            # cannot find it.
+            where = f"URL {number} of {len(urls)}" if len(urls) > 1 else "the URL"
+            problem = _url_problem(url)
+            if problem is not None:
+                raise ValueError(f"{where} {problem}")
             tls_options = sorted(
-                _URL_TLS_OPTIONS.intersection(k for k, _ in parse_qsl(parts.query))
+                _URL_TLS_OPTIONS.intersection(k for k, _ in parse_qsl(urlsplit(url).query))
             )
             if tls_options:
                 # Our SSL context overrides them; refusing beats silently ignoring no_verify_ssl.
@@ -107,8 +115,6 @@ class Settings(BaseSettings):
                     f"TLS options in the URL ({', '.join(tls_options)}) are not used: "
                     "set BURROW_TLS_CA_FILE / BURROW_TLS_CERT_FILE / BURROW_TLS_KEY_FILE"
                 )
-        if not _split(value.get_secret_value()):
-            raise ValueError("no URL given")
         return value
 
     @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
@@ -155,9 +161,10 @@ class Settings(BaseSettings):
                 f"BURROW_AMQP_PASSWORD_FILE: cannot read {self.amqp_password_file}: {exc.strerror}"
             ) from None
         parts = urlsplit(url)
-        user = parts.username or "guest"
+        user = unquote(parts.username or "guest")  # as given: percent-encoded
         host = parts.netloc.rsplit("@", 1)[-1]
-        return urlunsplit(parts._replace(netloc=f"{quote(user)}:{quote(password, safe='')}@{host}"))
+        login = f"{quote(user, safe='')}:{quote(password, safe='')}"
+        return urlunsplit(parts._replace(netloc=f"{login}@{host}"))
 
     def redacted_urls(self) -> list[str]:
         """The URLs with passwords masked, for logs and errors."""
@@ -172,13 +179,55 @@ def _split(urls: str) -> list[str]:
     return [url.strip() for url in urls.split(",") if url.strip()]
 
 
+_URL_HINT = (
+    "percent-encode special characters of the user name and password "
+    "(/ as %2F, ? as %3F, # as %23, @ as %40, and ',' as %2C: a comma separates URLs)"
+)
+
+
+def _url_problem(url: str) -> str | None:
+    """Why `url` cannot be used safely, in words that never hold its user name or password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("amqp", "amqps"):
+        return f"is not an amqp:// or amqps:// URL; {_URL_HINT}"
+    userinfo, at, _ = rest.rpartition("@")
+    # The user name and password end at the first '/', '?' or '#': one of them (or a second
+    # '@') in the password moves it into the host, port or path, where it would be logged.
+    if rest.count("@") > 1 or (at and any(char in userinfo for char in "/?#")):
+        return f"has an unescaped '/', '?', '#' or '@' in its credentials or vhost; {_URL_HINT}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:  # its text may quote the URL: not shown
+        return f"has an invalid host or port; {_URL_HINT}"
+    if not parts.hostname:
+        return "has no host"
+    return None
+
+
 def redact_url(url: str) -> str:
-    """Mask the password in an AMQP URL."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """Mask the password in an AMQP URL, or in each URL of a comma-separated list.
+
+    Whatever precedes the last '@' is treated as credentials, so a password holding an
+    unescaped '/', '?', '#' or '@' is masked too (the host shown may then be wrong, never the
+    password).
+    """
+    if "," in url:
+        return ",".join(redact_url(part) for part in url.split(","))
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return f"***@{url.rpartition('@')[2]}" if "@" in url else url
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        try:
+            urlsplit(url).port  # noqa: B018
+        except ValueError:  # "amqp://user:pass" cut at a comma inside the password
+            return f"{scheme}://***"
         return url
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        return url  # a user name without a password
+    return f"{scheme}://{user}:***@{host}"
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -187,6 +236,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
-            f"BURROW_{str(err['loc'][0]).upper()}: {err['msg']}" for err in exc.errors()
+            f"BURROW_{str(err['loc'][0]).upper()}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors(include_input=False)
         )
         raise ConfigError(f"invalid configuration: {problems}") from None

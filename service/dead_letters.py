@@ -7,35 +7,51 @@ headers saying why, when, the error, and where it was originally routed (for rep
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime
+import decimal
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
 import aiormq
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractIncomingMessage,
-    AbstractQueue,
-)
+from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
 
 from service import codec
 from service.codec import (
     H_DEAD_ERROR,
     H_DEAD_REASON,
+    H_DEADLINE,
     H_ORIGINAL_EXCHANGE,
     H_ORIGINAL_ROUTING_KEY,
 )
 from service.config import Settings
-from service.envelope import forward
-from service.errors import NotFound, ServiceError
+from service.envelope import forward, text, undecodable_fields
+from service.errors import (
+    ConnectionLost,
+    NotFound,
+    PermissionDenied,
+    QueueFull,
+    ServiceError,
+    Unroutable,
+)
+from service.shim import UNDECODABLE_HEADER, Undecodable
 from service.topology import Names
-from service.transport import Link
+from service.transport import Link, _delivery, open_tool_link
 from service.types import Delivery
 
-__all__ = ["H_DEAD_AT", "DeadLetter", "DeadLetterQueue", "DeadLetterTool"]
+__all__ = [
+    "H_DEAD_AT",
+    "DeadLetter",
+    "DeadLetterQueue",
+    "DeadLetterTool",
+    "ReplayReport",
+    "json_line",
+]
 
 H_DEAD_AT = "x-burrow-dead-at"
 
@@ -56,7 +72,7 @@ class DeadLetterQueue:
             routing_key=self.name,
             add={
                 H_DEAD_REASON: reason,
-                H_DEAD_ERROR: codec.encode(error.to_wire()).decode() if error else "",
+                H_DEAD_ERROR: codec.encode_error(error).decode() if error else "",
                 H_ORIGINAL_EXCHANGE: str(delivery.exchange),
                 H_ORIGINAL_ROUTING_KEY: str(delivery.routing_key),
                 H_DEAD_AT: int(time.time() * 1000),
@@ -67,16 +83,26 @@ class DeadLetterQueue:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """One parked message as ops see it."""
+    """One parked message as ops see it.
+
+    `list` keeps only this summary (no body, no headers: its size is bounded whatever the
+    letter holds); `show` also keeps the headers, properties and body of the letters asked for.
+    A letter that cannot be fully read still gets one, with what can be said of it and
+    `problem`; `original_exchange`/`original_routing_key` are None when its route is unreadable.
+    """
 
     message_id: str | None
     reason: str
     error: Any
-    original_exchange: str
-    original_routing_key: str
+    original_exchange: str | None
+    original_routing_key: str | None
     dead_at: int | None
-    headers: dict[str, Any]
-    body: bytes
+    size: int
+    delivery_count: int | None = None  # the broker's x-delivery-count: looks and redeliveries
+    problem: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)  # `show` only (else empty)
+    properties: dict[str, Any] | None = None  # `show` only
+    body: bytes | None = None  # `show` only
 
     def summary(self) -> dict[str, Any]:
         """The one-line view for `burrow dlq list`."""
@@ -85,47 +111,98 @@ class DeadLetter:
             "reason": self.reason,
             "route": self.original_routing_key,
             "dead_at": self.dead_at,
-            "error": self.error.get("message") if isinstance(self.error, dict) else self.error,
-            "size": len(self.body),
+            "error": printable(
+                self.error.get("message") if isinstance(self.error, dict) else self.error
+            ),
+            "size": self.size,
+            "delivery_count": self.delivery_count,
+            "problem": self.problem,
         }
 
     def detail(self) -> dict[str, Any]:
-        """Everything, for `burrow dlq show`: headers, error, history and the body."""
-        try:
-            body: Any = codec.decode_json(self.body)
-        except ServiceError:
-            body = self.body.decode("utf-8", "backslashreplace")
+        """Everything, for `burrow dlq show`: properties, headers, error and the body."""
         return {
             **self.summary(),
             "original_exchange": self.original_exchange,
-            "error": self.error,
-            "headers": {k: _plain(v) for k, v in self.headers.items()},
-            "body": body,
+            "error": printable(self.error),
+            "properties": printable(self.properties),
+            "headers": printable(self.headers),
+            "body": None if self.body is None else readable_body(self.body),
         }
 
     @classmethod
-    def from_message(cls, message: AbstractIncomingMessage) -> DeadLetter:
-        """Read the Burrow headers of a parked message."""
-        headers = dict(message.headers or {})
-        error_text = headers.get(H_DEAD_ERROR)
+    def from_delivery(cls, delivery: Delivery, *, full: bool = False) -> DeadLetter:
+        """Read a parked message; never raises (a poisoned letter becomes one with `problem`).
+
+        Args:
+            full: keep headers, properties and body too (for `show`).
+        """
         try:
-            error: Any = codec.decode_json(str(error_text).encode()) if error_text else None
-        except ServiceError:
-            error = str(error_text)
-        dead_at = headers.get(H_DEAD_AT)
-        return cls(
-            message_id=message.message_id,
-            reason=str(headers.get(H_DEAD_REASON, _broker_reason(headers))),
-            error=error,
-            original_exchange=str(
-                headers.get(H_ORIGINAL_EXCHANGE, headers.get("x-first-death-exchange", ""))
-            ),
-            original_routing_key=str(
-                headers.get(H_ORIGINAL_ROUTING_KEY, _first_death_key(headers, message))
-            ),
-            dead_at=dead_at if isinstance(dead_at, int) else None,
-            headers=headers,
+            return cls._read(delivery, full)
+        except Exception as exc:  # one poisoned letter must never stop the others
+            return cls(
+                message_id=_short(delivery.message_id),
+                reason="unknown",
+                error=None,
+                original_exchange=None,
+                original_routing_key=None,
+                dead_at=None,
+                size=len(delivery.body),
+                problem=f"the letter cannot be read ({type(exc).__name__})",
+                body=delivery.body if full else None,
+            )
+
+    @classmethod
+    def from_message(cls, message: AbstractIncomingMessage, *, full: bool = True) -> DeadLetter:
+        """Read a parked message received with aio-pika (as `from_delivery`, keeping all)."""
+        delivery = Delivery(
             body=message.body,
+            routing_key=message.routing_key or "",
+            exchange=message.exchange or "",
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            type=message.type,
+            headers=dict(message.headers or {}),
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            redelivered=bool(message.redelivered),
+            app_id=message.app_id,
+        )
+        return cls.from_delivery(delivery, full=full)
+
+    @classmethod
+    def _read(cls, delivery: Delivery, full: bool) -> DeadLetter:
+        headers = delivery.headers if isinstance(delivery.headers, dict) else {}
+        problems: list[str] = []
+        marker = headers.get(UNDECODABLE_HEADER)
+        if isinstance(marker, Undecodable):
+            problems.append(marker.problem)
+        else:
+            names = undecodable_fields(delivery)
+            if names:
+                problems.append("undecodable: " + ", ".join(names[:8]))
+        exchange, routing_key, route_problem = _route(delivery, headers)
+        if route_problem is not None:
+            problems.append(route_problem)
+        error, error_problem = _error(headers.get(H_DEAD_ERROR), full)
+        if error_problem is not None:
+            problems.append(error_problem)
+        dead_at = headers.get(H_DEAD_AT)
+        count = headers.get("x-delivery-count")
+        return cls(
+            message_id=_short(delivery.message_id),
+            reason=_short(text(headers.get(H_DEAD_REASON))) or _broker_reason(headers),
+            error=error,
+            original_exchange=exchange,
+            original_routing_key=routing_key,
+            dead_at=dead_at if _is_int(dead_at) else None,
+            size=len(delivery.body),
+            delivery_count=count if _is_int(count) else None,
+            problem="; ".join(problems) or None,
+            headers=dict(headers) if full else {},
+            properties=_properties(delivery) if full else None,
+            body=delivery.body if full else None,
         )
 
 
@@ -134,126 +211,349 @@ _DEAD_HEADERS = frozenset(
 )
 _BROKER_HEADERS = ("x-death", "x-first-death-queue", "x-first-death-reason",
                    "x-first-death-exchange", "x-last-death-queue", "x-last-death-reason",
-                   "x-last-death-exchange", "x-delivery-count")  # fmt: skip
+                   "x-last-death-exchange", "x-delivery-count", "x-acquired-count")  # fmt: skip
+# What a replay leaves out: why it died, the broker's history (so delivery attempts count
+# afresh) and its deadline (a replay means "now": the copy must run, not expire).
+_REPLAY_DROP = frozenset({*_DEAD_HEADERS, *_BROKER_HEADERS, H_DEADLINE, UNDECODABLE_HEADER})
+
+MAX_ERROR_CHARS = 16_384  # of a letter's error header kept by `list` (longer: clipped text)
+_CONNECTION_ERRORS = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    asyncio.IncompleteReadError,
+    TimeoutError,
+)
 
 
 class DeadLetterTool:
-    """Inspect, replay and purge a dead-letter queue: what `burrow dlq` runs."""
+    """Inspect, replay and purge a dead-letter queue: what `burrow dlq` runs.
+
+    It connects exactly as the service does (a `Link`: URL failover, password file, TLS,
+    heartbeat). Looking at letters (`list`, `show`) takes them with basic.get and hands them
+    back with one explicit basic.nack(requeue) — see docs/operations.md "Dead letters" for what
+    that costs on each RabbitMQ version. At most one body is held at a time, except the bodies
+    `show` was asked for.
+    """
 
     def __init__(self, settings: Settings, service: str) -> None:
         self.settings = settings
         self.names = Names(settings.namespace)
         self.queue_name = self.names.dead_letter_queue(service)
 
-    async def _open(self) -> tuple[AbstractConnection, AbstractChannel, AbstractQueue]:
-        connection = await aio_pika.connect(
-            self.settings.amqp_urls()[0], timeout=self.settings.connect_timeout
-        )
-        # A replay whose route has no queue must fail, not be acked out of the DLQ.
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    @contextlib.asynccontextmanager
+    async def _open(self) -> AsyncIterator[tuple[Link, aiormq.abc.AbstractChannel, int]]:
+        link, raw = await open_tool_link(self.settings, "dlq")
         try:
-            queue = await channel.declare_queue(self.queue_name, passive=True)
+            pending = await self._pending(raw)
+            yield link, raw, pending
+        except _CONNECTION_ERRORS as exc:
+            raise ConnectionLost(
+                f"lost the broker while working on {self.queue_name}: {_describe(exc)}; "
+                "letters not yet settled stay in the dead-letter queue"
+            ) from None
+        finally:
+            await link.close()
+
+    async def _pending(self, raw: aiormq.abc.AbstractChannel) -> int:
+        # A passive declare of a missing queue closes its channel: use a throwaway one.
+        probe = await raw.connection.channel(publisher_confirms=False)
+        try:
+            declared = await probe.queue_declare(self.queue_name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
-            await connection.close()
             raise NotFound(f"no dead-letter queue {self.queue_name}") from None
-        return connection, channel, queue
+        except aiormq.exceptions.ChannelAccessRefused:
+            raise PermissionDenied(f"not allowed to read {self.queue_name}") from None
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+        return int(declared.message_count or 0)
+
+    async def _get(self, raw: aiormq.abc.AbstractChannel) -> DeliveredMessage | None:
+        message = await raw.basic_get(
+            self.queue_name, no_ack=False, timeout=self.settings.publish_timeout
+        )
+        return None if isinstance(message.delivery, spec.Basic.GetEmpty) else message
+
+    async def _give_back(
+        self, raw: aiormq.abc.AbstractChannel, last_tag: int | None, expect: int
+    ) -> None:
+        """Hand the letters still unacked back to the queue, in order, with one explicit nack
+        (RabbitMQ 4.3+ does not count it as a delivery attempt; closing the channel would),
+        then wait until the queue holds `expect` ready letters again: a quorum queue applies
+        the return a moment later, and the next command (`replay --all` right after `list`)
+        must find them where they were."""
+        if last_tag is None or raw.is_closed:
+            return
+        with contextlib.suppress(*_CONNECTION_ERRORS):
+            await raw.basic_nack(last_tag, multiple=True, requeue=True)
+            for _ in range(100):  # at most about 2 s: someone else may be consuming the DLQ
+                declared = await raw.queue_declare(self.queue_name, passive=True)
+                if (declared.message_count or 0) >= expect:
+                    return
+                await asyncio.sleep(0.02)
+
+    async def show(self, message_ids: Collection[str], limit: int = 1000) -> list[DeadLetter]:
+        """The letters among the first `limit` whose message id is one of `message_ids`, with
+        headers, properties and body; they stay in the queue."""
+        wanted = frozenset(message_ids)
+        return [letter for letter in await self._scan(limit, wanted) if letter.message_id in wanted]
+
+    async def _scan(self, limit: int, full: frozenset[str]) -> list[DeadLetter]:
+        async with self._open() as (_, raw, pending):
+            found: list[DeadLetter] = []
+            last_tag: int | None = None
+            try:
+                while len(found) < limit:
+                    message = await self._get(raw)
+                    if message is None:
+                        break
+                    last_tag = message.delivery_tag or 0
+                    delivery = _delivery(message, queue=self.queue_name)
+                    del message
+                    letter = DeadLetter.from_delivery(delivery)
+                    if letter.message_id in full:
+                        letter = DeadLetter.from_delivery(delivery, full=True)
+                    del delivery  # only one body at a time
+                    found.append(letter)
+            finally:
+                await self._give_back(raw, last_tag, pending)
+            return found
 
     async def list(self, limit: int = 100) -> list[DeadLetter]:
-        """Up to `limit` parked messages, oldest first; they stay in the queue."""
-        connection, _, queue = await self._open()
-        try:
-            found: list[DeadLetter] = []
-            while len(found) < limit:
-                message = await queue.get(no_ack=False, fail=False)
-                if message is None:
-                    break
-                found.append(DeadLetter.from_message(message))
-            return found  # unacked: closing the connection puts them all back
-        finally:
-            await connection.close()
+        """Up to `limit` parked messages, oldest first, as summaries; they stay in the queue."""
+        return await self._scan(limit, frozenset())
 
-    async def replay(self, message_ids: Sequence[str] | None) -> int:
+    async def replay(self, message_ids: Sequence[str] | None) -> ReplayReport:
         """Send parked messages back to their original route (all when `message_ids` is None).
 
-        Each is published with a confirm before it is removed from the DLQ; the dead-letter
-        headers and the broker's death history are dropped so retries count afresh.
+        Each copy is made by `envelope.forward` without the dead-letter headers, the broker's
+        death history and `x-deadline` (a replay means now), published with a confirm, and only
+        then acked out of the DLQ. A letter whose route cannot be read, whose exchange is gone
+        or that the broker returns or refuses is skipped (left in the DLQ) and reported.
         """
-        wanted = None if message_ids is None else set(message_ids)
-        connection, channel, queue = await self._open()
-        replayed = 0
+        wanted = None if message_ids is None else frozenset(message_ids)
+        report = ReplayReport()
+        seen: set[str] = set()
+        async with self._open() as (link, raw, pending):
+            exchanges: dict[str, str | None] = {}
+            last_held: int | None = None
+            try:
+                for _ in range(pending):  # only what was there: re-failures are not re-read
+                    message = await self._get(raw)
+                    if message is None:
+                        break
+                    tag = message.delivery_tag or 0
+                    delivery = _delivery(message, queue=self.queue_name)
+                    del message
+                    letter = DeadLetter.from_delivery(delivery)
+                    if wanted is not None and letter.message_id not in wanted:
+                        last_held = tag
+                        continue
+                    if letter.message_id is not None:
+                        seen.add(letter.message_id)
+                    problem = await self._replay_one(link, raw, delivery, letter, exchanges)
+                    del delivery
+                    if problem is not None:
+                        report.skipped.append({"message_id": letter.message_id, "problem": problem})
+                        last_held = tag
+                        continue
+                    await raw.basic_ack(tag)
+                    report.replayed += 1
+            finally:
+                await self._give_back(raw, last_held, pending - report.replayed)
+        if wanted is not None:
+            report.missing = sorted(wanted - seen)
+        return report
+
+    async def _replay_one(
+        self,
+        link: Link,
+        raw: aiormq.abc.AbstractChannel,
+        delivery: Delivery,
+        letter: DeadLetter,
+        exchanges: dict[str, str | None],
+    ) -> str | None:
+        """Publish one letter's copy; None when confirmed, else why it stays in the DLQ."""
+        exchange, routing_key = letter.original_exchange, letter.original_routing_key
+        if exchange is None or routing_key is None:
+            return letter.problem or "the original route cannot be read"
+        if exchange not in exchanges:
+            exchanges[exchange] = await self._exchange_problem(raw, exchange)
+        problem = exchanges[exchange]
+        if problem is not None:
+            return problem
+        copy = forward(delivery, exchange=exchange, routing_key=routing_key, drop=_REPLAY_DROP)
         try:
-            pending = queue.declaration_result.message_count or 0
-            for _ in range(pending):  # only what was there: re-failures are not re-read
-                message = await queue.get(no_ack=False, fail=False)
-                if message is None:
-                    break
-                if wanted is not None and message.message_id not in wanted:
-                    continue
-                letter = DeadLetter.from_message(message)
-                headers = {
-                    k: v
-                    for k, v in letter.headers.items()
-                    if k not in _DEAD_HEADERS and k not in _BROKER_HEADERS
-                }
-                exchange = (
-                    await channel.get_exchange(letter.original_exchange, ensure=False)
-                    if letter.original_exchange
-                    else channel.default_exchange
-                )
-                await exchange.publish(
-                    aio_pika.Message(
-                        message.body,
-                        headers=headers,
-                        content_type=message.content_type,
-                        content_encoding=message.content_encoding,
-                        message_id=message.message_id,
-                        correlation_id=message.correlation_id,
-                        reply_to=message.reply_to,
-                        type=message.type,
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    ),
-                    routing_key=letter.original_routing_key,
-                    mandatory=True,
-                )
-                await message.ack()
-                replayed += 1
+            await link.publish(copy, kind="dead_letter", mandatory=True, check_size=False)
+        except Unroutable:
+            return f"no queue is bound for {routing_key[:128]!r} on {exchange[:128]!r}"
+        except QueueFull:
+            return "the broker refused the copy (queue full or a resource limit)"
+        return None
+
+    async def _exchange_problem(self, raw: aiormq.abc.AbstractChannel, name: str) -> str | None:
+        # Publishing to a missing exchange would close the channel holding the letters.
+        if not name:
+            return None  # the default exchange
+        probe = await raw.connection.channel(publisher_confirms=False)
+        try:
+            await probe.exchange_declare(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return f"no exchange {name[:128]!r}"
+        except aiormq.exceptions.ChannelClosed as exc:  # e.g. ACCESS_REFUSED
+            return f"the exchange {name[:128]!r} cannot be used ({_describe(exc)})"
         finally:
-            await connection.close()
-        return replayed
+            if not probe.is_closed:
+                await probe.close()
+        return None
 
     async def purge(self) -> int:
         """Delete every parked message; return how many there were."""
-        connection, _, queue = await self._open()
-        try:
-            result = await queue.purge()
+        async with self._open() as (_, raw, _pending):
+            result = await raw.queue_purge(self.queue_name)
             return int(result.message_count or 0)
-        finally:
-            await connection.close()
 
 
-def _first_death_key(headers: dict[str, Any], message: AbstractIncomingMessage) -> str:
-    # Parked by the broker: the first x-death entry holds the routing key it was sent with.
+@dataclass(slots=True)
+class ReplayReport:
+    """What `replay` did: how many went back, which stayed in the DLQ and why, which ids asked
+    for were not found."""
+
+    replayed: int = 0
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON line `burrow dlq replay` prints."""
+        return {"replayed": self.replayed, "skipped": self.skipped, "missing": self.missing}
+
+
+def _route(
+    delivery: Delivery, headers: dict[str, Any]
+) -> tuple[str | None, str | None, str | None]:
+    """Where a replay sends the letter: (exchange, routing key, None), or (None, None, why)."""
+    if H_ORIGINAL_EXCHANGE in headers or H_ORIGINAL_ROUTING_KEY in headers:
+        # Parked by Burrow: its own record of the route.
+        exchange = text(headers.get(H_ORIGINAL_EXCHANGE, ""))
+        routing_key = text(headers.get(H_ORIGINAL_ROUTING_KEY))
+        if exchange is None or routing_key is None:
+            return None, None, "the original route cannot be read (x-burrow-original-* not text)"
+        return _checked(exchange, routing_key, delivery)
+    if isinstance(headers.get(UNDECODABLE_HEADER), Undecodable):
+        return None, None, "the original route cannot be read (headers undecodable)"
     deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[-1], dict):
-        keys = deaths[-1].get("routing-keys")
-        if isinstance(keys, list) and keys:
-            return str(keys[0])
-    return message.routing_key or ""
+    if isinstance(deaths, list) and deaths:
+        # Dead-lettered by the broker: the oldest x-death entry holds where it was first sent.
+        first = deaths[-1]
+        keys = first.get("routing-keys") if isinstance(first, dict) else None
+        exchange = text(first.get("exchange")) if isinstance(first, dict) else None
+        if exchange is None:
+            exchange = text(headers.get("x-first-death-exchange"))
+        routing_key = text(keys[0]) if isinstance(keys, list) and keys else None
+        if exchange is None or routing_key is None:
+            return None, None, "the original route cannot be read (x-death has no route)"
+        return _checked(exchange, routing_key, delivery)
+    exchange, routing_key = text(delivery.exchange), text(delivery.routing_key)
+    if exchange is None or routing_key is None:
+        return None, None, "the original route cannot be read"
+    return _checked(exchange, routing_key, delivery)
+
+
+def _checked(
+    exchange: str, routing_key: str, delivery: Delivery
+) -> tuple[str | None, str | None, str | None]:
+    if len(exchange.encode()) > 255 or len(routing_key.encode()) > 255:
+        return None, None, "the original route cannot be read (longer than 255 bytes)"
+    if routing_key == delivery.queue:
+        return None, None, "no original route (it would go straight back into the DLQ)"
+    return exchange, routing_key, None
+
+
+def _error(value: object, full: bool) -> tuple[Any, str | None]:
+    """The parked error: the decoded JSON of x-burrow-dead-error, or its text."""
+    if value is None or value == "":
+        return None, None
+    found = text(value)
+    if found is None:
+        return None, "x-burrow-dead-error is not text"
+    if not full and len(found) > MAX_ERROR_CHARS:
+        return found[:MAX_ERROR_CHARS] + "…", None
+    try:
+        return codec.decode_json(found.encode()), None
+    except Exception:  # not JSON (or numbers beyond what the decoder keeps): show the text
+        return found, None
 
 
 def _broker_reason(headers: dict[str, Any]) -> str:
     # Parked by the broker itself (delivery limit, expiry), not by Burrow.
-    reason = headers.get("x-first-death-reason")
-    return f"broker:{reason}" if isinstance(reason, str) else "unknown"
+    reason = text(headers.get("x-first-death-reason"))
+    return f"broker:{_short(reason)}" if reason is not None else "unknown"
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
+def _properties(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "message_id": delivery.message_id,
+        "correlation_id": delivery.correlation_id,
+        "reply_to": delivery.reply_to,
+        "type": delivery.type,
+        "content_type": delivery.content_type,
+        "content_encoding": delivery.content_encoding,
+        "app_id": delivery.app_id,
+        "priority": delivery.priority,
+        "timestamp": delivery.timestamp,
+        "expiration": delivery.expiration,
+        "exchange": delivery.exchange,
+        "routing_key": delivery.routing_key,
+        "redelivered": delivery.redelivered,
+    }
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object, limit: int = 255) -> str | None:
+    """A short text for ids and names: undecodable bytes as their escape, clipped."""
+    if value is None:
+        return None
+    found = value if isinstance(value, str) else text(value)
+    return None if found is None else str.__str__(found)[:limit]
+
+
+def _describe(exc: BaseException) -> str:
+    return " ".join((str(exc) or type(exc).__name__).split())[:300]
+
+
+def printable(value: Any) -> Any:
+    """`value` made of JSON types only: bytes as escaped text, undecodable markers as their
+    escape, timestamps in ISO 8601, decimals as text; integers keep their exact value."""
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, list | tuple):
+        return [printable(item) for item in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (str, int, float, bool)) or value is None:
+        return {printable(str(k)): printable(v) for k, v in value.items()}
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, int | float | bool) or value is None:
         return value
     return str(value)
+
+
+def readable_body(body: bytes) -> Any:
+    """A body as JSON when it is JSON, else as escaped text."""
+    try:
+        return printable(codec.decode_json(body))
+    except Exception:  # any foreign body: shown as text, never an error
+        return body.decode("utf-8", "backslashreplace")
+
+
+def json_line(value: Any) -> str:
+    """One JSON line for the CLI (integers beyond 64 bits kept exactly)."""
+    return codec.encode(printable(value)).decode()

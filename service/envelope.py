@@ -33,6 +33,7 @@ _PROPERTIES = (
     "content_encoding",
     "expiration",
     "app_id",
+    "timestamp",
     "routing_key",
     "exchange",
 )
@@ -210,8 +211,10 @@ def forward(
             continue
         headers[name] = _encodable(value)
     deadline = headers.get(H_DEADLINE)
-    if isinstance(deadline, float | decimal.Decimal) and math.isfinite(deadline):
-        headers[H_DEADLINE] = round(deadline)  # pamqp would send a float in single precision
+    if isinstance(deadline, float | decimal.Decimal) and 0 < deadline < _MAX_DEADLINE_MS:
+        headers[H_DEADLINE] = round(deadline)  # the integer ms the protocol prefers
+    if "x-death" in headers:
+        headers["x-death"] = _deaths(headers["x-death"])
     if add:
         headers.update(add)
     return Outgoing(
@@ -241,6 +244,38 @@ def _plain(value: str | None) -> str | None:
 
 def _priority(value: object) -> int | None:
     return value if isinstance(value, int) and 0 <= value <= 255 else None
+
+
+_DEATH_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "queue": str,
+    "reason": str,
+    "count": int,
+    "exchange": str,
+    "routing-keys": list,
+    "time": datetime.datetime,
+    "original-expiration": str,
+}
+
+
+def _deaths(value: Any) -> list[dict[str, Any]]:
+    """x-death as the broker writes it, and only that: a copy goes back to the broker, and
+    RabbitMQ 3.10's at-least-once dead-lettering crashes (node-wide, after a few restarts) on an
+    x-death whose entries are not tables. Entries of another shape are dropped."""
+    if not isinstance(value, list):
+        return []
+    kept: list[dict[str, Any]] = []
+    for entry in value[:64]:
+        if not isinstance(entry, dict) or not entry:
+            continue
+        if all(
+            isinstance(entry.get(k), t) and not isinstance(entry.get(k), bool)
+            for k, t in _DEATH_FIELDS.items()
+            if k in entry
+        ) and set(entry) <= set(_DEATH_FIELDS):
+            keys = entry.get("routing-keys", [])
+            if all(isinstance(key, str) for key in keys):
+                kept.append(entry)
+    return kept
 
 
 def _encodable(value: Any) -> Any:

@@ -5,18 +5,21 @@ Subscriptions are declared on a `Service` (`service.registry`) and served by `rp
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
 from typing import Any
 
-import aio_pika
+import aiormq
 import structlog
+from aiormq.abc import DeliveredMessage
 
 from service.config import Settings
-from service.errors import InvalidArgument, Unroutable
+from service.errors import ConnectionLost, InvalidArgument, Unroutable
 from service.registry import _PATTERN
 from service.topology import Names
-from service.transport import Link
-from service.types import Outgoing, new_id
+from service.transport import Link, _delivery, open_tool_link
+from service.types import Delivery, Outgoing, new_id
 
 __all__ = ["event_message", "publish_event", "tail"]
 
@@ -50,21 +53,50 @@ async def publish_event(link: Link, message: Outgoing) -> bool:
     return True
 
 
-async def tail(
-    settings: Settings, pattern: str
-) -> AsyncIterator[aio_pika.abc.AbstractIncomingMessage]:
-    """Yield events matching `pattern` from an exclusive queue that vanishes with the caller."""
+async def tail(settings: Settings, pattern: str) -> AsyncGenerator[Delivery, None]:
+    """Yield events matching `pattern` from an exclusive queue that vanishes with the caller.
+
+    Connects exactly as the service does (URL failover, password file, TLS, heartbeat); at most
+    `prefetch` events wait in memory. Raises `ConnectionLost` when the connection drops.
+    """
+    prefetch = 64
+    lost_errors = (
+        aiormq.exceptions.AMQPError,
+        aiormq.exceptions.ChannelInvalidStateError,
+        ConnectionError,
+        OSError,
+    )
     if not _PATTERN.match(pattern):
         raise InvalidArgument(f"{pattern!r} is not a topic pattern")
     names = Names(settings.namespace)
-    connection = await aio_pika.connect(settings.amqp_urls()[0], timeout=settings.connect_timeout)
+    link, raw = await open_tool_link(settings, "tail")
+    inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
+    link.on_lost.append(lambda _reason: inbox.put_nowait(None))
     try:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(names.events_exchange, "topic", durable=True)
-        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key=pattern)
-        async with queue.iterator(no_ack=True) as messages:
-            async for message in messages:
-                yield message
+        await raw.exchange_declare(
+            names.events_exchange,
+            exchange_type="topic",
+            durable=True,
+            passive=settings.passive_topology,
+        )
+        declared = await raw.queue_declare("", exclusive=True, auto_delete=True)
+        queue = declared.queue or ""
+        await raw.queue_bind(queue, names.events_exchange, routing_key=pattern)
+        await raw.basic_qos(prefetch_count=prefetch)
+
+        async def on_message(message: DeliveredMessage) -> None:
+            inbox.put_nowait(_delivery(message, queue=queue))
+
+        await raw.basic_consume(queue, on_message, no_ack=False)
+        while True:
+            event = await inbox.get()
+            if event is None:
+                raise ConnectionLost("connection to the broker lost; tail stopped")
+            yield event
+            with contextlib.suppress(*lost_errors):
+                await raw.basic_ack(event.delivery_tag)
+    except lost_errors as exc:
+        problem = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ConnectionLost(f"connection to the broker lost; tail stopped ({problem})") from None
     finally:
-        await connection.close()
+        await link.close()

@@ -1,17 +1,43 @@
 """Logging: structlog JSON lines in production, a readable console on a terminal.
 
 Standard-library loggers (aio-pika, aiormq, aiohttp) are routed through the same pipeline.
+Every line passes `redact_secrets` last: a broker or Redis URL anywhere in it (a message, a
+field, an exception's text) is shown with its password masked (`config.redact_url`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
-__all__ = ["configure_logging"]
+from service.config import redact_url
+
+__all__ = ["configure_logging", "redact_secrets"]
+
+_URL = re.compile(r"\b(?:amqps?|rediss?)://\S+", re.IGNORECASE)
+
+
+def _redact_text(text: str) -> str:
+    if "://" not in text:  # the common case: nothing to look at
+        return text
+    return _URL.sub(lambda match: redact_url(match.group(0)), text)
+
+
+def redact_secrets(
+    _logger: Any, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Processor: mask URL passwords in every text value (and in lists of texts)."""
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = _redact_text(value)
+        elif isinstance(value, list | tuple) and any(isinstance(item, str) for item in value):
+            event_dict[key] = [_redact_text(i) if isinstance(i, str) else i for i in value]
+    return event_dict
+
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
@@ -48,7 +74,11 @@ def configure_logging(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                redact_secrets,
+                renderer,
+            ],
         )
     )
     root = logging.getLogger()

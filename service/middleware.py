@@ -76,6 +76,14 @@ class Result:
     dead_reason: str | None = None
     duplicate: bool = False  # answered from the idempotency store; the handler did not run
 
+    def __post_init__(self) -> None:
+        if self.error is not None:
+            # H5: a caught error's traceback holds every frame up to the consumer callback, and
+            # those frames hold this Result: a reference cycle that keeps the delivery and its
+            # body alive until a full garbage collection (32 casts of 50 MB: 1.5 GB RSS). The
+            # answer and the dead letter need only the error's code, message and details.
+            self.error.__traceback__ = self.error.__context__ = self.error.__cause__ = None
+
 
 Next = Callable[[Request], Awaitable[Result]]
 Middleware = Callable[[Request, Next], Awaitable[Result]]

@@ -278,18 +278,21 @@ class RpcServer:
         """Refuse before parsing: unreadable envelope, nobody to answer, foreign version,
         envelope limits, unknown op."""
         delivery = request.delivery
-        if request.refusal is not None:
-            return failure(request, request.refusal.error, request.refusal.reason, Outcome.REJECTED)
+        refusal = request.refusal
+        if refusal is not None and not refusal.answerable:
+            return failure(request, refusal.error, refusal.reason, Outcome.REJECTED)
         refused = _refusal(request)
         if refused is not None:
-            return refused
+            return refused  # nobody legitimate to answer: parked before any other refusal
+        if refusal is not None:
+            return failure(request, refusal.error, refusal.reason, Outcome.REJECTED)
         version = request.version
         if version is not None and request.kind != "event" and version not in self._accepts:
-            refusal = FailedPrecondition(
+            mismatch = FailedPrecondition(
                 f"contract version {version[:16]!r} is not accepted by {self.service.name}",
                 details={"accepted": sorted(self._accepts), "current": self._version},
             )
-            return failure(request, refusal, "invalid", Outcome.REJECTED)
+            return failure(request, mismatch, "invalid", Outcome.REJECTED)
         try:
             codec.check_envelope(delivery, self.settings.max_body_bytes)
         except MessageTooLarge as exc:
@@ -344,6 +347,13 @@ class RpcServer:
                 await self.publisher.publish(
                     message, kind="retry", mandatory=True, check_size=False
                 )
+            elif result.outcome is Outcome.DEAD_LETTERED and self._broker_parks(request, result):
+                # H5: a body over the limit is not copied (a re-publish holds two or three more
+                # bodies per delivery): the queue's own dead-letter exchange moves it, whole,
+                # into the DLQ (x-death reason `rejected`); the `handled` log line and
+                # burrow_dead_lettered_total{reason="too_large"} say why.
+                await delivery.reject()
+                return
             elif result.outcome is Outcome.DEAD_LETTERED:
                 await self.dead_letters.park(delivery, result.dead_reason or "failed", result.error)
                 if request.job_id is not None:
@@ -365,6 +375,14 @@ class RpcServer:
             await delivery.reject()
             return
         await delivery.ack()
+
+    def _broker_parks(self, request: Request, result: Result) -> bool:
+        """Whether the broker dead-letters this refusal itself: a body over the limit, from a
+        queue with a dead-letter exchange (every service queue but the request queue)."""
+        return (
+            result.dead_reason == "too_large"
+            and request.delivery.queue != self.names.request_queue(self.service.name)
+        )
 
     async def _reply(self, request: Request, result: Result) -> None:
         assert request.reply_to is not None
@@ -407,7 +425,7 @@ class RpcServer:
         except MessageTooLarge as exc:
             # C5: refuse locally, answer with an error the caller can act on instead.
             error = ResourceExhausted(f"the answer is too large to send: {exc.message}")
-            message.body = codec.encode(error.to_wire())
+            message.body = codec.encode_error(error)
             message.headers = {**message.headers, H_STATUS: "error"}
             await self._publish_answer(message, kind=kind, mandatory=mandatory)
         except ServiceError as exc:
@@ -441,7 +459,7 @@ def _refusal(request: Request) -> Result | None:
 def _answer(result: Result) -> tuple[bytes, str]:
     if result.error is None:
         return result.reply or b"{}", "ok"
-    return codec.encode(result.error.to_wire()), "error"
+    return codec.encode_error(result.error), "error"
 
 
 def _pick(value: int | None, default: int) -> int:

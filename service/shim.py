@@ -3,7 +3,9 @@
 pamqp raises on a non-UTF-8 short string, recurses without bound into nested tables and
 overflows on far-away timestamps; any of these in one delivery kills aiormq's connection, and
 the broker redelivers the message for ever. `install()` swaps those decoders for ones that
-return an `Undecodable` marker instead, so the envelope reader can refuse the message.
+return an `Undecodable` marker instead, so the envelope reader can refuse the message. It also
+makes pamqp write header floats as doubles (`d`): it writes single precision (`f`), which loses
+a Java client's double and cannot hold one beyond 3.4e38 at all.
 """
 
 from __future__ import annotations
@@ -13,9 +15,16 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
-from pamqp import base, decode
+from pamqp import base, decode, encode
 
-__all__ = ["MAX_DEPTH", "UNDECODABLE_HEADER", "Undecodable", "install", "installed"]
+__all__ = [
+    "MAX_DEPTH",
+    "UNDECODABLE_HEADER",
+    "Undecodable",
+    "install",
+    "installed",
+    "silent_for",
+]
 
 MAX_DEPTH = 32  # tables and arrays nested deeper than this are not decoded
 UNDECODABLE_HEADER = "x-burrow-undecodable"  # set when the properties as a whole failed
@@ -130,12 +139,29 @@ def _properties_unmarshal(self: base.BasicProperties, flags: int, data: bytes) -
         cast(Any, self).headers = {UNDECODABLE_HEADER: Undecodable.of(b"", problem)}
 
 
+def _table_value(value: Any) -> bytes:
+    if type(value) is float:
+        return b"d" + encode.double(value)
+    return _original["table_value"](value)  # type: ignore[no-any-return]
+
+
+def silent_for(connection: object) -> float | None:
+    """Seconds since aiormq last read a frame on `connection` (its private record, the one its
+    own heartbeat check reads); None when the connection or the record is not there."""
+    last = getattr(connection, "_Connection__last_frame_time", None)
+    loop = getattr(connection, "loop", None)
+    if not isinstance(last, float) or loop is None:
+        return None
+    return float(loop.time() - last)
+
+
 def install() -> None:
     """Make pamqp's decoding tolerant (idempotent; process-wide, as pamqp's tables are)."""
     if _original:
         return
     _original["timestamp"] = decode.timestamp
     _original["properties"] = base.BasicProperties.unmarshal
+    _original["table_value"] = encode.encode_table_value
     replacements: dict[str, _Decoder] = {
         "shortstr": _short_str,
         "table": _field_table,
@@ -155,6 +181,7 @@ def install() -> None:
     decode.field_array = _field_array  # type: ignore[assignment]
     decode.timestamp = _timestamp
     base.BasicProperties.unmarshal = _properties_unmarshal  # type: ignore[method-assign]
+    encode.encode_table_value = _table_value
 
 
 def installed() -> bool:
@@ -164,4 +191,5 @@ def installed() -> bool:
         and decode.METHODS.get("shortstr") is _short_str
         and decode.TABLE_MAPPING.get(b"F") is _field_table
         and base.BasicProperties.unmarshal is _properties_unmarshal
+        and encode.encode_table_value is _table_value
     )

@@ -6,6 +6,7 @@ generated from the same declaration.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,6 +25,8 @@ __all__ = [
     "delay_topology",
     "retry_topology",
     "to_definitions",
+    "dead_letter_policy",
+    "DLQ_DELIVERY_LIMIT",
 ]
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -283,9 +286,38 @@ def delay_topology(settings: Settings) -> Topology:
     return topology
 
 
+DLQ_DELIVERY_LIMIT = 1_000_000
+"""The delivery limit the shipped policy gives dead-letter queues: on RabbitMQ 4.0 to 4.2 every
+look at a letter (`burrow dlq list`) counts as a delivery, and the default limit of 20 would
+drop letters after 20 looks (a DLQ has no dead-letter exchange of its own)."""
+
+
+def dead_letter_policy(topology: Topology, vhost: str = "/") -> dict[str, Any] | None:
+    """The policy that lifts the delivery limit of the topology's dead-letter queues.
+
+    A policy, not a queue argument: a queue's arguments cannot change once it exists (a
+    redeclare with another `x-delivery-limit` fails), a policy applies to existing queues.
+    `-1` is not used: RabbitMQ 3.10 refuses it as a policy value. Apply-to `queues`, the value
+    3.10 knows (later versions also accept `quorum_queues`).
+    """
+    dlqs = sorted(q.name for q in topology.queues if q.name.endswith(".dlq"))
+    if not dlqs:
+        return None
+    return {
+        "vhost": vhost,
+        "name": "burrow-dlq-delivery-limit",
+        "pattern": "^(" + "|".join(re.escape(name) for name in dlqs) + ")$",
+        "apply-to": "queues",
+        "definition": {"delivery-limit": DLQ_DELIVERY_LIMIT},
+        "priority": 10,
+    }
+
+
 def to_definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:
     """The topology as a RabbitMQ definitions document (for `rabbitmqctl import_definitions`)."""
+    policy = dead_letter_policy(topology, vhost)
     return {
+        "policies": [policy] if policy is not None else [],
         "exchanges": [
             {
                 "name": ex.name,

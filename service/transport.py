@@ -385,11 +385,18 @@ class Link:
                     "amq.direct", exchange_type="direct", passive=True, timeout=interval
                 )
             except TimeoutError:
+                if self._heard_within(interval):
+                    continue  # frames keep coming (a backlog of large bodies): busy, not dead
                 _log.warning("broker stopped answering; reconnecting", link=self.name)
                 await self._abandon()
                 return
             except _CONNECTION_ERRORS:
                 return
+
+    def _heard_within(self, seconds: float) -> bool:
+        """Whether any frame arrived from the broker in the last `seconds`."""
+        silent = shim.silent_for(self._underlay_connection())
+        return silent is not None and silent < seconds
 
     async def _abandon(self) -> None:
         """Drop a dead connection the way aiormq does on its own heartbeat timeout: mark it
@@ -730,3 +737,35 @@ async def _quiet_close(connection: AbstractConnection) -> None:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text[:300]
+
+
+async def open_tool_link(settings: Settings, name: str) -> tuple[Link, aiormq.Channel]:
+    """A ready `Link` (no topology) and its channel for a one-off command (`burrow dlq`,
+    `burrow tail`): it connects exactly as the service does (URL failover, password file, TLS,
+    heartbeat). The caller closes the link.
+
+    Raises:
+        ConfigError: the broker refused the login, TLS failed or the password file is unreadable.
+        Unavailable: no broker was ready within `connect_timeout` per URL (the last failure said).
+    """
+    link = Link(name, settings)
+    link.start()
+    timeout = settings.connect_timeout * len(settings.amqp_urls()) + 1.0
+    try:
+        await link.wait_ready(timeout)
+    except Unavailable:
+        problem = " ".join((link.last_error or "no answer").split())
+        for url in settings.amqp_urls():
+            secret = urlsplit(url).password
+            if secret:
+                problem = problem.replace(secret, "***")
+        await link.close()
+        raise Unavailable(
+            f"cannot reach the broker at {', '.join(settings.redacted_urls())} within "
+            f"{timeout:.1f}s: {problem}"
+        ) from None
+    except BaseException:
+        await link.close()
+        raise
+    assert link._raw is not None  # ready: connected, channel open
+    return link, link._raw

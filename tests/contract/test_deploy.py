@@ -198,6 +198,47 @@ def test_compose_file_validates_against_the_compose_spec() -> None:
     assert "rabbitmq_prometheus" in plugins
 
 
+def _rabbitmq_conf() -> dict[str, str]:
+    """deploy/rabbitmq/rabbitmq.conf as key → value (sysctl format: `key = value`, `#` comments)."""
+    entries: dict[str, str] = {}
+    for raw in (DEPLOY / "rabbitmq/rabbitmq.conf").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"not `key = value`: {line!r}"
+            entries[key.strip()] = value.strip()
+    return entries
+
+
+def _mebibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (`128Mi`, `1Gi`) in MiB."""
+    units = {"Ki": 1 / 1024, "Mi": 1.0, "Gi": 1024.0}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+# docs/operations.md, Memory: peak RSS ≤ idle + (prefetch + 8) * the largest body on the wire.
+_COPIES_BEYOND_PREFETCH = 8
+
+
+def test_broker_caps_message_size_for_the_memory_bound() -> None:
+    """rabbitmq.conf sets max_message_size ≥ the body limit; the bound fits the pod's memory."""
+    cap = int(_rabbitmq_conf()["max_message_size"])
+    assert Settings.model_fields["max_body_bytes"].default <= cap < 128 * 1024 * 1024
+    deployment = next(obj for obj in _k8s_objects() if obj["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    prefetch = int(env.get("BURROW_PREFETCH") or Settings.model_fields["prefetch"].default)
+    resources = container["resources"]
+    idle = _mebibytes(resources["requests"]["memory"])  # what an idle process is given
+    bound = idle + (prefetch + _COPIES_BEYOND_PREFETCH) * cap / 2**20
+    assert bound <= _mebibytes(resources["limits"]["memory"]), (
+        f"idle {idle} MiB + ({prefetch} + {_COPIES_BEYOND_PREFETCH}) * {cap} B = {bound:.0f} MiB"
+    )
+    docs = (ROOT / "docs/operations.md").read_text(encoding="utf-8")
+    assert "### Memory" in docs
+    assert f"(BURROW_PREFETCH + {_COPIES_BEYOND_PREFETCH})" in docs
+
+
 def test_dockerfile_agrees_with_the_code() -> None:
     """CMD runs the `burrow` script, EXPOSE is the default HTTP port, HEALTHCHECK gets /healthz."""
     dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")

@@ -1037,20 +1037,33 @@ def cast(namespace: str, key: str, *, route: str = "work.do", **fields: Any) -> 
 
 
 async def publish_until_confirmed(
-    link: Link, ledger: Ledger, message: Outgoing, *, give_up_after: float, timeout: float = 2.0
+    link: Link,
+    ledger: Ledger,
+    message: Outgoing,
+    *,
+    give_up_after: float,
+    timeout: float = 2.0,
+    on_miss: Callable[[PublishOutcome], None] | None = None,
 ) -> PublishOutcome:
-    """Publish; on a retryable failure retry the same message id until confirmed or give up."""
+    """Publish; on a retryable failure retry the same message id until confirmed or give up.
+
+    Args:
+        on_miss: called with the outcome of every attempt that was not confirmed.
+    """
     deadline = time.monotonic() + give_up_after
     while True:
         try:
             await link.publish(message, kind="event", mandatory=True, timeout=timeout)
         except (ConnectionLost, PublishFailed):
-            ledger.record_publish(message.message_id, PublishOutcome.UNKNOWN)
+            outcome = PublishOutcome.UNKNOWN
         except Unavailable:
-            ledger.record_publish(message.message_id, PublishOutcome.FAILED)
+            outcome = PublishOutcome.FAILED
         else:
             ledger.record_publish(message.message_id, PublishOutcome.CONFIRMED)
             return PublishOutcome.CONFIRMED
+        ledger.record_publish(message.message_id, outcome)
+        if on_miss is not None:
+            on_miss(outcome)
         if time.monotonic() > deadline:
             return ledger.published[message.message_id]
         await asyncio.sleep(0.05)
@@ -1062,6 +1075,11 @@ class PublishStream:
 
     One stream only: concurrent publishers on one link can trip aiormq's
     ChannelInvalidStateError leak (reported upstream).
+
+    A fault is timed on the stream's events, never on sleeps: wait for `confirmed` before it,
+    and hold it (e.g. keep the broker down) until `missed` says a publish of the stream met
+    it — an outage shorter than the publish timeout is otherwise waited out by a publish
+    blocked on the reconnect, and nothing fails or is retried.
     """
 
     def __init__(
@@ -1074,6 +1092,8 @@ class PublishStream:
     ) -> None:
         self.producer, self.ledger, self.message = producer, ledger, message
         self.give_up_after = give_up_after
+        self.misses = 0  # publish attempts of the stream that were not confirmed
+        self._missed = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -1092,12 +1112,33 @@ class PublishStream:
         mark = len(self.ledger.confirmed)
         await wait_until(lambda: len(self.ledger.confirmed) >= mark + more, timeout, what)
 
+    async def missed(self, since: int, timeout: float, what: str) -> None:
+        """Wait until more than `since` (a `misses` taken before the fault) attempts of the
+        stream failed or went unconfirmed; fail naming `what` after `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.misses <= since:
+                    self._missed.clear()
+                    await self._missed.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"timed out after {timeout:.1f}s waiting for {what}; {self.ledger.summary()}"
+            ) from None
+
+    def _on_miss(self, _outcome: PublishOutcome) -> None:
+        self.misses += 1
+        self._missed.set()
+
     async def _run(self) -> None:
         i = 0
         while not self._stop.is_set():
             message = self.message(i)
             await publish_until_confirmed(
-                self.producer, self.ledger, message, give_up_after=self.give_up_after
+                self.producer,
+                self.ledger,
+                message,
+                give_up_after=self.give_up_after,
+                on_miss=self._on_miss,
             )
             i += 1
             await asyncio.sleep(0.01)

@@ -80,9 +80,14 @@ async def test_a1_clean_restart_mid_stream(
     producer = await make_link()
 
     stream = PublishStream(producer, ledger, lambda i: cast(namespace, f"a1-{i}"))
+    producer_lost = watch_loss(producer)
     async with stream:
         await stream.confirmed(40, 20, "40 confirmed before the fault")
+        misses = stream.misses
         await broker.stop_app()
+        # Down until a publish met the outage: one blocked on the reconnect would wait out an
+        # outage shorter than its timeout and succeed at once. Bound: that timeout (2 s) + ε.
+        await stream.missed(misses, 15, "a publish failing or unconfirmed during the outage")
         await broker.start_app()
         await stream.confirmed(40, 60, "40 confirmed after it")
 
@@ -93,7 +98,10 @@ async def test_a1_clean_restart_mid_stream(
     await app.stop()
     await drain_work(broker.url, ledger, namespace)
     summary = ledger.assert_sound()
-    assert any(n > 1 for n in ledger.attempts.values()), f"no publish hit the outage: {summary}"
+    assert producer_lost.is_set(), f"the producer never lost its connection: {summary}"
+    retried = {k for k, n in ledger.attempts.items() if n > 1}
+    assert retried, f"no publish hit the outage: {summary}"
+    assert retried <= ledger.confirmed, f"unconfirmed publishes not retried to a confirm: {summary}"
 
 
 @pytest.mark.slow
@@ -420,7 +428,10 @@ async def test_a2_broker_killed_hard(  # noqa: PLR0917 (fixtures)
 
     async with PublishStream(producer, ledger, message, give_up_after=120) as stream:
         await stream.confirmed(40, 20, "40 confirmed before the kill")
+        misses = stream.misses
         await broker.kill_hard()
+        # Down until a publish met the outage (as in A1), not on how long a reboot takes.
+        await stream.missed(misses, 15, "a publish failing or unconfirmed while it is dead")
         await broker.relaunch()
         await stream.confirmed(40, 60, "40 confirmed after it")
     await app.wait_ready(30)

@@ -48,10 +48,13 @@ async def test_dead_letters_are_listed_shown_replayed_and_purged(
     assert [letter.reason for letter in letters] == ["failed", "failed"]
     assert letters[0].summary()["route"] == "shipping.ship"
     assert letters[0].detail()["error"]["code"] == "FAILED_PRECONDITION"
-    assert letters[0].detail()["body"] == {"id": 1}
+    assert letters[0].body is None, "list keeps no bodies"
+    [shown] = await tool.show([first])
+    assert shown.detail()["body"] == {"id": 1}
 
     broken = False
-    assert await tool.replay([first]) == 1
+    report = await tool.replay([first])
+    assert (report.replayed, report.skipped, report.missing) == (1, [], [])
     for _ in range(100):
         if shipped:
             break

@@ -5,7 +5,12 @@ No broker: deliveries are built by hand, as the transport would fill them.
 
 from __future__ import annotations
 
+import hashlib
+import math
+from typing import Any
+
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from service.codec import (
     CONTENT_TYPE,
@@ -113,6 +118,14 @@ def test_check_envelope_refuses_foreign_content_type(content_type: str | None) -
     assert "content_type" in info.value.details
 
 
+def test_check_envelope_absent_content_type_detail_is_empty_string() -> None:
+    """An absent content type gives details.content_type "" (a string, as §11 shows), not null."""
+    with pytest.raises(InvalidArgument) as info:
+        check_envelope(_delivery(content_type=None), max_bytes=1024)
+    assert info.value.details == {"content_type": ""}
+    assert info.value.message == f"no content type; send {CONTENT_TYPE}"
+
+
 def test_check_envelope_clips_long_content_type() -> None:
     """A hostile 10 kB content type is clipped in the error, not echoed whole."""
     with pytest.raises(InvalidArgument) as info:
@@ -218,13 +231,16 @@ def test_encode_model_dict_and_list() -> None:
     assert decode_model(Point, encode(Point(x=3, y=4))) == Point(x=3, y=4)
 
 
-def test_body_fingerprint_holds_no_full_body() -> None:
-    """The log fingerprint has size, a short hash and a 32-byte prefix only."""
-    body = b"A" * 40 + b"SECRET-TAIL"
+def test_body_fingerprint_holds_no_body_bytes() -> None:
+    """The log fingerprint is the body's size and a short hash only, never any of its bytes."""
+    body = b'{"password": "hunter2"}'
     fingerprint = body_fingerprint(body)
-    assert fingerprint["body_size"] == len(body)
-    assert len(fingerprint["body_sha256"]) == 16
-    assert "SECRET" not in str(fingerprint)
+    assert fingerprint == {
+        "body_size": len(body),
+        "body_sha256": hashlib.sha256(body).hexdigest()[:16],
+    }
+    assert "hunter2" not in str(fingerprint)
+    assert "password" not in str(fingerprint)
 
 
 def test_model_forbids_extra_and_is_frozen() -> None:
@@ -234,3 +250,140 @@ def test_model_forbids_extra_and_is_frozen() -> None:
     point = Point(x=1, y=2)
     with pytest.raises(ValueError, match="frozen"):
         point.x = 5  # type: ignore[misc]
+
+
+class Ratio(Model):
+    """A float field, as calc.divide has."""
+
+    a: float
+
+
+class Loose(Model):
+    """A field of any type: the JSON parser's numbers reach it unchecked by pydantic."""
+
+    value: Any = None
+
+
+class Big(Model):
+    """An integer field."""
+
+    n: int
+
+
+NON_FINITE_BODIES = [
+    pytest.param(b'{"a": NaN}', id="nan"),
+    pytest.param(b'{"a": Infinity}', id="infinity"),
+    pytest.param(b'{"a": -Infinity}', id="minus-infinity"),
+    pytest.param(b'{"a": 1e400}', id="1e400"),
+    pytest.param(b'{"a": -1E+400}', id="minus-1e400"),
+    pytest.param(b'{"a": ' + b"9" * 250 + b".0e99}", id="long-mantissa"),
+]
+
+
+@pytest.mark.parametrize("body", NON_FINITE_BODIES)
+def test_h4_non_finite_number_is_malformed_json(body: bytes) -> None:
+    """NaN, ±Infinity and numbers beyond the double range are malformed JSON (reason json)."""
+    with pytest.raises(InvalidArgument) as info:
+        decode_model(Ratio, body)
+    assert info.value.details == {"reason": "json"}
+    assert info.value.message.startswith("malformed JSON")
+
+
+@pytest.mark.parametrize("body", NON_FINITE_BODIES)
+def test_h4_non_finite_number_refused_in_any_field(body: bytes) -> None:
+    """A non-finite number is refused even where the field's type would accept it (Any)."""
+    with pytest.raises(InvalidArgument) as info:
+        decode_model(Loose, body.replace(b'"a"', b'"value"'))
+    assert info.value.details == {"reason": "json"}
+
+
+@pytest.mark.parametrize("body", NON_FINITE_BODIES)
+def test_h4_decode_json_refuses_non_finite(body: bytes) -> None:
+    """The schema-less decoder refuses the same numbers, on its fast and its exact path."""
+    with pytest.raises(InvalidArgument) as fast:
+        decode_json(body)
+    assert fast.value.details == {"reason": "json"}
+    with pytest.raises(InvalidArgument) as exact:  # a 20-digit integer takes the exact path
+        decode_json(body[:-1] + b', "n": 12345678901234567890123}')
+    assert exact.value.details == {"reason": "json"}
+
+
+def test_h4_look_alike_numbers_and_text_pass() -> None:
+    """Text holding NaN/Infinity/e999 and large but finite numbers are accepted unchanged."""
+    body = b'{"value": ["NaN", "Infinity", "1e999", 1.5e300, 1e-400, -0.0]}'
+    assert decode_model(Loose, body).value == ["NaN", "Infinity", "1e999", 1.5e300, 0.0, -0.0]
+    assert decode_json(body) == {"value": ["NaN", "Infinity", "1e999", 1.5e300, 0.0, -0.0]}
+    assert decode_model(Ratio, b'{"a": 1.7976931348623157e308}').a == 1.7976931348623157e308
+
+
+@pytest.mark.parametrize(
+    "number",
+    [2**64, 2**70, -(2**63) - 1, -(2**70), 10**100, 10**400, 2**64 - 1, -(2**63)],
+    ids=["2^64", "2^70", "-2^63-1", "-2^70", "1e100", "1e400-int", "2^64-1", "-2^63"],
+)
+def test_h4_big_integers_exact_both_ways(number: int) -> None:
+    """Integers beyond 64 bits keep their exact value: encode, decode_json and decode_model."""
+    body = encode({"n": number})
+    assert body == b'{"n":' + str(number).encode() + b"}"
+    assert decode_json(body) == {"n": number}
+    assert decode_model(Big, body).n == number
+    assert encode(Big(n=number)) == body
+
+
+def test_h4_decode_json_keeps_64_bit_fast_path() -> None:
+    """Integers within 64 bits and 19-digit timestamps decode as ints (orjson path)."""
+    body = b'{"ns": 1700000000000000000, "max": 18446744073709551615}'
+    assert decode_json(body) == {"ns": 1700000000000000000, "max": 18446744073709551615}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" + b"1" * 5000 + b"]", b"\xff" + b"1" * 25, b"[12345678901234567890123,", b"[" * 100_000],
+    ids=["5000-digits", "not-utf8", "truncated", "deep"],
+)
+def test_h4_decode_json_exact_path_refuses_garbage(body: bytes) -> None:
+    """The exact (stdlib) path turns every failure into InvalidArgument reason json."""
+    with pytest.raises(InvalidArgument) as info:
+        decode_json(body)
+    assert info.value.details == {"reason": "json"}
+
+
+def test_h4_model_refuses_non_finite_floats() -> None:
+    """service.Model refuses NaN and ±Infinity when a model is built (a handler's reply)."""
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValidationError):
+            Ratio(a=value)
+
+
+class Plain(BaseModel):
+    """A pydantic model not based on service.Model: it would write NaN as null."""
+
+    a: float
+
+
+class Holder(Model):
+    """A service.Model holding a plain pydantic model."""
+
+    inner: Plain
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param({"a": math.nan}, id="dict-nan"),
+        pytest.param([1.0, math.inf], id="list-inf"),
+        pytest.param(Ratio.model_construct(a=-math.inf), id="model-constructed"),
+        pytest.param(Plain(a=math.nan), id="plain-model"),
+        pytest.param(Holder(inner=Plain(a=math.inf)), id="nested-plain-model"),
+    ],
+)
+def test_h4_encode_refuses_non_finite(value: Any) -> None:
+    """encode raises ValueError for NaN/±Infinity anywhere, never writing null or NaN."""
+    with pytest.raises(ValueError, match="NaN or Infinity"):
+        encode(value)
+
+
+def test_h4_encode_keeps_nan_text() -> None:
+    """Strings that read NaN or Infinity are ordinary text and encode as such."""
+    assert encode({"t": "NaN", "u": ["Infinity"]}) == b'{"t":"NaN","u":["Infinity"]}'
+    assert encode(Plain(a=1.5)) == b'{"a":1.5}'

@@ -123,6 +123,83 @@ def test_redact_url_leaves_passwordless_url_alone() -> None:
     assert redact_url("amqp://u:p@ss@rabbit/") == "amqp://u:***@rabbit/"
 
 
+@pytest.mark.parametrize("char", ["/", "#", "?", "@"])
+def test_h6_unescaped_password_char_refused(monkeypatch: pytest.MonkeyPatch, char: str) -> None:
+    """A password with an unescaped / # ? or @ is a ConfigError naming BURROW_AMQP_URL and
+    saying to percent-encode, without any part of the password."""
+    password = f"hun{char}ter2-very-secret"
+    monkeypatch.setenv("BURROW_AMQP_URL", f"amqp://user:{password}@rabbit:5672/vh")
+    with pytest.raises(ConfigError, match="BURROW_AMQP_URL") as info:
+        load_settings()
+    text = str(info.value)
+    assert "percent-encode" in text
+    assert "hun" not in text
+    assert "ter2" not in text
+    assert "rabbit" not in text  # the URL is not echoed at all
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://u:p@h/,amqp://user:se/cret@rabbit/",
+        "amqp://user:se,cret@rabbit/",
+        "amqps://user:a#b@rabbit:5671/",
+        "amqp://user:p@rabbit/v@host",
+    ],
+    ids=["second-of-list", "comma", "amqps-hash", "vhost-at"],
+)
+def test_h6_misplaced_url_characters_refused(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Any URL of the list that a special character would split is refused, never echoed."""
+    monkeypatch.setenv("BURROW_AMQP_URL", url)
+    with pytest.raises(ConfigError, match=r"BURROW_AMQP_URL: .*percent-encode") as info:
+        load_settings()
+    assert "cret" not in str(info.value)
+    assert "rabbit" not in str(info.value)
+
+
+def test_h6_percent_encoded_password_loads_and_redacts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A percent-encoded password with / # ? @ , loads; it is masked whole in redacted_urls."""
+    monkeypatch.setenv("BURROW_AMQP_URL", "amqp://user:a%2Fb%23c%3Fd%40e%2Cf@rabbit:5672/v%40h")
+    settings = load_settings()
+    assert settings.redacted_urls() == ["amqp://user:***@rabbit:5672/v%40h"]
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("amqp://u:se/cr#et@rabbit:5672/", "amqp://u:***@rabbit:5672/"),
+        ("amqp://u:se?cret@rabbit/", "amqp://u:***@rabbit/"),
+        ("amqp://u:a@b/c@rabbit/", "amqp://u:***@rabbit/"),
+        ("amqp://u:p1@a/,amqps://v:p2@b/", "amqp://u:***@a/,amqps://v:***@b/"),
+        ("amqp://u:se,cret@rabbit/", "amqp://***,***@rabbit/"),
+        ("cret@rabbit/", "***@rabbit/"),
+        ("amqp://user@rabbit/", "amqp://user@rabbit/"),
+    ],
+    ids=["slash-hash", "question", "two-at", "list", "comma", "no-scheme", "user-only"],
+)
+def test_h6_redact_url_masks_unescaped_and_listed_passwords(url: str, redacted: str) -> None:
+    """redact_url masks a password whatever it holds, in each URL of a comma-separated list."""
+    assert redact_url(url) == redacted
+
+
+def test_login_url_encodes_file_password_once(tmp_path: Path) -> None:
+    """The password file's text is percent-encoded into the URL; an encoded user stays as given."""
+    secret = tmp_path / "password"
+    secret.write_text("a/b#c?d@e,f%\n")
+    settings = load_settings(
+        amqp_url="amqp://us%40er@rabbit:5672/vh", amqp_password_file=str(secret)
+    )
+    assert settings.login_url(settings.amqp_urls()[0]) == (
+        "amqp://us%40er:a%2Fb%23c%3Fd%40e%2Cf%25@rabbit:5672/vh"
+    )
+
+
+def test_idempotency_url_not_in_repr() -> None:
+    """A Redis URL (which may hold a password) is kept out of the settings' repr."""
+    settings = load_settings(idempotency_url=f"redis://:{PASSWORD}@redis:6379/0")
+    assert PASSWORD not in repr(settings)
+
+
 def test_overrides_win_and_settings_are_frozen() -> None:
     """load_settings(**overrides) sets values; the result cannot be mutated."""
     settings = load_settings(prefetch=5)

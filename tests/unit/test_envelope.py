@@ -194,3 +194,18 @@ def test_forward_keeps_a_double_deadline_exact() -> None:
     """A double x-deadline is copied as integer ms (pamqp would send single precision)."""
     copy = envelope.forward(_delivery({H_DEADLINE: float(_MS) + 0.4}), exchange="", routing_key="q")
     assert copy.headers[H_DEADLINE] == _MS
+
+
+def test_forward_keeps_only_broker_shaped_x_death() -> None:
+    """x-death entries that are not broker-shaped tables are dropped from copies (they crash
+    RabbitMQ 3.10's at-least-once dead-lettering); broker-shaped ones are kept."""
+    good = {"queue": "ns.retry.0.wait", "reason": "expired", "count": 2, "routing-keys": ["q"]}
+    forged = [[["deep"]], {"queue": {"a": 1}}, "text", {"count": True}, {"x": 1}, good]
+    copy = envelope.forward(_delivery({"x-death": forged}), exchange="", routing_key="q")
+    assert copy.headers["x-death"] == [good]
+
+
+def test_forward_leaves_an_absurd_double_deadline_alone() -> None:
+    """A double x-deadline out of range is not turned into an integer pamqp cannot send."""
+    copy = envelope.forward(_delivery({H_DEADLINE: 1e300}), exchange="", routing_key="q")
+    assert copy.headers[H_DEADLINE] == 1e300

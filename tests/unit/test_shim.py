@@ -7,6 +7,7 @@ import struct
 import sys
 from typing import Any
 
+import aiormq
 from pamqp import commands, decode, frame, header
 
 from service import shim
@@ -115,3 +116,20 @@ def test_non_utf8_routing_key_in_deliver_is_marked() -> None:
     _, _, decoded = frame.unmarshal(raw)
     assert isinstance(decoded, commands.Basic.Deliver)
     assert isinstance(decoded.routing_key, Undecodable)
+
+
+def test_header_floats_are_written_as_doubles() -> None:
+    """A float header goes out as a double: exact, and beyond single precision's range."""
+    props = commands.Basic.Properties(headers={"d": 0.1, "big": 1e300})
+    decoded = _properties(_header_frame(props))
+    assert decoded.headers == {"d": 0.1, "big": 1e300}
+
+
+async def test_silent_for_reads_aiormq_last_frame_time() -> None:
+    """aiormq still keeps the time of the last frame where the shim reads it (fails loudly if
+    aiormq renames it: the link's probe would then treat a busy connection as dead)."""
+    connection = aiormq.Connection("amqp://guest:guest@127.0.0.1:1/")
+    silent = shim.silent_for(connection)
+    assert silent is not None
+    assert 0 <= silent < 5
+    assert shim.silent_for(object()) is None

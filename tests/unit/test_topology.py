@@ -5,6 +5,7 @@ These names are the protocol; changing one breaks every deployed caller.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from service import Model, Service
 from service.config import Settings, load_settings
 from service.topology import (
     DIRECT_REPLY_TO,
+    DLQ_DELIVERY_LIMIT,
     ExchangeDecl,
     Names,
     QueueDecl,
@@ -120,7 +122,13 @@ def test_to_definitions_shape(shop: Settings) -> None:
     """The definitions export has durable, non-auto-delete entities in the given vhost."""
     topo = service_topology(_service("calc"), shop)
     doc = to_definitions(topo, vhost="prod")
-    assert set(doc) == {"exchanges", "queues", "bindings"}
+    assert set(doc) == {"policies", "exchanges", "queues", "bindings"}
+    [policy] = doc["policies"]
+    assert policy["vhost"] == "prod"
+    assert policy["definition"] == {"delivery-limit": DLQ_DELIVERY_LIMIT}
+    assert re.fullmatch(policy["pattern"], "shop.calc.dlq")
+    assert re.fullmatch(policy["pattern"], "shop.scheduler.dlq")
+    assert not re.fullmatch(policy["pattern"], "shop.calc.requests")
     rpc = next(ex for ex in doc["exchanges"] if ex["name"] == "shop.rpc")
     assert rpc == {
         "name": "shop.rpc",
