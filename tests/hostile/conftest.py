@@ -118,6 +118,7 @@ SERVICE = "calc"
 EVENT = "hprobe.fired"  # matched by the `on_probe` subscription (`hprobe.#`)
 CALLBACK_PREFIX = "hcb"  # callback routes of submits, collected with the completions
 _PAD = "p" * 40  # what a log's 32-byte body prefix may show; the token comes after it
+_QUEUE_SETTLE = 12.0  # seconds: more than RabbitMQ's 5 s statistics interval
 _WAIT = 20.0  # upper bound on one wait; never reached when the service behaves
 PASSWORD_MARKERS = (":guest@", "guest:guest")  # the broker password as a URL would carry it
 
@@ -672,10 +673,17 @@ class Hostile:
         assert self.app.health.ready, self.app.health.problems()
         assert sample("burrow_handler_in_progress", service=SERVICE) == 0
         assert await self.call_add() == {"sum": 3}
-        counts = await asyncio.to_thread(rabbit_queue_counts, self.names.namespace)
         work = [self.names.request_queue(SERVICE), self.names.commands_queue(SERVICE)]
         work += [self.names.delay_ready_queue, self.names.subscription_queue(SERVICE, "on_probe")]
-        stuck = {name: counts[name] for name in work if name in counts and any(counts[name])}
+        # The broker's counts lag (statistics interval, up to 5 s) and the calc.add just made is
+        # acked only after its reply is confirmed: poll, bounded, until nothing is left.
+        deadline = time.monotonic() + _QUEUE_SETTLE
+        while True:
+            counts = await asyncio.to_thread(rabbit_queue_counts, self.names.namespace)
+            stuck = {name: counts[name] for name in work if name in counts and any(counts[name])}
+            if not stuck or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
         assert not stuck, f"messages left (ready, unacked) in the service's queues: {stuck}"
         assert_logs_clean(self.logs, self.caplog, self.tokens_sent())
 
