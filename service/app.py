@@ -14,15 +14,16 @@ from typing import Any
 import structlog
 
 from service.config import Settings, load_settings
+from service.dispatcher import Dispatcher
 from service.errors import Unavailable
 from service.health import Health
 from service.http import HttpServer
 from service.idempotency import store_from_url
+from service.link import LinkFactory
 from service.registry import Service
-from service.rpc_server import RpcServer
 from service.scheduler import Forwarder
 from service.topology import Topology, service_topology
-from service.transport import Link, LinkFactory, Transport
+from service.transport import AmqpLink, Transport
 
 __all__ = ["App"]
 
@@ -42,7 +43,7 @@ class App:
         *services: Service,
         settings: Settings | None = None,
         http: bool = True,
-        link_factory: LinkFactory = Link,
+        link_factory: LinkFactory = AmqpLink,
     ) -> None:
         if not services:
             raise ValueError("App needs at least one Service")
@@ -55,14 +56,15 @@ class App:
         self.transport = Transport(self.settings, topology, link_factory=link_factory)
         self.store = store_from_url(self.settings.idempotency_url)
         self.servers = [
-            RpcServer(svc, self.settings, self.transport.publisher, store=self.store)
+            Dispatcher(svc, self.settings, self.transport.publisher, store=self.store)
             for svc in services
         ]
         self.forwarder = Forwarder(self.settings, self.transport.publisher)
-        consumers = self.transport.consumer.consumers
+        consumer = self.transport.consumer
         for server in self.servers:
-            consumers.extend(server.consumers())
-        consumers.append(self.forwarder.consumer())
+            for spec in server.consumers():
+                consumer.add_consumer(spec)
+        consumer.add_consumer(self.forwarder.consumer())
         self.health = Health(
             links=self.transport.links, consumers=self.servers, prefetch=self.settings.prefetch
         )

@@ -1,7 +1,7 @@
 """`BlockingClient`: the `Client` for synchronous code — threads, scripts, WSGI apps, Celery tasks.
 
-One background thread runs an event loop and one async `Client`; every blocking method hands a
-coroutine to that loop and waits, so all AMQP I/O happens on one thread over one connection.
+One background thread (a `Portal`) runs an event loop and one async `Client`; every blocking
+method hands a coroutine to that loop and waits, so all AMQP I/O happens on one thread.
 """
 
 from __future__ import annotations
@@ -13,37 +13,29 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
+from functools import partial
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, TypeVarTuple, overload
 
 import structlog
 from pydantic import BaseModel
 
 from service.client import Client
 from service.config import Settings, load_settings
-from service.errors import (
-    ClientUnusable,
-    ConnectionLost,
-    DeadlineExceeded,
-    ResourceExhausted,
-)
+from service.errors import ClientUnusable, ConnectionLost, DeadlineExceeded, ResourceExhausted
 from service.jobs import Job
 from service.registry import Operation
 from service.types import Delivery
 
-__all__ = [
-    "DEFAULT_MAX_IN_FLIGHT",
-    "ClientUnusable",
-    "BlockingClient",
-    "BlockingJob",
-    "get_client",
-]
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "ClientUnusable", "BlockingClient", "BlockingJob", "get_client"]
 
 M = TypeVar("M", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 DEFAULT_MAX_IN_FLIGHT = 1000
 # Extra seconds a caller waits past the call's own deadline: the loop thread raises
@@ -51,6 +43,154 @@ DEFAULT_MAX_IN_FLIGHT = 1000
 _MARGIN = 1.0
 
 _log = structlog.get_logger("burrow.blocking")
+
+
+class Portal:
+    """The loop thread of a `BlockingClient`: runs coroutine functions for other threads.
+
+    `call(fn, *args, timeout=…)` runs `fn(deadline, *args)` on the loop and blocks until it is
+    done, in the shape of anyio's `BlockingPortal.call`; `deadline` (monotonic) lets `fn` hand
+    the rest of the time on. A portal refuses every call once closed and after `fork()`.
+
+    Args:
+        slots: calls running at once; one that would wait for a slot past its deadline gets
+            `ResourceExhausted`.
+        shutdown: awaited on the loop by `close()`, before the loop stops.
+        uvloop: run the loop on uvloop when it is installed.
+    """
+
+    def __init__(
+        self, slots: int, shutdown: Callable[[], Awaitable[object]], *, uvloop: bool = True
+    ) -> None:
+        self.pid = os.getpid()
+        self.slots = slots
+        self.busy = 0  # slots taken; guarded by _lock
+        self._free = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()  # orders submissions against close()
+        self._closed = False
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        booted = threading.Event()
+        self._thread = threading.Thread(
+            target=self._serve, args=(uvloop, shutdown, booted), name="burrow-client", daemon=True
+        )
+        self._thread.start()
+        booted.wait()
+        if self._loop is None:  # pragma: no cover - only if the loop could not be created
+            raise ClientUnusable("the client's event loop thread failed to start")
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` was called, or in a process other than the creator's."""
+        return self._closed or self.pid != os.getpid()
+
+    def check(self) -> None:
+        """Raise `ClientUnusable` if the portal is closed or was inherited across `fork()`."""
+        if self.pid != os.getpid():
+            raise ClientUnusable(
+                f"BlockingClient created in pid {self.pid} used in pid {os.getpid()} after "
+                "fork(); create one per process (get_client() does)"
+            )
+        if self._closed:
+            raise ClientUnusable("this BlockingClient is closed")
+
+    def call(
+        self,
+        fn: Callable[[float, *Ts], Coroutine[Any, Any, T]],
+        *args: *Ts,
+        timeout: float,
+        slot: bool = True,
+    ) -> T:
+        """Run `fn(deadline, *args)` on the loop and return its result, or raise its exception.
+
+        `deadline` is `timeout` seconds from now, slot wait included; should the loop not end
+        the call by then, this thread gives up `_MARGIN` later. `slot=False` takes no slot.
+
+        Raises:
+            ValueError: `timeout` is not positive (for a call that holds a slot).
+            ClientUnusable: the portal is closed, or was created in another process.
+            ResourceExhausted: no slot freed within `timeout`.
+            DeadlineExceeded: the loop did not answer by `_MARGIN` past the deadline.
+            ConnectionLost: the portal was closed while the call was pending.
+        """
+        if slot and timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.check()
+        if threading.get_ident() == self._thread.ident:
+            raise RuntimeError("a blocking call on the client's own loop thread would deadlock")
+        deadline = time.monotonic() + timeout
+        with self._slot(timeout, deadline) if slot else nullcontext():
+            with self._lock:
+                if self._closed or not self._thread.is_alive():
+                    raise ClientUnusable("this BlockingClient is closed")
+                assert self._loop is not None
+                future = asyncio.run_coroutine_threadsafe(fn(deadline, *args), self._loop)
+            wait = deadline - time.monotonic() + _MARGIN
+            try:
+                return future.result(wait)
+            except concurrent.futures.CancelledError:
+                raise ConnectionLost("the client was closed while the call was pending") from None
+            except TimeoutError:
+                if future.done():
+                    raise  # the work itself raised it, not the wait
+                future.cancel()
+                raise DeadlineExceeded(
+                    f"the client's loop did not answer within {wait:.3f}s"
+                ) from None
+            except BaseException:
+                future.cancel()  # e.g. KeyboardInterrupt while waiting: do not leave it behind
+                raise
+
+    def close(self, timeout: float) -> None:
+        """Run `shutdown` and stop the loop thread. Idempotent; a no-op after `fork()`."""
+        if self.pid != os.getpid():
+            return  # the socket is the parent's: never send it a Close frame from here
+        if threading.get_ident() == self._thread.ident:
+            raise RuntimeError("close() called on the client's own loop thread")
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            _log.warning("client loop thread did not stop in time", timeout=timeout)
+
+    @contextmanager
+    def _slot(self, timeout: float, deadline: float) -> Iterator[None]:
+        """Hold one slot, waiting for it until `deadline` at most."""
+        if not self._free.acquire(timeout=timeout):
+            raise ResourceExhausted(
+                f"{self.slots} calls already in flight on this client; none finished "
+                f"within {timeout:.3f}s",
+                details={"max_in_flight": self.slots},
+            )
+        with self._lock:
+            self.busy += 1
+        try:
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"no free in-flight slot within {timeout:.3f}s")
+            yield
+        finally:
+            with self._lock:
+                self.busy -= 1
+            self._free.release()
+
+    def _serve(
+        self, uvloop: bool, shutdown: Callable[[], Awaitable[object]], booted: threading.Event
+    ) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            booted.set()
+            await self._stop.wait()
+            await shutdown()
+
+        try:
+            with asyncio.Runner(loop_factory=_loop_factory(uvloop)) as runner:
+                runner.run(main())
+        finally:
+            booted.set()  # never leave the constructor waiting if the loop failed
 
 
 class BlockingClient:
@@ -83,62 +223,38 @@ class BlockingClient:
             raise ValueError("max_in_flight must be at least 1")
         self.settings = settings or load_settings(**overrides)
         self.max_in_flight = max_in_flight
-        self.pid = os.getpid()
         self._client = Client(self.settings)
-        self._slots = threading.BoundedSemaphore(max_in_flight)
-        self._busy = 0  # slots taken; guarded by _lock
-        self._lock = threading.Lock()  # orders submissions against close()
-        self._closed = False
-        self._connected = False  # read and written on the loop thread only
-        self._stop = asyncio.Event()
-        self._booted = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(
-            target=self._serve, args=(uvloop,), name="burrow-client", daemon=True
-        )
-        self._thread.start()
-        self._booted.wait()
-        if self._loop is None:  # pragma: no cover - only if the loop could not be created
-            raise ClientUnusable("the client's event loop thread failed to start")
+        self._started = False  # read and written on the loop thread only
+        # cast/submit/emit are bounded inside by publish_timeout (twice for submit: declare,
+        # then publish), after connecting if this is the first use.
+        self._publish_wait = self.settings.connect_timeout + 2 * self.settings.publish_timeout
+        self._portal = Portal(max_in_flight, self._client.close, uvloop=uvloop)
+        self.pid = self._portal.pid
         _process.live.add(self)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._portal.closed else "open"
         return f"BlockingClient(namespace={self.settings.namespace!r}, pid={self.pid}, {state})"
 
     @property
     def in_flight(self) -> int:
         """Calls, casts, submits and job waits running now (at most `max_in_flight`)."""
-        return self._busy
+        return self._portal.busy
 
     @property
     def closed(self) -> bool:
         """True once `close()` was called (or the client was inherited across a fork)."""
-        return self._closed or self.pid != os.getpid()
-
-    # -- lifecycle ---------------------------------------------------------------------------
+        return self._portal.closed
 
     def start(self, timeout: float | None = None) -> None:
         """Connect now instead of on first use; raise `Unavailable` if the broker is away."""
         limit = self.settings.connect_timeout if timeout is None else timeout
-        self._run(lambda: self._connect(time.monotonic() + limit), limit + _MARGIN)
+        self._portal.call(self._connect, timeout=limit, slot=False)
 
     def close(self, timeout: float = 10.0) -> None:
         """Close the connection and stop the loop thread; pending calls fail with
         `ConnectionLost`. Idempotent; a no-op on a client inherited across a fork."""
-        if self.pid != os.getpid():
-            return  # the socket is the parent's: never send it a Close frame from here
-        if threading.get_ident() == self._thread.ident:
-            raise RuntimeError("close() called on the client's own loop thread")
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            _log.warning("client loop thread did not stop in time", timeout=timeout)
+        self._portal.close(timeout)
         _process.live.discard(self)
 
     def __enter__(self) -> BlockingClient:
@@ -151,8 +267,6 @@ class BlockingClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    # -- the Client API, blocking ------------------------------------------------------------
 
     @overload
     def call(
@@ -200,26 +314,9 @@ class BlockingClient:
         counts against the deadline and ends in `ResourceExhausted` if none frees in time.
         """
         timeout = self.settings.default_deadline if timeout is None else timeout
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
-        started = time.monotonic()
-
-        async def call(deadline: float) -> Any:
-            client = await self._connect(deadline)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DeadlineExceeded(f"no reply within {timeout:.3f}s (still connecting)")
-            # The overloads are ours to check (above); pass the arguments through unchanged.
-            untyped_call: Callable[..., Awaitable[Any]] = client.call
-            return await untyped_call(
-                operation,
-                payload,
-                reply=reply,
-                timeout=left,
-                fallback_to_submit=fallback_to_submit,
-            )
-
-        return self._bounded(call, timeout, started)
+        return self._portal.call(
+            self._call, operation, payload, reply, fallback_to_submit, timeout=timeout
+        )
 
     def cast(
         self,
@@ -230,12 +327,8 @@ class BlockingClient:
         at: datetime | None = None,
     ) -> str:
         """Fire-and-forget: return the message id once the broker confirmed it (`Client.cast`)."""
-
-        async def cast(deadline: float) -> str:
-            client = await self._connect(deadline)
-            return await client.cast(operation, payload, delay=delay, at=at)
-
-        return self._bounded(cast, self._publish_wait(), time.monotonic())
+        work = partial(self._client.cast, operation, payload, delay=delay, at=at)
+        return self._portal.call(self._publish, work, timeout=self._publish_wait)
 
     def submit(
         self,
@@ -248,125 +341,63 @@ class BlockingClient:
     ) -> BlockingJob:
         """Hand work over; return its `BlockingJob` once the broker confirmed it
         (`Client.submit`)."""
-
-        async def submit(deadline: float) -> Job:
-            client = await self._connect(deadline)
-            return await client.submit(operation, payload, callback=callback, delay=delay, at=at)
-
-        return BlockingJob(self, self._bounded(submit, self._publish_wait(), time.monotonic()))
+        work = partial(
+            self._client.submit, operation, payload, callback=callback, delay=delay, at=at
+        )
+        return BlockingJob(self, self._portal.call(self._publish, work, timeout=self._publish_wait))
 
     def job(self, job_id: str, route: str = "") -> BlockingJob:
         """A handle on a job submitted elsewhere, by its id."""
-        self._check_usable()
+        self._portal.check()
         return BlockingJob(self, self._client.job(job_id, route))
 
     def emit(
-        self,
-        event: str,
-        payload: Any,
-        *,
-        delay: float | None = None,
-        at: datetime | None = None,
+        self, event: str, payload: Any, *, delay: float | None = None, at: datetime | None = None
     ) -> bool:
         """Publish a domain event (confirmed); False when no subscriber queue matched it."""
+        work = partial(self._client.emit, event, payload, delay=delay, at=at)
+        return self._portal.call(self._publish, work, timeout=self._publish_wait)
 
-        async def emit(deadline: float) -> bool:
-            client = await self._connect(deadline)
-            return await client.emit(event, payload, delay=delay, at=at)
-
-        return self._bounded(emit, self._publish_wait(), time.monotonic())
-
-    # -- machinery ---------------------------------------------------------------------------
-
-    def _serve(self, uvloop: bool) -> None:
-        try:
-            with asyncio.Runner(loop_factory=_loop_factory(uvloop)) as runner:
-                runner.run(self._main())
-        finally:
-            self._booted.set()  # never leave the constructor waiting if the loop failed
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._booted.set()
-        await self._stop.wait()
-        await self._client.close()
+    # -- the coroutines the portal runs, on the loop thread ----------------------------------
 
     async def _connect(self, deadline: float) -> Client:
         """The async client, connected on first use within `deadline` (a monotonic time)."""
-        if not self._connected:
+        if not self._started:
             # After this first success the link reconnects by itself; calls made while it is
             # away wait for it within their own deadline, as with the async client.
             timeout = min(deadline - time.monotonic(), self.settings.connect_timeout)
             await self._client.start(timeout=max(0.001, timeout))
-            self._connected = True
+            self._started = True
         return self._client
 
-    def _publish_wait(self) -> float:
-        # cast/submit/emit are bounded inside by publish_timeout (twice for submit: declare,
-        # then publish), after connecting if this is the first use.
-        return self.settings.connect_timeout + 2 * self.settings.publish_timeout
+    async def _publish(self, deadline: float, work: Callable[[], Awaitable[T]]) -> T:
+        """`work()` once connected: a cast, submit or emit (bounded by `publish_timeout`)."""
+        await self._connect(deadline)
+        return await work()
 
-    def _bounded(
+    async def _wait(self, deadline: float, wait: Callable[[float], Awaitable[T]]) -> T:
+        """`wait(seconds left)` once connected: a job's result or completion."""
+        await self._connect(deadline)
+        return await wait(max(0.001, deadline - time.monotonic()))
+
+    async def _call(
         self,
-        work: Callable[[float], Coroutine[Any, Any, T]],
-        timeout: float,
-        started: float,
-    ) -> T:
-        """Run `work(deadline)` on the loop within one in-flight slot and `timeout` seconds.
-
-        `deadline` is the monotonic time `timeout` seconds after `started`.
-        """
-        self._check_usable()
-        if not self._slots.acquire(timeout=timeout):
-            raise ResourceExhausted(
-                f"{self.max_in_flight} calls already in flight on this client; none finished "
-                f"within {timeout:.3f}s",
-                details={"max_in_flight": self.max_in_flight},
-            )
-        with self._lock:
-            self._busy += 1
-        try:
-            remaining = timeout - (time.monotonic() - started)
-            if remaining <= 0:
-                raise DeadlineExceeded(f"no free in-flight slot within {timeout:.3f}s")
-            deadline = started + timeout
-            return self._run(lambda: work(deadline), remaining + _MARGIN)
-        finally:
-            with self._lock:
-                self._busy -= 1
-            self._slots.release()
-
-    def _run(self, make: Callable[[], Coroutine[Any, Any, T]], wait: float) -> T:
-        """Run a coroutine on the loop thread and wait at most `wait` seconds for it."""
-        self._check_usable()
-        if threading.get_ident() == self._thread.ident:
-            raise RuntimeError("a blocking call on the client's own loop thread would deadlock")
-        with self._lock:
-            if self._closed:
-                raise ClientUnusable("this BlockingClient is closed")
-            assert self._loop is not None
-            future = asyncio.run_coroutine_threadsafe(make(), self._loop)
-        try:
-            return future.result(wait)
-        except concurrent.futures.CancelledError:
-            raise ConnectionLost("the client was closed while the call was pending") from None
-        except TimeoutError:
-            if future.done():
-                raise  # the work itself raised it, not the wait
-            future.cancel()
-            raise DeadlineExceeded(f"the client's loop did not answer within {wait:.3f}s") from None
-        except BaseException:
-            future.cancel()  # e.g. KeyboardInterrupt while waiting: do not leave the call behind
-            raise
-
-    def _check_usable(self) -> None:
-        if self.pid != os.getpid():
-            raise ClientUnusable(
-                f"BlockingClient created in pid {self.pid} used in pid {os.getpid()} after "
-                "fork(); create one per process (get_client() does)"
-            )
-        if self._closed:
-            raise ClientUnusable("this BlockingClient is closed")
+        deadline: float,
+        operation: str | Operation[Any, Any],
+        payload: Any,
+        reply: type[BaseModel] | None,
+        fallback_to_submit: bool,
+    ) -> Any:
+        """`Client.call` once connected, given the time left (none left: `DeadlineExceeded`)."""
+        client = await self._connect(deadline)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("no reply within the deadline (still connecting)")
+        # The overloads are ours to check (above); pass the arguments through unchanged.
+        untyped_call: Callable[..., Awaitable[Any]] = client.call
+        return await untyped_call(
+            operation, payload, reply=reply, timeout=left, fallback_to_submit=fallback_to_submit
+        )
 
 
 class BlockingJob:
@@ -383,15 +414,7 @@ class BlockingJob:
 
     def completion(self, timeout: float) -> Delivery:
         """The raw completion message (`Job.completion`), left in place to be read again."""
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
-        client, job = self._client, self._job
-
-        async def completion(deadline: float) -> Delivery:
-            await client._connect(deadline)
-            return await job.completion(max(0.001, deadline - time.monotonic()))
-
-        return client._bounded(completion, timeout, time.monotonic())
+        return self._client._portal.call(self._client._wait, self._job.completion, timeout=timeout)
 
     def result(self, timeout: float = 30.0) -> Any:
         """Wait for the job's result (decoded JSON); raise its error if it failed.
@@ -400,15 +423,7 @@ class BlockingJob:
             NotFound: unknown job, or its result expired.
             DeadlineExceeded: not finished within `timeout` seconds.
         """
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
-        client, job = self._client, self._job
-
-        async def result(deadline: float) -> Any:
-            await client._connect(deadline)
-            return await job.result(timeout=max(0.001, deadline - time.monotonic()))
-
-        return client._bounded(result, timeout, time.monotonic())
+        return self._client._portal.call(self._client._wait, self._job.result, timeout=timeout)
 
 
 def _loop_factory(uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop]:

@@ -15,17 +15,18 @@ from typing import Any, TypeVar, overload
 from pydantic import BaseModel
 
 from service import codec, tracing
-from service.codec import H_KIND, H_VERSION
 from service.config import Settings, load_settings
 from service.errors import QueueFull
 from service.events import event_message, publish_event
-from service.jobs import H_CALLBACK, H_JOB_ID, Job, job_queue_decl, valid_callback
+from service.jobs import Job, job_queue_decl, valid_callback
+from service.link import LinkFactory
 from service.registry import Operation
 from service.rpc_client import RpcClient
 from service.scheduler import schedule
-from service.topology import Names, client_topology
-from service.transport import Link, LinkFactory
+from service.topology import client_topology
+from service.transport import AmqpLink
 from service.types import Outgoing
+from service.vocabulary import H_CALLBACK, H_JOB_ID, H_KIND, H_VERSION, Kind, Names, PublishKind
 
 __all__ = ["Client"]
 
@@ -45,7 +46,7 @@ class Client:
         self,
         settings: Settings | None = None,
         *,
-        link_factory: LinkFactory = Link,
+        link_factory: LinkFactory = AmqpLink,
         **overrides: Any,
     ) -> None:
         self.settings = settings or load_settings(**overrides)
@@ -166,7 +167,7 @@ class Client:
             delay: deliver this many seconds from now instead of now.
             at: deliver at this (timezone-aware) time instead of now.
         """
-        message = self._command(_route(operation), codec.encode(payload), "cast")
+        message = self._command(_route(operation), codec.encode(payload), Kind.CAST)
         message.headers.update(_version_header(operation))
         await self._publish_command(message, _due(delay, at))
         return message.message_id
@@ -225,7 +226,7 @@ class Client:
         due_at = _due(delay, at)
         if due_at is not None:
             await self.link.publish(
-                schedule(self.names, message, due_at), kind="scheduled", mandatory=True
+                schedule(self.names, message, due_at), kind=PublishKind.SCHEDULED, mandatory=True
             )
             return True
         return await publish_event(self.link, message)
@@ -239,7 +240,7 @@ class Client:
         due_at: float | None,
         headers: dict[str, Any] | None = None,
     ) -> Job:
-        message = self._command(route, body, "submit")
+        message = self._command(route, body, Kind.SUBMIT)
         message.headers.update(headers or {})
         if callback is not None:
             if valid_callback(callback) is None:
@@ -259,7 +260,7 @@ class Client:
             raise
         return job
 
-    def _command(self, route: str, body: bytes, kind: str) -> Outgoing:
+    def _command(self, route: str, body: bytes, kind: Kind) -> Outgoing:
         return Outgoing(
             exchange=self.names.commands_exchange,
             routing_key=route,
@@ -273,9 +274,9 @@ class Client:
     async def _publish_command(self, message: Outgoing, due_at: float | None) -> None:
         if due_at is not None:
             message = schedule(self.names, message, due_at)
-            await self.link.publish(message, kind="scheduled", mandatory=True)
+            await self.link.publish(message, kind=PublishKind.SCHEDULED, mandatory=True)
         else:
-            await self.link.publish(message, kind="command", mandatory=True)
+            await self.link.publish(message, kind=PublishKind.COMMAND, mandatory=True)
 
 
 def _route(operation: str | Operation[Any, Any]) -> str:

@@ -1,7 +1,8 @@
-"""The wire format: JSON bodies, header names, limits; bytes in, validated models out.
+"""The wire format: JSON bodies and their limits; bytes in, validated models out.
 
 Sits between the transport (bytes, properties) and handlers (pydantic models). Nothing is
-ever unpickled or decompressed: only `application/json` in UTF-8 is accepted.
+ever unpickled or decompressed: only `application/json` in UTF-8 is accepted. The header
+names (`H_*`) are `service.vocabulary`'s, re-exported here for older imports.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service.errors import InvalidArgument, MessageTooLarge, ServiceError
 from service.types import Delivery
+from service.vocabulary import (  # re-exported: the names' home is the vocabulary
+    H_CALLBACK,
+    H_DEAD_ERROR,
+    H_DEAD_REASON,
+    H_DEADLINE,
+    H_JOB_ID,
+    H_KIND,
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_ROUTING_KEY,
+    H_STATUS,
+    H_VERSION,
+)
 
 __all__ = [
     "CONTENT_TYPE",
@@ -43,18 +56,6 @@ __all__ = [
 
 CONTENT_TYPE = "application/json"
 _ACCEPTED_ENCODINGS = frozenset({None, "", "identity", "utf-8", "utf8"})
-
-# Header names of the Burrow protocol (docs/protocol.md).
-H_DEADLINE = "x-deadline"  # absolute deadline, integer milliseconds since the Unix epoch
-H_KIND = "x-burrow-kind"  # call | cast | submit
-H_STATUS = "x-status"  # on replies: ok | error
-H_VERSION = "x-contract-version"  # major version of the service contract
-H_DEAD_REASON = "x-burrow-dead-reason"
-H_DEAD_ERROR = "x-burrow-dead-error"
-H_ORIGINAL_EXCHANGE = "x-burrow-original-exchange"
-H_ORIGINAL_ROUTING_KEY = "x-burrow-original-routing-key"
-H_JOB_ID = "x-job-id"
-H_CALLBACK = "x-callback-route"  # routing key on the events exchange for the completion
 
 MAX_ERROR_DETAILS = 20
 

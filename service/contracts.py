@@ -18,12 +18,23 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from service.codec import H_DEADLINE, H_KIND, H_STATUS, H_VERSION
 from service.config import Settings
 from service.errors import ErrorCode
-from service.jobs import H_CALLBACK, H_JOB_ID
 from service.registry import Service
-from service.topology import DIRECT_REPLY_TO, Names
+from service.vocabulary import (
+    DIRECT_REPLY_TO,
+    H_CALLBACK,
+    H_DEADLINE,
+    H_JOB_ID,
+    H_KIND,
+    H_STATUS,
+    H_VERSION,
+    HEADER_KINDS,
+    JOB_ID_PATTERN,
+    Kind,
+    Names,
+    Status,
+)
 
 __all__ = [
     "SCHEMA_DIALECT",
@@ -85,16 +96,16 @@ def envelope_schema() -> dict[str, Any]:
             },
             H_KIND: {
                 "type": "string",
-                "enum": ["call", "cast", "submit"],
+                "enum": [kind.value for kind in Kind if kind in HEADER_KINDS],
                 "description": "other values and types are treated as absent",
             },
-            H_STATUS: {"type": "string", "enum": ["ok", "error"]},
+            H_STATUS: {"type": "string", "enum": [status.value for status in Status]},
             H_VERSION: {
                 "type": ["string", "integer"],
                 "pattern": "^[0-9]+$",
                 "description": "a string or an integer; another type is refused (INVALID_ARGUMENT)",
             },
-            H_JOB_ID: {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            H_JOB_ID: {"type": "string", "pattern": JOB_ID_PATTERN},
             H_CALLBACK: {"type": "string", "maxLength": 255},
         },
     }

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import datetime
 import decimal
-import time
+import math
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,15 +22,8 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from service import codec
-from service.codec import (
-    H_DEAD_ERROR,
-    H_DEAD_REASON,
-    H_DEADLINE,
-    H_ORIGINAL_EXCHANGE,
-    H_ORIGINAL_ROUTING_KEY,
-)
 from service.config import Settings
-from service.envelope import forward, text, undecodable_fields
+from service.envelope import text, undecodable_fields
 from service.errors import (
     ConnectionLost,
     NotFound,
@@ -39,10 +32,27 @@ from service.errors import (
     ServiceError,
     Unroutable,
 )
-from service.shim import UNDECODABLE_HEADER, Undecodable
-from service.topology import Names
+from service.messages import dead_letter, forward
+from service.shim import Undecodable
 from service.transport import Link, _delivery, open_tool_link
 from service.types import Delivery
+from service.vocabulary import (
+    BROKER_HEADERS,
+    DEAD_LETTER_HEADERS,
+    H_DEAD_AT,
+    H_DEAD_ERROR,
+    H_DEAD_REASON,
+    H_DEADLINE,
+    H_DEATH,
+    H_DELIVERY_COUNT,
+    H_FIRST_DEATH_EXCHANGE,
+    H_FIRST_DEATH_REASON,
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_ROUTING_KEY,
+    H_UNDECODABLE,
+    Names,
+    PublishKind,
+)
 
 __all__ = [
     "H_DEAD_AT",
@@ -53,32 +63,22 @@ __all__ = [
     "json_line",
 ]
 
-H_DEAD_AT = "x-burrow-dead-at"
-
 
 class DeadLetterQueue:
     """One service's dead-letter queue, written through a publishing link."""
 
     def __init__(self, names: Names, service: str, publisher: Link) -> None:
         self.names = names
+        self.service = service
         self.name = names.dead_letter_queue(service)
         self.publisher = publisher
 
     async def park(self, delivery: Delivery, reason: str, error: ServiceError | None) -> None:
         """Publish `delivery` into the DLQ with a confirm (the caller acks it afterwards)."""
-        message = forward(
-            delivery,
-            exchange=self.names.dead_letter_exchange,
-            routing_key=self.name,
-            add={
-                H_DEAD_REASON: reason,
-                H_DEAD_ERROR: codec.encode_error(error).decode() if error else "",
-                H_ORIGINAL_EXCHANGE: str(delivery.exchange),
-                H_ORIGINAL_ROUTING_KEY: str(delivery.routing_key),
-                H_DEAD_AT: int(time.time() * 1000),
-            },
+        message = dead_letter(delivery, self.names, self.service, reason, error)
+        await self.publisher.publish(
+            message, kind=PublishKind.DEAD_LETTER, mandatory=True, check_size=False
         )
-        await self.publisher.publish(message, kind="dead_letter", mandatory=True, check_size=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +175,7 @@ class DeadLetter:
     def _read(cls, delivery: Delivery, full: bool) -> DeadLetter:
         headers = delivery.headers if isinstance(delivery.headers, dict) else {}
         problems: list[str] = []
-        marker = headers.get(UNDECODABLE_HEADER)
+        marker = headers.get(H_UNDECODABLE)
         if isinstance(marker, Undecodable):
             problems.append(marker.problem)
         else:
@@ -189,7 +189,7 @@ class DeadLetter:
         if error_problem is not None:
             problems.append(error_problem)
         dead_at = headers.get(H_DEAD_AT)
-        count = headers.get("x-delivery-count")
+        count = headers.get(H_DELIVERY_COUNT)
         return cls(
             message_id=_short(delivery.message_id),
             reason=_short(text(headers.get(H_DEAD_REASON))) or _broker_reason(headers),
@@ -206,15 +206,9 @@ class DeadLetter:
         )
 
 
-_DEAD_HEADERS = frozenset(
-    {H_DEAD_REASON, H_DEAD_ERROR, H_ORIGINAL_EXCHANGE, H_ORIGINAL_ROUTING_KEY, H_DEAD_AT}
-)
-_BROKER_HEADERS = ("x-death", "x-first-death-queue", "x-first-death-reason",
-                   "x-first-death-exchange", "x-last-death-queue", "x-last-death-reason",
-                   "x-last-death-exchange", "x-delivery-count", "x-acquired-count")  # fmt: skip
 # What a replay leaves out: why it died, the broker's history (so delivery attempts count
 # afresh) and its deadline (a replay means "now": the copy must run, not expire).
-_REPLAY_DROP = frozenset({*_DEAD_HEADERS, *_BROKER_HEADERS, H_DEADLINE, UNDECODABLE_HEADER})
+_REPLAY_DROP = frozenset({*DEAD_LETTER_HEADERS, *BROKER_HEADERS, H_DEADLINE, H_UNDECODABLE})
 
 MAX_ERROR_CHARS = 16_384  # of a letter's error header kept by `list` (longer: clipped text)
 _CONNECTION_ERRORS = (
@@ -328,7 +322,7 @@ class DeadLetterTool:
     async def replay(self, message_ids: Sequence[str] | None) -> ReplayReport:
         """Send parked messages back to their original route (all when `message_ids` is None).
 
-        Each copy is made by `envelope.forward` without the dead-letter headers, the broker's
+        Each copy is made by `messages.forward` without the dead-letter headers, the broker's
         death history and `x-deadline` (a replay means now), published with a confirm, and only
         then acked out of the DLQ. A letter whose route cannot be read, whose exchange is gone
         or that the broker returns or refuses is skipped (left in the DLQ) and reported.
@@ -386,7 +380,7 @@ class DeadLetterTool:
             return problem
         copy = forward(delivery, exchange=exchange, routing_key=routing_key, drop=_REPLAY_DROP)
         try:
-            await link.publish(copy, kind="dead_letter", mandatory=True, check_size=False)
+            await link.publish(copy, kind=PublishKind.DEAD_LETTER, mandatory=True, check_size=False)
         except Unroutable:
             return f"no queue is bound for {routing_key[:128]!r} on {exchange[:128]!r}"
         except QueueFull:
@@ -441,16 +435,16 @@ def _route(
         if exchange is None or routing_key is None:
             return None, None, "the original route cannot be read (x-burrow-original-* not text)"
         return _checked(exchange, routing_key, delivery)
-    if isinstance(headers.get(UNDECODABLE_HEADER), Undecodable):
+    if isinstance(headers.get(H_UNDECODABLE), Undecodable):
         return None, None, "the original route cannot be read (headers undecodable)"
-    deaths = headers.get("x-death")
+    deaths = headers.get(H_DEATH)
     if isinstance(deaths, list) and deaths:
         # Dead-lettered by the broker: the oldest x-death entry holds where it was first sent.
         first = deaths[-1]
         keys = first.get("routing-keys") if isinstance(first, dict) else None
         exchange = text(first.get("exchange")) if isinstance(first, dict) else None
         if exchange is None:
-            exchange = text(headers.get("x-first-death-exchange"))
+            exchange = text(headers.get(H_FIRST_DEATH_EXCHANGE))
         routing_key = text(keys[0]) if isinstance(keys, list) and keys else None
         if exchange is None or routing_key is None:
             return None, None, "the original route cannot be read (x-death has no route)"
@@ -477,7 +471,7 @@ def _error(value: object, full: bool) -> tuple[Any, str | None]:
         return None, None
     found = text(value)
     if found is None:
-        return None, "x-burrow-dead-error is not text"
+        return None, f"{H_DEAD_ERROR} is not text"
     if not full and len(found) > MAX_ERROR_CHARS:
         return found[:MAX_ERROR_CHARS] + "…", None
     try:
@@ -488,7 +482,7 @@ def _error(value: object, full: bool) -> tuple[Any, str | None]:
 
 def _broker_reason(headers: dict[str, Any]) -> str:
     # Parked by the broker itself (delivery limit, expiry), not by Burrow.
-    reason = text(headers.get("x-first-death-reason"))
+    reason = text(headers.get(H_FIRST_DEATH_REASON))
     return f"broker:{_short(reason)}" if reason is not None else "unknown"
 
 
@@ -541,6 +535,8 @@ def printable(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
         return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN or Infinity: shown as text ("nan", "inf")
     if isinstance(value, int | float | bool) or value is None:
         return value
     return str(value)

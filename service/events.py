@@ -1,6 +1,6 @@
 """Domain events: publishing to the events topic exchange and tailing it from a shell.
 
-Subscriptions are declared on a `Service` (`service.registry`) and served by `rpc_server`.
+Subscriptions are declared on a `Service` (`service.registry`) and served by `dispatcher`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from aiormq.abc import DeliveredMessage
 
 from service.config import Settings
 from service.errors import ConnectionLost, InvalidArgument, Unroutable
-from service.registry import _PATTERN
-from service.topology import Names
 from service.transport import Link, _delivery, open_tool_link
 from service.types import Delivery, Outgoing, new_id
+from service.vocabulary import Names, PublishKind, is_event_name, is_topic_pattern
 
 __all__ = ["event_message", "publish_event", "tail"]
 
@@ -30,7 +29,7 @@ def event_message(
     names: Names, event: str, body: bytes, *, headers: dict[str, Any] | None = None
 ) -> Outgoing:
     """A persistent event for the events exchange, keyed by its name."""
-    if "*" in event or "#" in event or not _PATTERN.match(event):
+    if not is_event_name(event):
         raise InvalidArgument(f"{event[:80]!r} is not an event name (dot-separated words)")
     return Outgoing(
         exchange=names.events_exchange,
@@ -46,7 +45,7 @@ def event_message(
 async def publish_event(link: Link, message: Outgoing) -> bool:
     """Publish with a confirm; False (counted, logged) when no subscriber queue matched."""
     try:
-        await link.publish(message, kind="event", mandatory=True)
+        await link.publish(message, kind=PublishKind.EVENT, mandatory=True)
     except Unroutable:
         _log.warning("event had no subscriber", routing_key=message.routing_key[:128])
         return False
@@ -66,12 +65,12 @@ async def tail(settings: Settings, pattern: str) -> AsyncGenerator[Delivery, Non
         ConnectionError,
         OSError,
     )
-    if not _PATTERN.match(pattern):
+    if not is_topic_pattern(pattern):
         raise InvalidArgument(f"{pattern!r} is not a topic pattern")
     names = Names(settings.namespace)
     link, raw = await open_tool_link(settings, "tail")
     inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
-    link.on_lost.append(lambda _reason: inbox.put_nowait(None))
+    link.on_lost(lambda _reason: inbox.put_nowait(None))
     try:
         await raw.exchange_declare(
             names.events_exchange,

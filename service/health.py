@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from service import metrics
-from service.transport import Link
+from service.link import Link
 
 __all__ = ["Health", "Progress"]
 

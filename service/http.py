@@ -38,11 +38,9 @@ class HttpServer:
         """Bind and serve."""
         self._runner = web.AppRunner(self.make_app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server  # aiohttp exposes the bound port only here
-        if server is not None and self.port == 0:
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        if self.port == 0:
+            self.port = int(self._runner.addresses[0][1])  # (host, port, …) of the bound socket
 
     async def close(self) -> None:
         """Stop serving."""

@@ -10,23 +10,30 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from service import codec, tracing
-from service.codec import H_CALLBACK, H_JOB_ID, H_STATUS, H_VERSION
+from service import codec
 from service.errors import InvalidArgument, error_from_wire
+from service.link import Link
 from service.topology import Names, QueueDecl
-from service.transport import Link
-from service.types import Delivery, Outgoing, new_id
+from service.types import Delivery
+from service.vocabulary import (
+    ARG_EXPIRES,
+    ARG_QUEUE_TYPE,
+    H_CALLBACK,
+    H_JOB_ID,
+    H_STATUS,
+    JOB_ID_PATTERN,
+    Status,
+)
 
 __all__ = [
     "H_JOB_ID",
     "H_CALLBACK",
     "valid_job_id",
     "job_queue_decl",
-    "completion_messages",
     "Job",
 ]
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 _ROUTE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,15}$")
 
 
@@ -44,48 +51,8 @@ def job_queue_decl(names: Names, job_id: str, ttl_s: float) -> QueueDecl:
     """The queue holding one job's completion; RabbitMQ deletes it after `ttl_s` unused."""
     return QueueDecl(
         names.job_queue(job_id),
-        {"x-queue-type": "classic", "x-expires": max(1000, int(ttl_s * 1000))},
+        {ARG_QUEUE_TYPE: "classic", ARG_EXPIRES: max(1000, int(ttl_s * 1000))},
     )
-
-
-def completion_messages(
-    names: Names,
-    route: str,
-    job_id: str,
-    body: bytes,
-    *,
-    ok: bool,
-    callback: str | None,
-    version: str,
-) -> list[Outgoing]:
-    """The messages announcing that job `job_id` of `route` finished (mandatory: first only)."""
-    suffix = "completed" if ok else "failed"
-    headers = {
-        H_JOB_ID: job_id,
-        H_STATUS: "ok" if ok else "error",
-        H_VERSION: version,
-        tracing.HEADER: tracing.child(tracing.current()),
-    }
-
-    def message(exchange: str, key: str) -> Outgoing:
-        return Outgoing(
-            exchange=exchange,
-            routing_key=key,
-            body=body,
-            message_id=new_id(),
-            type=f"{route}.{suffix}",
-            correlation_id=job_id,
-            headers=dict(headers),
-            persistent=True,
-        )
-
-    messages = [
-        message("", names.job_queue(job_id)),
-        message(names.events_exchange, f"{route}.{suffix}"),
-    ]
-    if callback is not None:
-        messages.append(message(names.events_exchange, callback))
-    return messages
 
 
 class Job:
@@ -114,6 +81,6 @@ class Job:
             DeadlineExceeded: not finished within `timeout` seconds.
         """
         delivery = await self.completion(timeout)
-        if delivery.headers.get(H_STATUS) == "error":
+        if delivery.headers.get(H_STATUS) == Status.ERROR:
             raise error_from_wire(codec.decode_json(delivery.body))
         return codec.decode_json(delivery.body)

@@ -11,7 +11,9 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from service.errors import ErrorCode
 from service.types import Outcome
+from service.vocabulary import DeadReason, PublishKind, Status
 
 __all__ = [
     "MESSAGES_RECEIVED",
@@ -63,7 +65,7 @@ HANDLER_IN_PROGRESS = Gauge(
 )
 MESSAGES_PUBLISHED = Counter(
     "burrow_messages_published_total",
-    "Publishes by outcome (confirmed, returned, nacked, timeout).",
+    "Publishes by outcome (confirmed, returned, nacked, timeout, lost).",
     ["kind", "outcome"],
 )
 RPC_CLIENT_CALLS = Counter(
@@ -106,45 +108,11 @@ CONSUMERS_ATTACHED = Gauge(
     ["link"],
 )
 
-PUBLISH_OUTCOMES = ("confirmed", "returned", "nacked", "timeout")
-CALL_OUTCOMES = (
-    "ok",
-    "INVALID_ARGUMENT",
-    "FAILED_PRECONDITION",
-    "NOT_FOUND",
-    "PERMISSION_DENIED",
-    "DEADLINE_EXCEEDED",
-    "RESOURCE_EXHAUSTED",
-    "UNAVAILABLE",
-    "INTERNAL",
-)
-DEAD_LETTER_REASONS = (
-    "malformed",
-    "invalid",
-    "unsupported_content",
-    "too_large",
-    "unknown_operation",
-    "missing_reply_to",
-    "invalid_reply_to",
-    "failed",
-    "retries_exhausted",
-    "undecodable",
-    "invalid_target",
-    "job_id_in_use",
-    "internal",
-)
-
+PUBLISH_OUTCOMES = ("confirmed", "returned", "nacked", "timeout", "lost")  # link.PUBLISH_OUTCOMES
+CALL_OUTCOMES: tuple[str, ...] = (Status.OK, *ErrorCode)  # ok, or the error code of the reply
+DEAD_LETTER_REASONS: tuple[str, ...] = tuple(DeadReason)
 # Label values of burrow_messages_published_total{kind}, all created at zero.
-PUBLISH_KINDS = (
-    "request",
-    "command",
-    "reply",
-    "dead_letter",
-    "event",
-    "completion",
-    "scheduled",
-    "retry",
-)
+PUBLISH_KINDS: tuple[str, ...] = tuple(PublishKind)
 
 for _kind in PUBLISH_KINDS:
     for _outcome in PUBLISH_OUTCOMES:
@@ -165,7 +133,7 @@ def init_operation_labels(service: str, operations: Iterable[str]) -> None:
 
 
 class WatchedLink(Protocol):
-    """What the link gauges read from a link at scrape time (see `transport.Link`)."""
+    """What the link gauges read from a link at scrape time (see `link.Link`)."""
 
     @property
     def name(self) -> str: ...  # pragma: no cover

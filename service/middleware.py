@@ -1,7 +1,8 @@
-"""The onion around every handler: log → metrics → errors → deadline → endpoint.
+"""The onion around every handler: log → metrics → decision → errors → deadline → endpoint.
 
 Each layer takes the `Request` and the next callable and returns a `Result`; none does I/O
-with the broker. The dispatcher (`rpc_server`) acts on the final `Result`.
+with the broker. `decide` makes the outcome final in one place; the dispatcher acts on it
+(`settlement.plan`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from service.envelope import Refusal
 from service.errors import DeadlineExceeded, Internal, ServiceError, Unavailable
 from service.registry import Operation, Subscription
 from service.types import Delivery, Outcome
+from service.vocabulary import ASYNC_KINDS, DeadReason
 
 __all__ = [
     "Request",
@@ -32,7 +34,8 @@ __all__ = [
     "metrics_middleware",
     "error_middleware",
     "deadline_middleware",
-    "retry_middleware",
+    "decision_middleware",
+    "decide",
     "DEFAULT_MIDDLEWARE",
 ]
 
@@ -58,6 +61,7 @@ class Request:
     max_retries: int = 0
     version: str | None = None  # x-contract-version as sent, coerced to text
     refusal: Refusal | None = None  # the envelope could not be used (undecodable, bad header)
+    trace: str | None = None  # the valid traceparent it carried
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -105,10 +109,31 @@ def _bind(layer: Middleware, inner: Next) -> Next:
 
 
 def failure(request: Request, error: ServiceError, reason: str, outcome: Outcome) -> Result:
-    """An error result: answered when there is a caller, else dead-lettered with `reason`."""
+    """An error result with the dead-letter reason to use if nobody can be answered;
+    `decide` makes it final."""
+    return Result(outcome, error=error, dead_reason=reason)
+
+
+def decide(request: Request, result: Result) -> Result:
+    """The final outcome of a handled message.
+
+    A retryable failure of async work is retried until `max_retries`, then parked as
+    `retries_exhausted`; an error with a caller is answered; one without is parked with its
+    reason. Calls are never retried here: the caller holds the deadline and gets `retryable`.
+    """
+    error = result.error
+    if error is None or result.outcome in (Outcome.RETRIED, Outcome.DEAD_LETTERED):
+        return result
+    if error.retryable and request.kind in ASYNC_KINDS and result.dead_reason in _RETRIABLE_REASONS:
+        if request.attempt < request.max_retries:
+            return Result(Outcome.RETRIED, error=error)
+        error.details = {**error.details, "attempts": request.attempt + 1}
+        return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=DeadReason.RETRIES_EXHAUSTED)
     if request.has_caller:
-        return Result(outcome, error=error, dead_reason=reason)
-    return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=reason)
+        return result
+    return Result(
+        Outcome.DEAD_LETTERED, error=error, dead_reason=result.dead_reason or DeadReason.FAILED
+    )
 
 
 async def log_middleware(request: Request, call_next: Next) -> Result:
@@ -133,7 +158,7 @@ async def log_middleware(request: Request, call_next: Next) -> Result:
         fields["error"] = result.error.message[:300]
     if result.dead_reason is not None and result.outcome is not Outcome.OK:
         fields["reason"] = result.dead_reason
-    if result.outcome is Outcome.REJECTED or result.dead_reason not in (None, "failed"):
+    if result.outcome is Outcome.REJECTED or result.dead_reason not in _RETRIABLE_REASONS:
         # Refused input: enough to find it again, never the (untrusted) body itself.
         fields.update(codec.body_fingerprint(delivery.body))
     if result.duplicate:
@@ -185,14 +210,14 @@ async def error_middleware(request: Request, call_next: Next) -> Result:
     try:
         return await call_next(request)
     except ServiceError as exc:
-        return failure(request, exc, "failed", Outcome.ERROR)
+        return failure(request, exc, DeadReason.FAILED, Outcome.ERROR)
     except (ConnectionError, TimeoutError) as exc:
         # A dependency the handler uses is away: retryable, and says no more than that.
         error = Unavailable(f"a dependency is unavailable ({type(exc).__name__})")
-        return failure(request, error, "failed", Outcome.ERROR)
+        return failure(request, error, DeadReason.FAILED, Outcome.ERROR)
     except Exception:
         _log.exception("handler raised", operation=request.route[:_MAX_ID])
-        return failure(request, Internal("the handler failed"), "failed", Outcome.ERROR)
+        return failure(request, Internal("the handler failed"), DeadReason.FAILED, Outcome.ERROR)
 
 
 async def deadline_middleware(request: Request, call_next: Next) -> Result:
@@ -213,32 +238,17 @@ async def deadline_middleware(request: Request, call_next: Next) -> Result:
         raise DeadlineExceeded(f"the handler did not finish within {budget:.3f}s") from None
 
 
-async def retry_middleware(request: Request, call_next: Next) -> Result:
-    """Async work (cast, submit, event) failing retryably is RETRIED until attempts run out.
-
-    Calls are never retried here: the caller holds the deadline and gets `retryable` at once.
-    """
-    result = await call_next(request)
-    error = result.error
-    if (
-        error is None
-        or not error.retryable
-        or request.kind not in ASYNC_KINDS
-        or result.dead_reason not in (None, "failed")
-    ):
-        return result
-    if request.attempt < request.max_retries:
-        return Result(Outcome.RETRIED, error=error)
-    error.details = {**error.details, "attempts": request.attempt + 1}
-    return Result(Outcome.DEAD_LETTERED, error=error, dead_reason="retries_exhausted")
+async def decision_middleware(request: Request, call_next: Next) -> Result:
+    """Make the outcome final with `decide`: answer, retry, park or drop."""
+    return decide(request, await call_next(request))
 
 
-ASYNC_KINDS = frozenset({"cast", "submit", "event"})
+_RETRIABLE_REASONS = frozenset({None, DeadReason.FAILED})  # refusals (schema, size…) never do
 
 DEFAULT_MIDDLEWARE: tuple[Middleware, ...] = (
     log_middleware,
     metrics_middleware,
-    retry_middleware,
+    decision_middleware,
     error_middleware,
     deadline_middleware,
 )

@@ -15,6 +15,8 @@ from typing import Any, Generic, TypeVar
 import structlog
 from pydantic import BaseModel
 
+from service.vocabulary import is_event_name, is_topic_pattern
+
 __all__ = [
     "Context",
     "Emit",
@@ -27,7 +29,6 @@ __all__ = [
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
-_PATTERN = re.compile(r"^(\*|#|[A-Za-z0-9_-]+)(\.(\*|#|[A-Za-z0-9_-]+))*$")
 
 Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
@@ -144,7 +145,7 @@ class Service:
 
     def event(self, name: str, model: type[BaseModel]) -> None:
         """Declare an event this service emits (`ctx.emit` refuses undeclared ones)."""
-        if "*" in name or "#" in name or not _PATTERN.match(name):
+        if not is_event_name(name):
             raise ValueError(f"{name!r} is not an event name (dot-separated words)")
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise TypeError(f"event {name}: the model must be a pydantic model")
@@ -239,7 +240,7 @@ class Service:
             self._check_new("subscription", sub_name, self.subscriptions, handler)
             if not _NAME.match(sub_group):
                 raise ValueError(f"group name {sub_group!r} must match {_NAME.pattern}")
-            if not _PATTERN.match(pattern):
+            if not is_topic_pattern(pattern):
                 raise ValueError(f"{pattern!r} is not a topic pattern")
             event, _, wants_context = _models_of(handler, returns=False)
             self.subscriptions[sub_name] = Subscription(

@@ -1,16 +1,15 @@
 """Retries with back-off: failed casts, submits and events wait in holding queues, then return.
 
 Attempts are counted from the broker's own `x-death` records of the holding queues, so a
-count survives restarts. The decision to retry is `middleware.retry_middleware`'s.
+count survives restarts. The decision to retry is `middleware.decide`'s.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from service.envelope import forward
-from service.topology import Names
-from service.types import Delivery, Outgoing
+from service.messages import retry_copy
+from service.vocabulary import H_DEATH, Names
 
 __all__ = ["attempts", "retry_level", "retry_message"]
 
@@ -19,7 +18,7 @@ _MAX_COUNT = 1_000_000  # a forged x-death cannot make the count absurd
 
 def attempts(headers: dict[str, Any], names: Names) -> int:
     """How many times this message has already waited in a retry holding queue."""
-    deaths = headers.get("x-death")
+    deaths = headers.get(H_DEATH)
     if not isinstance(deaths, list):
         return 0
     prefix = f"{names.namespace}.retry."
@@ -33,6 +32,7 @@ def attempts(headers: dict[str, Any], names: Names) -> int:
             and queue.startswith(prefix)
             and death.get("reason") == "expired"
             and isinstance(count, int)
+            and not isinstance(count, bool)
         ):
             total += max(0, min(count, _MAX_COUNT))
     return total
@@ -43,9 +43,4 @@ def retry_level(attempt: int, levels: int) -> int:
     return min(attempt, levels - 1)
 
 
-def retry_message(delivery: Delivery, names: Names, level: int) -> Outgoing:
-    """The copy of `delivery` that waits at `level` and then goes back to its queue.
-
-    It keeps x-death, which the broker keeps counting.
-    """
-    return forward(delivery, exchange=names.retry_exchange(level), routing_key=delivery.queue)
+retry_message = retry_copy  # the copy itself is built in `messages`, with every other copy

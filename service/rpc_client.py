@@ -14,12 +14,20 @@ from typing import Any
 import structlog
 
 from service import codec, metrics, tracing
-from service.codec import H_DEADLINE, H_KIND, H_STATUS
 from service.config import Settings
 from service.errors import ConnectionLost, DeadlineExceeded, ServiceError, error_from_wire
-from service.topology import DIRECT_REPLY_TO, Names
-from service.transport import ConsumerSpec, Link
+from service.link import ConsumerSpec, Link
 from service.types import Delivery, Outgoing, new_id
+from service.vocabulary import (
+    DIRECT_REPLY_TO,
+    H_DEADLINE,
+    H_KIND,
+    H_STATUS,
+    Kind,
+    Names,
+    PublishKind,
+    Status,
+)
 
 __all__ = ["RpcClient"]
 
@@ -35,9 +43,12 @@ class RpcClient:
         self.settings = settings
         self.names = Names(settings.namespace)
         self.pending: dict[str, asyncio.Future[Delivery]] = {}
+        # Calls whose request is not confirmed yet: a loss reported meanwhile (the link may
+        # notice a closed channel late) does not fail them; their publish answers for them.
+        self._unsent: set[str] = set()
         self._metrics: dict[str, tuple[dict[str, Any], Any]] = {}
-        link.consumers.append(ConsumerSpec(DIRECT_REPLY_TO, self._on_reply, no_ack=True))
-        link.on_lost.append(self._fail_pending)
+        link.add_consumer(ConsumerSpec(DIRECT_REPLY_TO, self._on_reply, no_ack=True))
+        link.on_lost(self._fail_pending)
 
     async def call_raw(
         self,
@@ -56,18 +67,19 @@ class RpcClient:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         started = time.perf_counter()
-        route = route[:128]
-        children = self._metrics.get(route)
+        label = route[:128]  # bounds the metric label only: the full route is published
+        children = self._metrics.get(label)
         if children is None:
             # Every outcome of a route exists at zero from its first call: no gaps in rates.
-            children = self._metrics[route] = (
-                {known: metrics.RPC_CLIENT_CALLS.labels(route, known) for known in _OUTCOMES},
-                metrics.RPC_CLIENT_DURATION.labels(route),
+            children = self._metrics[label] = (
+                {known: metrics.RPC_CLIENT_CALLS.labels(label, known) for known in _OUTCOMES},
+                metrics.RPC_CLIENT_DURATION.labels(label),
             )
         deadline_ms = int((time.time() + timeout) * 1000)
         correlation_id = new_id()
         future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
         self.pending[correlation_id] = future
+        self._unsent.add(correlation_id)
         metrics.RPC_CLIENT_PENDING.inc()
         outcome = "ok"
         try:
@@ -83,28 +95,30 @@ class RpcClient:
                         reply_to=DIRECT_REPLY_TO,
                         headers={
                             H_DEADLINE: deadline_ms,
-                            H_KIND: "call",
+                            H_KIND: Kind.CALL,
                             tracing.HEADER: tracing.child(tracing.current()),
                             **(headers or {}),
                         },
                         expiration_ms=max(1, int(timeout * 1000)),
                         persistent=False,
                     ),
-                    kind="request",
+                    kind=PublishKind.REQUEST,
                     mandatory=True,
                     timeout=timeout,
                 )
+                self._unsent.discard(correlation_id)
                 reply = await future
-            if reply.headers.get(H_STATUS) == "error":
+            if reply.headers.get(H_STATUS) == Status.ERROR:
                 raise error_from_wire(codec.decode_json(reply.body))
             return reply.body
         except TimeoutError:
             outcome = "DEADLINE_EXCEEDED"
-            raise DeadlineExceeded(f"no reply from {route!r} within {timeout:.3f}s") from None
+            raise DeadlineExceeded(f"no reply from {label!r} within {timeout:.3f}s") from None
         except ServiceError as exc:
             outcome = exc.code.value
             raise
         finally:
+            self._unsent.discard(correlation_id)
             if self.pending.pop(correlation_id, None) is not None:
                 metrics.RPC_CLIENT_PENDING.dec()
             calls, duration = children
@@ -123,14 +137,14 @@ class RpcClient:
         future.set_result(delivery)
 
     def _fail_pending(self, reason: BaseException) -> None:
-        if not self.pending:
+        sent = [f for cid, f in self.pending.items() if cid not in self._unsent and not f.done()]
+        if not sent:
             return
-        _log.warning("failing pending calls: connection lost", pending=len(self.pending))
-        for future in self.pending.values():
-            if not future.done():
-                future.set_exception(
-                    ConnectionLost(
-                        "connection to the broker lost while waiting for the reply; "
-                        "the request may or may not have run"
-                    )
+        _log.warning("failing pending calls: connection lost", pending=len(sent))
+        for future in sent:
+            future.set_exception(
+                ConnectionLost(
+                    "connection to the broker lost while waiting for the reply; "
+                    "the request may or may not have run"
                 )
+            )

@@ -17,13 +17,35 @@ import structlog
 
 from service.config import Settings
 from service.dead_letters import DeadLetterQueue
-from service.envelope import forward, text, undecodable_fields
+from service.envelope import text, undecodable_fields
 from service.errors import InvalidArgument, ServiceError, Unavailable
-from service.topology import Names
-from service.transport import ConsumerSpec, Link
+from service.link import ConsumerSpec, Link
+from service.messages import forward
 from service.types import Delivery, Outgoing
+from service.vocabulary import (
+    H_DEATH,
+    H_DELIVERY_COUNT,
+    H_DUE,
+    H_FIRST_DEATH_EXCHANGE,
+    H_FIRST_DEATH_QUEUE,
+    H_FIRST_DEATH_REASON,
+    H_LAST_DEATH_EXCHANGE,
+    H_LAST_DEATH_QUEUE,
+    H_LAST_DEATH_REASON,
+    H_TARGET_EXCHANGE,
+    H_TARGET_KEY,
+    LEVELS,
+    MAX_DELAY_S,
+    UNIT_MS,
+    DeadReason,
+    Names,
+    PublishKind,
+    delay_route,
+    level_pattern,
+)
 
 __all__ = [
+    # The ladder's words are `service.vocabulary`'s, re-exported here.
     "LEVELS",
     "UNIT_MS",
     "MAX_DELAY_S",
@@ -38,33 +60,12 @@ __all__ = [
 
 _log = structlog.get_logger("burrow.scheduler")
 
-UNIT_MS = 100
-LEVELS = 25  # (2**25 - 1) * 100 ms ≈ 38.8 days
-MAX_DELAY_S = ((1 << LEVELS) - 1) * UNIT_MS / 1000
-
-H_TARGET_EXCHANGE = "x-burrow-target-exchange"
-H_TARGET_KEY = "x-burrow-target-key"
-H_DUE = "x-burrow-due"  # integer ms since the epoch
+# The ladder's own headers, and the broker's record of the trip down it.
 _STRIP = frozenset(
-    {H_TARGET_EXCHANGE, H_TARGET_KEY, H_DUE, "x-death", "x-delivery-count"}
-    | {
-        f"x-{when}-death-{what}"
-        for when in ("first", "last")
-        for what in ("queue", "reason", "exchange")
-    }
+    {H_TARGET_EXCHANGE, H_TARGET_KEY, H_DUE, H_DEATH, H_DELIVERY_COUNT}
+    | {H_FIRST_DEATH_QUEUE, H_FIRST_DEATH_REASON, H_FIRST_DEATH_EXCHANGE}
+    | {H_LAST_DEATH_QUEUE, H_LAST_DEATH_REASON, H_LAST_DEATH_EXCHANGE}
 )
-
-
-def level_pattern(level: int, bit: int) -> str:
-    """Binding key matching routing keys whose digit for `level` is `bit` (MSB first)."""
-    return "*." * (LEVELS - 1 - level) + f"{bit}.#"
-
-
-def delay_route(units: int) -> str:
-    """The routing key spelling `units` in binary, one word per level, most significant first."""
-    if not 0 <= units < (1 << LEVELS):
-        raise ValueError(f"delay of {units} units is outside the ladder")
-    return ".".join(str((units >> level) & 1) for level in reversed(range(LEVELS)))
 
 
 def schedule(names: Names, message: Outgoing, due_at: float) -> Outgoing:
@@ -114,7 +115,7 @@ class Forwarder:
         undecodable = undecodable_fields(delivery)
         if exchange not in self._targets or key is None or undecodable:
             # Only Burrow's own exchanges may be targeted, and only what can be read again.
-            reason = "undecodable" if undecodable else "invalid_target"
+            reason = DeadReason.UNDECODABLE if undecodable else DeadReason.INVALID_TARGET
             _log.warning(
                 "scheduled message refused; dead-lettered",
                 reason=reason,
@@ -136,7 +137,7 @@ class Forwarder:
         message = forward(delivery, exchange=exchange, routing_key=key, drop=_STRIP)
         try:
             await self.publisher.publish(
-                message, kind="scheduled", mandatory=True, check_size=False
+                message, kind=PublishKind.SCHEDULED, mandatory=True, check_size=False
             )
         except Unavailable:
             await delivery.requeue()

@@ -10,24 +10,31 @@ a Java client's double and cannot hold one beyond 3.4e38 at all.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+from aiormq.abc import TaskType, TaskWrapper
 from pamqp import base, decode, encode
+
+from service.vocabulary import H_UNDECODABLE
 
 __all__ = [
     "MAX_DEPTH",
     "UNDECODABLE_HEADER",
     "Undecodable",
     "install",
+    "connection_blocked",
+    "expire_heartbeat_grace",
     "installed",
+    "reader_task",
     "silent_for",
 ]
 
 MAX_DEPTH = 32  # tables and arrays nested deeper than this are not decoded
-UNDECODABLE_HEADER = "x-burrow-undecodable"  # set when the properties as a whole failed
+UNDECODABLE_HEADER = H_UNDECODABLE  # set when the properties as a whole failed
 
 _Decoder = Callable[[bytes], tuple[int, Any]]
 _UINT = struct.Struct(">I")
@@ -192,4 +199,49 @@ def installed() -> bool:
         and decode.TABLE_MAPPING.get(b"F") is _field_table
         and base.BasicProperties.unmarshal is _properties_unmarshal
         and encode.encode_table_value is _table_value
+    )
+
+
+# -- aiormq's private connection state: each accessor fails loudly when aiormq renames it ------
+
+
+def connection_blocked(connection: object) -> bool:
+    """Whether the broker blocks `connection` (Connection.Blocked: a resource alarm). aiormq
+    records it only in a private event, cleared on Blocked and set again on Unblocked."""
+    unblocked = _private(connection, "_Connection__connection_unblocked")
+    if not isinstance(unblocked, asyncio.Event):
+        raise _changed(connection, "_Connection__connection_unblocked is no asyncio.Event")
+    return not unblocked.is_set()
+
+
+def reader_task(connection: object) -> TaskType | None:
+    """The task that reads `connection`'s frames (aiormq wraps it); None before it connected."""
+    declared = (vars(cls).get("__annotations__", {}) for cls in type(connection).__mro__)
+    if not any("_reader_task" in names for names in declared):
+        raise _changed(connection, "no _reader_task")
+    task = getattr(connection, "_reader_task", None)
+    if task is not None and not isinstance(task, asyncio.Task | TaskWrapper):
+        raise _changed(connection, f"_reader_task is a {type(task).__name__}, not a task")
+    return task
+
+
+def expire_heartbeat_grace(connection: object) -> None:
+    """Leave `connection` no grace for a silent broker, as aiormq's own heartbeat timeout does:
+    once its reader stops, the socket is then aborted rather than closed politely."""
+    _private(connection, "_Connection__heartbeat_grace_timeout")
+    setattr(connection, "_Connection__heartbeat_grace_timeout", 0)  # noqa: B010 - name-mangled
+
+
+def _private(obj: object, name: str) -> object:
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise _changed(obj, f"no {name}") from None
+
+
+def _changed(obj: object, problem: str) -> RuntimeError:
+    cls = type(obj)
+    return RuntimeError(
+        f"{cls.__module__}.{cls.__qualname__}: {problem}; the library changed under "
+        "service/shim.py (update it to the installed version)"
     )

@@ -19,7 +19,9 @@ redelivered flag, round-robin between competing consumers, dead-lettering (`x-de
 reject, on `x-message-ttl` / per-message `expiration` expiry (real loop timers, checked at the
 head of the queue as RabbitMQ does), on `x-max-length` overflow and on a quorum queue's
 `x-delivery-limit`; `x-overflow: reject-publish` (publisher nack: classic queues refuse at the
-limit, quorum queues once above it, as RabbitMQ 3.10 does); mandatory returns; direct reply-to.
+limit, quorum queues once above it, as RabbitMQ 3.10 does); mandatory returns; direct reply-to;
+queue deletion (consumers cancelled); the channel closing (and the link rebuilding) on a
+publish to a missing exchange or a reply-to without a reply consumer.
 Not modelled: `x-expires` (queues never expire), priorities, headers exchanges, persistence,
 transactions, per-connection flow control (`set_blocked` only holds publishes back).
 """
@@ -42,23 +44,38 @@ import orjson
 import structlog
 
 from service.config import Settings
-from service.errors import (
-    ConnectionLost,
-    DeadlineExceeded,
-    MessageTooLarge,
-    NotFound,
-    PublishFailed,
-    QueueFull,
-    TopologyError,
-    Unavailable,
-    Unroutable,
+from service.errors import ConnectionLost, DeadlineExceeded, NotFound, TopologyError
+from service.link import (
+    PUBLISH_OUTCOMES,
+    ConsumerSpec,
+    LinkState,
+    PublishOutcome,
+    check_body_size,
+    record_publish,
 )
 from service.topology import DIRECT_REPLY_TO, QueueDecl, Topology
-from service.transport import ConsumerSpec, Link
 from service.types import Delivery, Outgoing, Settle
+from service.vocabulary import (
+    ARG_DEAD_LETTER_EXCHANGE,
+    ARG_DEAD_LETTER_ROUTING_KEY,
+    ARG_DEAD_LETTER_STRATEGY,
+    ARG_DELIVERY_LIMIT,
+    ARG_EXPIRES,
+    ARG_MAX_LENGTH,
+    ARG_MAX_LENGTH_BYTES,
+    ARG_MESSAGE_TTL,
+    ARG_OVERFLOW,
+    ARG_QUEUE_TYPE,
+    H_DEATH,
+    H_DELIVERY_COUNT,
+    H_FIRST_DEATH_EXCHANGE,
+    H_FIRST_DEATH_QUEUE,
+    H_FIRST_DEATH_REASON,
+)
 
 __all__ = [
     "InMemoryBroker",
+    "MemoryChannel",
     "MemoryLink",
     "MemoryQueue",
     "MemoryExchange",
@@ -72,16 +89,16 @@ _log = structlog.get_logger("burrow.testing")
 _REPLY_PREFIX = DIRECT_REPLY_TO + "."
 # Queue arguments RabbitMQ compares when a queue is declared again (others are ignored).
 _EQUIVALENT_ARGS = (
-    "x-queue-type",
-    "x-message-ttl",
-    "x-expires",
-    "x-max-length",
-    "x-max-length-bytes",
-    "x-overflow",
-    "x-dead-letter-exchange",
-    "x-dead-letter-routing-key",
-    "x-dead-letter-strategy",
-    "x-delivery-limit",
+    ARG_QUEUE_TYPE,
+    ARG_MESSAGE_TTL,
+    ARG_EXPIRES,
+    ARG_MAX_LENGTH,
+    ARG_MAX_LENGTH_BYTES,
+    ARG_OVERFLOW,
+    ARG_DEAD_LETTER_EXCHANGE,
+    ARG_DEAD_LETTER_ROUTING_KEY,
+    ARG_DEAD_LETTER_STRATEGY,
+    ARG_DELIVERY_LIMIT,
 )
 _SOFT_LIMIT = 0.8  # a quorum queue accepts publishes again below 80% of x-max-length
 
@@ -188,14 +205,13 @@ class MemoryExchange:
 
 
 class _Consumer:
-    """One attached consumer: a link's spec on a queue, with its prefetch window."""
+    """One attached consumer: a channel's spec on a queue, with its prefetch window."""
 
-    def __init__(self, link: MemoryLink, spec: ConsumerSpec, prefetch: int | None) -> None:
-        self.link = link
+    def __init__(self, channel: MemoryChannel, spec: ConsumerSpec, prefetch: int | None) -> None:
+        self.channel = channel
         self.spec = spec
         self.prefetch = None if spec.no_ack else prefetch
         self.unacked = 0
-        self.generation = link.generation
 
     @property
     def has_room(self) -> bool:
@@ -215,7 +231,7 @@ class MemoryQueue:
         self._turn = 0
         self._timer: asyncio.TimerHandle | None = None
         self._rejecting = False
-        self._peekers: list[asyncio.Future[Message]] = []
+        self._peekers: list[asyncio.Future[None]] = []
 
     def __len__(self) -> int:
         return len(self._ready)
@@ -241,7 +257,7 @@ class MemoryQueue:
     @property
     def quorum(self) -> bool:
         """Whether declared as a quorum queue."""
-        return self.arguments.get("x-queue-type") == "quorum"
+        return self.arguments.get(ARG_QUEUE_TYPE) == "quorum"
 
     def purge(self) -> int:
         """Drop every ready message; return how many there were."""
@@ -251,11 +267,27 @@ class MemoryQueue:
         self.broker._changed()
         return count
 
+    async def peek(self) -> Delivery:
+        """The head message as a peeking consumer sees it: waits for one, leaves it queued
+        (marked redelivered, as a delivered-then-requeued message is)."""
+        while not self._ready:
+            arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._peekers.append(arrived)
+            try:
+                await arrived
+            finally:
+                if arrived in self._peekers:
+                    self._peekers.remove(arrived)
+        message = self._ready[0]
+        delivery = _delivery(message, 0, None)
+        message.redelivered = True
+        return delivery
+
     # -- internals -----------------------------------------------------------------------------
 
     def _ttl_ms(self, message: Message) -> int | None:
         ttls: list[int] = []
-        queue_ttl = self.arguments.get("x-message-ttl")
+        queue_ttl = self.arguments.get(ARG_MESSAGE_TTL)
         if isinstance(queue_ttl, int):
             ttls.append(queue_ttl)
         if message.expiration is not None:
@@ -264,8 +296,8 @@ class MemoryQueue:
         return min(ttls) if ttls else None
 
     def _accepts(self) -> bool:
-        limit = self.arguments.get("x-max-length")
-        if not isinstance(limit, int) or self.arguments.get("x-overflow") not in (
+        limit = self.arguments.get(ARG_MAX_LENGTH)
+        if not isinstance(limit, int) or self.arguments.get(ARG_OVERFLOW) not in (
             "reject-publish",
             "reject-publish-dlx",
         ):
@@ -281,17 +313,17 @@ class MemoryQueue:
         self._ready.append(message)
         for peeker in self._peekers:
             if not peeker.done():
-                peeker.set_result(message)
+                peeker.set_result(None)
         self._peekers.clear()
         self._enforce_length()
         self._dispatch()
         self._reschedule()
 
     def _enforce_length(self) -> None:
-        limit = self.arguments.get("x-max-length")
+        limit = self.arguments.get(ARG_MAX_LENGTH)
         if not isinstance(limit, int):
             return
-        overflow = self.arguments.get("x-overflow", "drop-head")
+        overflow = self.arguments.get(ARG_OVERFLOW, "drop-head")
         if overflow == "drop-head":
             while len(self._ready) > limit:
                 self._dead_letter(self._ready.popleft(), "maxlen")
@@ -299,7 +331,7 @@ class MemoryQueue:
             self._rejecting = True
 
     def _update_soft_limit(self) -> None:
-        limit = self.arguments.get("x-max-length")
+        limit = self.arguments.get(ARG_MAX_LENGTH)
         if self._rejecting and isinstance(limit, int) and len(self._ready) < limit * _SOFT_LIMIT:
             self._rejecting = False
 
@@ -307,8 +339,33 @@ class MemoryQueue:
         self._consumers.append(consumer)
         self._dispatch()
 
-    def _detach(self, link: MemoryLink) -> None:
-        self._consumers = [c for c in self._consumers if c.link is not link]
+    def _detach(self, channel: MemoryChannel) -> None:
+        self._consumers = [c for c in self._consumers if c.channel is not channel]
+
+    def _return_unacked(self, channel: MemoryChannel) -> None:
+        mine = [tag for tag, (_, c) in self._unacked.items() if c.channel is channel]
+        # Reversed so that, pushed back to the head one by one, they keep their order.
+        for tag in reversed(mine):
+            message, consumer = self._unacked.pop(tag)
+            consumer.unacked -= 1
+            self._return(message)
+        if mine:
+            self._dispatch()
+            self._reschedule()
+
+    def _delete(self) -> set[MemoryChannel]:
+        """Drop every message; return the channels that consumed from this queue."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        channels = {c.channel for c in self._consumers}
+        channels.update(c.channel for _, c in self._unacked.values())
+        for _, consumer in self._unacked.values():
+            consumer.unacked -= 1
+        self._ready.clear()
+        self._unacked.clear()
+        self._consumers.clear()
+        return channels
 
     def _next_consumer(self) -> _Consumer | None:
         count = len(self._consumers)
@@ -360,11 +417,9 @@ class MemoryQueue:
             return
         message, consumer = entry
         consumer.unacked -= 1
-        if how is Settle.ACK:
-            pass
-        elif how is Settle.REJECT:
+        if how is Settle.REJECT:
             self._dead_letter(message, "rejected")
-        else:
+        elif how is Settle.REQUEUE:
             self._return(message)
         self._dispatch()
         self._reschedule()
@@ -373,7 +428,7 @@ class MemoryQueue:
     def _return(self, message: Message) -> None:
         message.redelivered = True
         message.delivery_count += 1
-        limit = self.arguments.get("x-delivery-limit")
+        limit = self.arguments.get(ARG_DELIVERY_LIMIT)
         if self.quorum and isinstance(limit, int) and message.delivery_count > limit:
             self._dead_letter(message, "delivery_limit")
             return
@@ -381,12 +436,12 @@ class MemoryQueue:
         self._ready.appendleft(message)
 
     def _dead_letter(self, message: Message, reason: str) -> None:
-        exchange = self.arguments.get("x-dead-letter-exchange")
+        exchange = self.arguments.get(ARG_DEAD_LETTER_EXCHANGE)
         if not isinstance(exchange, str):
             return
-        key = self.arguments.get("x-dead-letter-routing-key", message.routing_key)
+        key = self.arguments.get(ARG_DEAD_LETTER_ROUTING_KEY, message.routing_key)
         dead = message.copy()
-        deaths = [d for d in dead.headers.get("x-death", []) if isinstance(d, dict)]
+        deaths = [d for d in dead.headers.get(H_DEATH, []) if isinstance(d, dict)]
         entry: dict[str, Any] | None = None
         for death in deaths:
             if death.get("queue") == self.name and death.get("reason") == reason:
@@ -405,10 +460,10 @@ class MemoryQueue:
                 entry["original-expiration"] = message.expiration
         entry["count"] = int(entry["count"]) + 1
         entry["time"] = datetime.now(UTC).replace(microsecond=0)
-        dead.headers["x-death"] = [entry, *deaths]
-        dead.headers.setdefault("x-first-death-reason", reason)
-        dead.headers.setdefault("x-first-death-queue", self.name)
-        dead.headers.setdefault("x-first-death-exchange", message.exchange)
+        dead.headers[H_DEATH] = [entry, *deaths]
+        dead.headers.setdefault(H_FIRST_DEATH_REASON, reason)
+        dead.headers.setdefault(H_FIRST_DEATH_QUEUE, self.name)
+        dead.headers.setdefault(H_FIRST_DEATH_EXCHANGE, message.exchange)
         dead.exchange, dead.routing_key = exchange, str(key)
         dead.expiration = None
         dead.redelivered = False
@@ -416,8 +471,101 @@ class MemoryQueue:
         self.broker._enqueue_routed(exchange, str(key), dead)
 
 
-class MemoryLink(Link):
-    """A `Link` whose connection is an `InMemoryBroker`: same readiness, consumers and errors."""
+class MemoryChannel:
+    """A link's connection to the broker, with one channel; a `MemoryLink` opens one per connect.
+
+    Closing it detaches its consumers and returns their unacked deliveries to the queues;
+    settling one of those afterwards does nothing, as on a closed AMQP channel. The broker
+    closes it where RabbitMQ closes the channel or cancels a consumer; `on_close(reason)` tells.
+    """
+
+    def __init__(self, broker: InMemoryBroker, name: str, on_close: Callable[[str], None]) -> None:
+        self.broker = broker
+        self.name = name
+        self.open = True
+        self.close_reason: str | None = None
+        self.reply_address: str | None = None
+        self._reply_consumer: _Consumer | None = None
+        self._on_close = on_close
+
+    def consume(self, spec: ConsumerSpec, prefetch: int | None) -> bool:
+        """Attach a consumer; False where RabbitMQ would refuse it (missing queue, exclusive)."""
+        consumer = _Consumer(self, spec, prefetch)
+        if spec.queue == DIRECT_REPLY_TO:
+            if not spec.no_ack or self._reply_consumer is not None:
+                return False  # RabbitMQ: one reply-to consumer per channel, and no-ack
+            self.reply_address = f"{_REPLY_PREFIX}{uuid.uuid4().hex}"
+            self._reply_consumer = consumer
+            self.broker._reply_channels[self.reply_address] = self
+            return True
+        queue = self.broker.queues.get(spec.queue)
+        if queue is None:
+            return False
+        if spec.exclusive and queue.consumer_count:
+            return False
+        if any(c.spec.exclusive for c in queue._consumers):
+            return False
+        queue._attach(consumer)
+        return True
+
+    def cancel(self) -> None:
+        """Detach every consumer, the reply-to one too; unacked deliveries stay settleable."""
+        for queue in self.broker.queues.values():
+            queue._detach(self)
+        if self.reply_address is not None:
+            self.broker._reply_channels.pop(self.reply_address, None)
+        self.reply_address = None
+        self._reply_consumer = None
+
+    def close(self) -> None:
+        """Close: consumers detached, unacked deliveries back at the head of their queues."""
+        if not self.open:
+            return
+        self.open = False
+        self.cancel()
+        for queue in self.broker.queues.values():
+            queue._return_unacked(self)
+        self.broker._changed()
+
+    def declare_queue(self, queue: QueueDecl) -> None:
+        """Declare a queue; a conflicting one closes the channel (as RabbitMQ's 406 does).
+
+        Raises:
+            TopologyError: the queue exists with other arguments.
+        """
+        try:
+            self.broker.declare_queue(queue.name, queue.arguments)
+        except TopologyError as exc:
+            self._closed_by_broker(f"PRECONDITION_FAILED - {exc}")
+            raise
+
+    def publish(self, message: Outgoing, *, kind: str, mandatory: bool) -> PublishOutcome:
+        """Route `message` as RabbitMQ would, with a confirm; the broker records it."""
+        reply_to = message.reply_to
+        if reply_to == DIRECT_REPLY_TO:
+            if self.reply_address is None:
+                self._closed_by_broker("PRECONDITION_FAILED - fast reply consumer does not exist")
+                return PublishOutcome.LOST
+            reply_to = self.reply_address
+        outcome = self.broker._publish(self, message, reply_to, kind=kind, mandatory=mandatory)
+        if outcome is PublishOutcome.NO_EXCHANGE:
+            self._closed_by_broker(f"NOT_FOUND - no exchange {message.exchange!r}")
+        return outcome
+
+    def _closed_by_broker(self, reason: str) -> None:
+        if not self.open:
+            return
+        self.close_reason = reason
+        self.close()
+        self._on_close(reason)
+
+
+class MemoryLink(LinkState):
+    """A `Link` on an `InMemoryBroker`: the readiness, consumers and errors of `AmqpLink`.
+
+    Where RabbitMQ closes the channel (a publish to a missing exchange, a deleted queue under
+    a consumer), it reconnects at once: re-declares its topology and re-attaches.
+    """
 
     def __init__(
         self,
@@ -430,109 +578,80 @@ class MemoryLink(Link):
     ) -> None:
         super().__init__(name, settings, topology=topology, prefetch=prefetch)
         self.broker = broker
-        self.generation = 0
-        self.reply_address: str | None = None
-        self._connected = False
-        self._reply_consumer: _Consumer | None = None
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Declare the topology and attach every consumer; `ready` is set when all attached."""
-        if self._connected or self._closing:
-            return
-        try:
-            self.broker.apply(self.topology)
-        except TopologyError as exc:
-            self.fatal = exc
-            self.failed.set()
-            _log.error("topology conflict; not retrying", link=self.name, error=str(exc))
-            for callback in list(self.on_lost):
-                callback(exc)
-            return
-        self.generation += 1
-        self._connected = True
-        for spec in list(self.consumers):
-            if not self._attach_consumer(spec):
-                # RabbitMQ closes the channel (404 / 403); the real link retries forever.
-                _log.warning("consumer not attached", link=self.name, queue=spec.queue)
-                return
-        self.attached = len(self.consumers)
-        self._attached_gauge.set(self.attached)
-        self.ready.set()
-
-    async def close(self) -> None:
-        """Close: unacked deliveries return to their queues, pending waiters are told."""
-        self._closing = True
-        if self._connected:
-            self._disconnect(ConnectionLost("link closed"))
-        self.ready.clear()
-
-    async def disconnect(self) -> None:
-        """Simulate a lost connection, then reconnect at once (re-declare, re-attach)."""
-        if self._connected:
-            self._disconnect(ConnectionLost("connection to the broker lost"))
-        self.start()
-
-    async def cancel_consumers(self) -> None:
-        """Stop receiving new deliveries; unacked ones can still be settled."""
-        self.consumers.clear()
-        self.broker._detach(self)
-        self._drop_reply_address()
-        self.attached = 0
-        self._attached_gauge.set(0)
+        self._channel: MemoryChannel | None = None
+        self._closing = False
 
     @property
     def blocked(self) -> bool:
         """True while the broker holds publishes back (`InMemoryBroker.set_blocked`)."""
         return self.broker.blocked
 
-    def _disconnect(self, reason: BaseException) -> None:
-        self._connected = False
-        self.ready.clear()
-        self.attached = 0
-        self._attached_gauge.set(0)
-        self.broker._detach(self)
-        self._drop_reply_address()
-        self.broker._return_unacked(self)
-        self.generation += 1
-        for callback in list(self.on_lost):
-            callback(reason)
-        self.broker._changed()
+    @property
+    def reply_address(self) -> str | None:
+        """Where replies to this link's direct reply-to requests go, while it consumes them."""
+        return None if self._channel is None else self._channel.reply_address
 
-    def _drop_reply_address(self) -> None:
-        if self.reply_address is not None:
-            self.broker._reply_links.pop(self.reply_address, None)
-        self.reply_address = None
-        self._reply_consumer = None
+    # -- lifecycle ---------------------------------------------------------------------------
 
-    def _attach_consumer(self, spec: ConsumerSpec) -> bool:
-        consumer = _Consumer(self, spec, self.prefetch)
-        if spec.queue == DIRECT_REPLY_TO:
-            if not spec.no_ack:
-                return False  # RabbitMQ: reply-to consumer must be no-ack
-            self.reply_address = f"{_REPLY_PREFIX}{uuid.uuid4().hex}"
-            self._reply_consumer = consumer
-            self.broker._reply_links[self.reply_address] = self
-            return True
-        queue = self.broker.queues.get(spec.queue)
-        if queue is None:
-            return False
-        if spec.exclusive and queue.consumer_count:
-            return False
-        if any(c.spec.exclusive for c in queue._consumers):
-            return False
-        queue._attach(consumer)
-        return True
-
-    async def _wait_live(self, timeout: float) -> None:
-        if self.ready.is_set():
+    def start(self) -> None:
+        """Declare the topology and attach every consumer; `ready` is set when all attached."""
+        if self._channel is not None or self._closing:
             return
         try:
-            async with asyncio.timeout(timeout):
-                await self.ready.wait()
-        except TimeoutError:
-            raise Unavailable("not connected to the broker") from None
+            self.broker.apply(self.topology)
+        except TopologyError as exc:
+            self._set_fatal(exc)
+            _log.error("topology conflict; not retrying", link=self.name, error=str(exc))
+            self._notify_lost(exc)
+            return
+        channel = self._channel = self.broker.connect(self.name, self._closed_by_broker)
+        wanted = list(self._consumers)
+        for spec in wanted:
+            if not channel.consume(spec, self.prefetch):
+                # RabbitMQ closes the channel (404 / 403); the real link retries forever.
+                channel.close()
+                self._last_error = f"consumer of {spec.queue!r} not attached"
+                _log.warning("consumer not attached", link=self.name, queue=spec.queue)
+                return
+        self._set_attached(len(wanted))
+        self._last_error = None
+        self._ready.set()
+
+    async def close(self) -> None:
+        """Close: unacked deliveries return to their queues, pending waiters are told."""
+        self._closing = True
+        self._drop(ConnectionLost("link closed"))
+
+    async def disconnect(self) -> None:
+        """Simulate a lost connection, then reconnect at once (re-declare, re-attach)."""
+        self._drop(ConnectionLost("connection to the broker lost"))
+        self.start()
+
+    async def cancel_consumers(self) -> None:
+        """Stop receiving new deliveries; unacked ones can still be settled."""
+        self._consumers.clear()
+        if self._channel is not None:
+            self._channel.cancel()
+        self._set_attached(0)
+
+    def _drop(self, reason: BaseException) -> None:
+        self._ready.clear()
+        channel, self._channel = self._channel, None
+        if channel is None:
+            return
+        self._set_attached(0)
+        channel.close()
+        self._notify_lost(reason)
+
+    def _closed_by_broker(self, reason: str) -> None:
+        # As AmqpLink does when its channel closes: rebuild, re-declare, re-attach.
+        _log.warning("channel closed by the broker; reconnecting", link=self.name, reason=reason)
+        self._drop(ConnectionLost(f"connection to the broker lost: {reason}"))
+        self.start()
+
+    def _live_channel(self) -> MemoryChannel:
+        assert self._channel is not None  # ready: connected
+        return self._channel
 
     # -- one-off operations -----------------------------------------------------------------
 
@@ -540,9 +659,14 @@ class MemoryLink(Link):
         """Declare a queue once; a conflicting redeclare raises `ConnectionLost` as the real one."""
         await self._wait_live(self.settings.publish_timeout if timeout is None else timeout)
         try:
-            self.broker.declare_queue(queue.name, queue.arguments)
+            self._live_channel().declare_queue(queue)
         except TopologyError as exc:
             raise ConnectionLost(f"could not declare {queue.name}: {exc}") from None
+
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue (best effort: it may be gone already, or the link not connected)."""
+        if self._ready.is_set():
+            self.broker.delete_queue(name)
 
     async def peek(self, queue: str, timeout: float) -> Delivery:
         """Wait for the first message of `queue` and leave it there.
@@ -555,22 +679,11 @@ class MemoryLink(Link):
         target = self.broker.queues.get(queue)
         if target is None:
             raise NotFound(f"no such job or its result expired ({queue})")
-        if target._ready:
-            message = target._ready[0]
-        else:
-            arrived: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-            target._peekers.append(arrived)
-            try:
-                async with asyncio.timeout(timeout):
-                    message = await arrived
-            except TimeoutError:
-                raise DeadlineExceeded(f"nothing in {queue} within {timeout:.1f}s") from None
-            finally:
-                if arrived in target._peekers:
-                    target._peekers.remove(arrived)
-        delivery = _delivery(message, 0, None)
-        message.redelivered = True  # it was delivered to the peeker and requeued
-        return delivery
+        try:
+            async with asyncio.timeout(timeout):
+                return await target.peek()
+        except TimeoutError:
+            raise DeadlineExceeded(f"nothing in {queue} within {timeout:.1f}s") from None
 
     # -- publishing --------------------------------------------------------------------------
 
@@ -583,41 +696,26 @@ class MemoryLink(Link):
         timeout: float | None = None,
         check_size: bool = True,
     ) -> None:
-        """Publish with a confirm; raise exactly what `Link.publish` raises for each failure."""
-        if check_size and len(message.body) > self.settings.max_body_bytes:
-            raise MessageTooLarge(
-                f"{kind} body of {len(message.body)} bytes exceeds the limit of "
-                f"{self.settings.max_body_bytes}"
-            )
+        """Publish with a confirm; fail exactly as `AmqpLink.publish` (`link.PUBLISH_OUTCOMES`)."""
+        if check_size:
+            check_body_size(message, kind=kind, limit=self.settings.max_body_bytes)
         timeout = self.settings.publish_timeout if timeout is None else timeout
         await self._wait_live(timeout)
         if self.broker.blocked:
             try:
                 async with asyncio.timeout(timeout):
-                    await self.broker._unblocked.wait()
+                    await self.broker.unblocked()
             except TimeoutError:
-                self._published[kind, "timeout"].inc()
-                raise PublishFailed(
-                    f"no confirm from the broker within {timeout:.1f}s; delivery unknown"
-                ) from None
-        reply_to = message.reply_to
-        if reply_to == DIRECT_REPLY_TO:
-            if self.reply_address is None:
-                # RabbitMQ closes the channel: "fast reply consumer does not exist".
-                raise ConnectionLost(
-                    "connection lost while publishing: no direct reply-to consumer on this link"
-                )
-            reply_to = self.reply_address
-        outcome = self.broker._publish(self, message, reply_to, kind=kind, mandatory=mandatory)
+                record_publish(PublishOutcome.NO_CONFIRM, message, kind=kind, timeout=timeout)
+        channel = self._channel
+        if channel is None:  # lost while held back
+            outcome = PublishOutcome.LOST
+            detail = "link closed"
+        else:
+            outcome = channel.publish(message, kind=kind, mandatory=mandatory)
+            detail = channel.close_reason or ""
         await asyncio.sleep(0)  # the confirm is a round trip: let other tasks run meanwhile
-        self._published[kind, outcome].inc()
-        if outcome == "returned":
-            raise Unroutable(
-                f"no queue is bound for {message.routing_key!r} on {message.exchange!r} "
-                "(service not deployed?)"
-            )
-        if outcome == "nacked":
-            raise QueueFull("the broker refused the message (queue full or resource limit)")
+        record_publish(outcome, message, kind=kind, timeout=timeout, detail=detail)
 
 
 class InMemoryBroker:
@@ -628,7 +726,7 @@ class InMemoryBroker:
         self.queues: dict[str, MemoryQueue] = {}
         self.published: list[PublishedMessage] = []
         self.links: list[MemoryLink] = []
-        self._reply_links: dict[str, MemoryLink] = {}
+        self._reply_channels: dict[str, MemoryChannel] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiters: list[tuple[asyncio.Future[None], bool]] = []
         self._tags = itertools.count(1)
@@ -649,6 +747,10 @@ class InMemoryBroker:
         link = MemoryLink(self, name, settings, topology=topology, prefetch=prefetch)
         self.links.append(link)
         return link
+
+    def connect(self, name: str, on_close: Callable[[str], None]) -> MemoryChannel:
+        """Open a channel for the link `name`; `on_close(reason)` when the broker closes it."""
+        return MemoryChannel(self, name, on_close)
 
     # -- declarations --------------------------------------------------------------------------
 
@@ -678,6 +780,25 @@ class InMemoryBroker:
             return existing
         queue = self.queues[name] = MemoryQueue(self, name, arguments)
         return queue
+
+    def delete_queue(self, name: str) -> int:
+        """Delete a queue with its messages and bindings; return how many messages were ready.
+
+        As on RabbitMQ, its consumers are cancelled: their links rebuild (and re-declare what
+        their topology holds). Deleting a queue that does not exist does nothing.
+        """
+        queue = self.queues.pop(name, None)
+        if queue is None:
+            return 0
+        count = len(queue)
+        for exchange in self.exchanges.values():
+            exchange.bindings = [
+                b for b in exchange.bindings if not (b[0] == name and b[2] == "queue")
+            ]
+        for channel in queue._delete():
+            channel._closed_by_broker(f"consumer cancelled: queue {name!r} deleted")
+        self._changed()
+        return count
 
     def bind(
         self, exchange: str, destination: str, key: str, destination_type: str = "queue"
@@ -728,6 +849,10 @@ class InMemoryBroker:
             self._unblocked.clear()
         else:
             self._unblocked.set()
+
+    async def unblocked(self) -> None:
+        """Return once publishes are no longer held back."""
+        await self._unblocked.wait()
 
     async def drain(self, timeout: float = 10.0, *, timers: bool = True) -> None:
         """Wait until idle: no handler running, nothing unacked, nothing deliverable waiting.
@@ -819,13 +944,13 @@ class InMemoryBroker:
 
     def _publish(
         self,
-        link: MemoryLink,
+        channel: MemoryChannel,
         outgoing: Outgoing,
         reply_to: str | None,
         *,
         kind: str,
         mandatory: bool,
-    ) -> str:
+    ) -> PublishOutcome:
         message = Message(
             exchange=outgoing.exchange,
             routing_key=outgoing.routing_key,
@@ -843,31 +968,28 @@ class InMemoryBroker:
             persistent=outgoing.persistent,
         )
         queues: list[str]
-        outcome = "confirmed"
+        outcome = PublishOutcome.CONFIRMED
         if outgoing.exchange == "" and outgoing.routing_key.startswith(_REPLY_PREFIX):
-            target = self._reply_links.get(outgoing.routing_key)
+            target = self._reply_channels.get(outgoing.routing_key)
             queues = [outgoing.routing_key] if target is not None else []
             if target is not None and target._reply_consumer is not None:
                 self._run(target._reply_consumer, _delivery(message, 0, None))
         else:
             routed = self._route(outgoing.exchange, outgoing.routing_key)
             if routed is None:
-                # RabbitMQ closes the channel (404 NOT_FOUND); Link reports a lost connection.
-                raise ConnectionLost(
-                    f"connection lost while publishing: no exchange {outgoing.exchange!r}"
-                )
+                return PublishOutcome.NO_EXCHANGE  # RabbitMQ: 404 NOT_FOUND, channel closed
             queues = routed
             refused = [name for name in queues if not self.queues[name]._accepts()]
             for name in queues:
                 if name not in refused:
                     self.queues[name]._enqueue(message.copy())
             if refused:
-                outcome = "nacked"
+                outcome = PublishOutcome.NACKED
         if not queues and mandatory:
-            outcome = "returned"
+            outcome = PublishOutcome.RETURNED
         self.published.append(
             PublishedMessage(
-                link=link.name,
+                link=channel.name,
                 exchange=outgoing.exchange,
                 routing_key=outgoing.routing_key,
                 body=message.body,
@@ -882,7 +1004,7 @@ class InMemoryBroker:
                 mandatory=mandatory,
                 kind=kind,
                 queues=tuple(queues),
-                outcome=outcome,
+                outcome=PUBLISH_OUTCOMES[outcome].label or outcome.value,
             )
         )
         self._changed()
@@ -894,11 +1016,11 @@ class InMemoryBroker:
         if not consumer.spec.no_ack:
             consumer.unacked += 1
             queue._unacked[tag] = (message, consumer)
-            link, generation = consumer.link, consumer.generation
+            channel = consumer.channel
 
             async def settle(delivery: Delivery, how: Settle) -> None:
-                if link.generation != generation:
-                    # Its link is gone: the message was already returned to the queue.
+                if not channel.open:
+                    # Its channel is gone: the message was already returned to the queue.
                     _log.info("stale delivery not settled; broker will redeliver", how=how.value)
                     return
                 queue._settle(tag, how)
@@ -907,7 +1029,7 @@ class InMemoryBroker:
         delivery = _delivery(message, tag, settle_fn)
         delivery.queue = queue.name  # retries go back to the queue it came from
         if queue.quorum and message.delivery_count:
-            delivery.headers["x-delivery-count"] = message.delivery_count
+            delivery.headers[H_DELIVERY_COUNT] = message.delivery_count
         self._run(consumer, delivery)
 
     def _run(self, consumer: _Consumer, delivery: Delivery) -> None:
@@ -927,26 +1049,10 @@ class InMemoryBroker:
         self._tasks.discard(task)
         self._changed()
 
-    def _detach(self, link: MemoryLink) -> None:
-        for queue in self.queues.values():
-            queue._detach(link)
-
-    def _return_unacked(self, link: MemoryLink) -> None:
-        for queue in self.queues.values():
-            mine = [tag for tag, (_, c) in queue._unacked.items() if c.link is link]
-            # Reversed so that, pushed back to the head one by one, they keep their order.
-            for tag in reversed(mine):
-                message, consumer = queue._unacked.pop(tag)
-                consumer.unacked -= 1
-                queue._return(message)
-            if mine:
-                queue._dispatch()
-                queue._reschedule()
-
 
 def _arg(arguments: dict[str, Any], key: str) -> Any:
     value = arguments.get(key)
-    if key == "x-queue-type" and value is None:
+    if key == ARG_QUEUE_TYPE and value is None:
         return "classic"
     return value
 

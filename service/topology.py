@@ -12,6 +12,21 @@ from typing import Any, TypeVar
 
 from service.config import Settings
 from service.registry import Service
+from service.vocabulary import (
+    ARG_DEAD_LETTER_EXCHANGE,
+    ARG_DEAD_LETTER_ROUTING_KEY,
+    ARG_DEAD_LETTER_STRATEGY,
+    ARG_DELIVERY_LIMIT,
+    ARG_MAX_LENGTH,
+    ARG_MESSAGE_TTL,
+    ARG_OVERFLOW,
+    ARG_QUEUE_TYPE,
+    DIRECT_REPLY_TO,
+    LEVELS,
+    UNIT_MS,
+    Names,
+    level_pattern,
+)
 
 __all__ = [
     "ExchangeDecl",
@@ -28,8 +43,6 @@ __all__ = [
     "dead_letter_policy",
     "DLQ_DELIVERY_LIMIT",
 ]
-
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 _T = TypeVar("_T")
 
@@ -77,92 +90,19 @@ class Topology:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Names:
-    """The names of everything in a namespace (default `burrow`); see docs/protocol.md."""
-
-    namespace: str
-
-    @property
-    def rpc_exchange(self) -> str:
-        """Topic exchange for calls, keyed `<service>.<operation>`."""
-        return f"{self.namespace}.rpc"
-
-    @property
-    def commands_exchange(self) -> str:
-        """Topic exchange for casts and submits, keyed `<service>.<operation>`."""
-        return f"{self.namespace}.commands"
-
-    @property
-    def events_exchange(self) -> str:
-        """Topic exchange for domain events and job completion events."""
-        return f"{self.namespace}.events"
-
-    @property
-    def dead_letter_exchange(self) -> str:
-        """Direct exchange for dead letters, keyed by the dead-letter queue's name."""
-        return f"{self.namespace}.dlx"
-
-    def request_queue(self, service: str) -> str:
-        """The queue a service consumes its calls from (may be bounded)."""
-        return f"{self.namespace}.{service}.requests"
-
-    def commands_queue(self, service: str) -> str:
-        """The queue a service consumes casts and submits from (never bounded)."""
-        return f"{self.namespace}.{service}.commands"
-
-    def dead_letter_queue(self, service: str) -> str:
-        """Where a service parks what it could not process, with the reason."""
-        return f"{self.namespace}.{service}.dlq"
-
-    def subscription_queue(self, group: str, name: str) -> str:
-        """One queue per (group, subscription): a group's instances compete on it."""
-        return f"{self.namespace}.{group}.{name}.events"
-
-    def job_queue(self, job_id: str) -> str:
-        """Holds one job's completion for later retrieval; expires when unused."""
-        return f"{self.namespace}.job.{job_id}"
-
-    def delay_exchange(self, level: int) -> str:
-        """Entry of delay level `level` (see service.scheduler)."""
-        return f"{self.namespace}.delay.{level}"
-
-    def delay_queue(self, level: int) -> str:
-        """Holds messages for 2**level delay units, then dead-letters them down a level."""
-        return f"{self.namespace}.delay.{level}.wait"
-
-    @property
-    def delay_ready_queue(self) -> str:
-        """Where delayed messages land when due, to be forwarded to their target."""
-        return f"{self.namespace}.delay.ready"
-
-    def retry_exchange(self, level: int) -> str:
-        """Fanout entry of retry level `level`; the routing key names the queue to return to."""
-        return f"{self.namespace}.retry.{level}"
-
-    def retry_queue(self, level: int) -> str:
-        """Holds a failed message for the level's back-off, then dead-letters it back."""
-        return f"{self.namespace}.retry.{level}.wait"
-
-    @property
-    def scheduler_dead_letter_queue(self) -> str:
-        """Delayed messages whose target no longer exists."""
-        return self.dead_letter_queue("scheduler")
-
-
 def _queue_args(
     settings: Settings, dlq: str | None, bounded: bool, delivery_limit: bool = False
 ) -> dict[str, Any]:
-    args: dict[str, Any] = {"x-queue-type": settings.queue_type}
+    args: dict[str, Any] = {ARG_QUEUE_TYPE: settings.queue_type}
     if dlq is not None:
-        args["x-dead-letter-exchange"] = f"{settings.namespace}.dlx"
-        args["x-dead-letter-routing-key"] = dlq
+        args[ARG_DEAD_LETTER_EXCHANGE] = f"{settings.namespace}.dlx"
+        args[ARG_DEAD_LETTER_ROUTING_KEY] = dlq
     if bounded and settings.max_queue_length is not None:
-        args["x-max-length"] = settings.max_queue_length
-        args["x-overflow"] = "reject-publish"
+        args[ARG_MAX_LENGTH] = settings.max_queue_length
+        args[ARG_OVERFLOW] = "reject-publish"
     if (dlq is not None or delivery_limit) and settings.queue_type == "quorum":
         # Last safety net against a message that crashes its consumer every time.
-        args["x-delivery-limit"] = 20
+        args[ARG_DELIVERY_LIMIT] = 20
     return args
 
 
@@ -172,13 +112,13 @@ def _holding_args(settings: Settings, ttl_ms: int, dead_letter_exchange: str) ->
     the loss of a cluster node (G2), where a classic one would wait for its home node. Quorum
     dead-letters at least once: an expired message leaves only once its target confirmed it."""
     args: dict[str, Any] = {
-        "x-queue-type": settings.queue_type,
-        "x-message-ttl": ttl_ms,
-        "x-dead-letter-exchange": dead_letter_exchange,
+        ARG_QUEUE_TYPE: settings.queue_type,
+        ARG_MESSAGE_TTL: ttl_ms,
+        ARG_DEAD_LETTER_EXCHANGE: dead_letter_exchange,
     }
     if settings.queue_type == "quorum":
-        args["x-dead-letter-strategy"] = "at-least-once"
-        args["x-overflow"] = "reject-publish"  # required by at-least-once; no length limit
+        args[ARG_DEAD_LETTER_STRATEGY] = "at-least-once"
+        args[ARG_OVERFLOW] = "reject-publish"  # required by at-least-once; no length limit
     return args
 
 
@@ -191,15 +131,9 @@ def client_topology(settings: Settings) -> Topology:
             ExchangeDecl(names.rpc_exchange, "topic"),
             ExchangeDecl(names.commands_exchange, "topic"),
             ExchangeDecl(names.events_exchange, "topic"),
-            ExchangeDecl(names.delay_exchange(_delay_levels() - 1), "topic"),
+            ExchangeDecl(names.delay_exchange(LEVELS - 1), "topic"),
         ]
     )
-
-
-def _delay_levels() -> int:
-    from service.scheduler import LEVELS  # noqa: PLC0415 - cycle
-
-    return LEVELS
 
 
 def service_topology(service: Service, settings: Settings) -> Topology:
@@ -255,8 +189,6 @@ def retry_topology(settings: Settings) -> Topology:
 
 def delay_topology(settings: Settings) -> Topology:
     """The delay ladder: one exchange and one holding queue per power-of-two delay."""
-    from service.scheduler import LEVELS, UNIT_MS, level_pattern  # noqa: PLC0415 - cycle
-
     names = Names(settings.namespace)
     ready = names.delay_ready_queue
     sched_dlq = names.scheduler_dead_letter_queue
@@ -273,7 +205,7 @@ def delay_topology(settings: Settings) -> Topology:
         below = names.delay_exchange(level - 1) if level else ""
         args = _holding_args(settings, UNIT_MS << level, below)
         if not level:
-            args["x-dead-letter-routing-key"] = ready
+            args[ARG_DEAD_LETTER_ROUTING_KEY] = ready
         topology.exchanges.append(ExchangeDecl(exchange, "topic"))
         topology.queues.append(QueueDecl(queue, args))
         topology.bindings.append(BindingDecl(exchange, queue, level_pattern(level, 1)))

@@ -11,9 +11,11 @@ import random
 import re
 from contextvars import ContextVar, Token
 
+from service.vocabulary import H_TRACEPARENT
+
 __all__ = ["HEADER", "parse", "child", "current", "activate", "deactivate", "trace_id"]
 
-HEADER = "traceparent"
+HEADER = H_TRACEPARENT
 _FORMAT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _current: ContextVar[str | None] = ContextVar("burrow_traceparent", default=None)
 

@@ -1,8 +1,9 @@
-"""AMQP links: supervised connections that declare topology, restore consumers and publish.
+"""The AMQP link: a supervised connection that declares topology, restores consumers, publishes.
 
-A `Link` is one connection with one channel, kept alive by a reconnect loop with back-off and
-jitter. On every (re)connect it re-applies confirm mode and prefetch, declares exchanges →
-queues → bindings, re-attaches every consumer and counts them before it reports ready.
+An `AmqpLink` (a `service.link.Link`) is one connection with one channel, kept alive by a
+reconnect loop with back-off and jitter. On every (re)connect it re-applies confirm mode and
+prefetch, declares exchanges → queues → bindings, re-attaches every consumer and counts them
+before it reports ready.
 aio-pika opens connections and declares; the per-message path (consume, ack, publish) runs on
 its aiormq channel to avoid a second task and wrapper object per message.
 """
@@ -15,7 +16,6 @@ import random
 import re
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -29,22 +29,27 @@ from pamqp import commands as spec
 from service import metrics, shim
 from service.config import Settings, redact_url
 from service.errors import (
-    BurrowError,
     ConfigError,
     ConnectionLost,
     DeadlineExceeded,
-    MessageTooLarge,
     NotFound,
-    PublishFailed,
-    QueueFull,
     TopologyError,
     Unavailable,
-    Unroutable,
+)
+from service.link import (
+    ConsumerSpec,
+    Link,
+    LinkFactory,
+    LinkState,
+    PublishOutcome,
+    check_body_size,
+    record_publish,
 )
 from service.topology import QueueDecl, Topology
-from service.types import Delivery, DeliveryCallback, Outgoing, Settle
+from service.types import Delivery, Outgoing, Settle
 
-__all__ = ["ConsumerSpec", "Link", "LinkFactory", "Transport"]
+# ConsumerSpec, Link and LinkFactory live in service.link; re-exported for older imports.
+__all__ = ["AmqpLink", "ConsumerSpec", "Link", "LinkFactory", "Transport", "open_tool_link"]
 
 shim.install()  # before any frame is read: foreign bytes must not kill a connection
 
@@ -58,20 +63,19 @@ _CONNECTION_ERRORS = (
     OSError,
     asyncio.IncompleteReadError,
 )
+# What an aiormq failure of a publish means, first match wins (TimeoutError is an OSError);
+# any other of _PUBLISH_ERRORS is the connection or channel going away: LOST.
+_PUBLISH_OUTCOMES: tuple[tuple[type[BaseException], PublishOutcome], ...] = (
+    (TimeoutError, PublishOutcome.NO_CONFIRM),
+    # The exchange does not exist (the broker also closes the channel; the link heals).
+    (aiormq.exceptions.ChannelNotFoundEntity, PublishOutcome.NO_EXCHANGE),
+    (aiormq.exceptions.DeliveryError, PublishOutcome.NACKED),
+)
+_PUBLISH_ERRORS = (TimeoutError, *_CONNECTION_ERRORS)
 
 
-@dataclass(frozen=True, slots=True)
-class ConsumerSpec:
-    """A consumer to keep attached: re-created on every reconnect."""
-
-    queue: str
-    callback: DeliveryCallback
-    no_ack: bool = False
-    exclusive: bool = False
-
-
-class Link:
-    """One supervised AMQP connection with one confirm-mode channel.
+class AmqpLink(LinkState):
+    """One supervised AMQP connection with one confirm-mode channel (a `Link`).
 
     Args:
         name: `consumer`, `publisher`, `client`… — a metric label and the connection name.
@@ -87,32 +91,17 @@ class Link:
         topology: Topology | None = None,
         prefetch: int | None = None,
     ) -> None:
-        self.name = name
-        self.settings = settings
-        self.topology = topology or Topology()
-        self.prefetch = prefetch
-        self.consumers: list[ConsumerSpec] = []
-        self.on_lost: list[Callable[[BaseException], None]] = []
-        self.ready = asyncio.Event()
-        self.fatal: BurrowError | None = None
-        self.last_error: str | None = None  # why the last connect failed (for /readyz)
-        self.failed = asyncio.Event()  # set with `fatal`: a failure retrying cannot fix
-        self.attached = 0
+        super().__init__(name, settings, topology=topology, prefetch=prefetch)
         self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
+        # The aiormq channel only: aio-pika's Channel stays alive through the callbacks its
+        # channel holds, and with a plain (not robust) connection nothing of aio-pika is
+        # re-declared from weak references, so no declared object needs to be kept.
         self._raw: aiormq.Channel | None = None
-        self._declared: list[Any] = []  # strong references to every declared aio-pika object
         self._task: asyncio.Task[None] | None = None
+        self._closers: set[asyncio.Task[None]] = set()  # polite closes of lost connections
         self._closing = False
+        self._serving = False  # ready was set since the last loss (`ready` may be cleared early)
         self._connects = 0
-        metrics.watch_link(self)
-        self._attached_gauge = metrics.CONSUMERS_ATTACHED.labels(name)
-        self._blocked_gauge = metrics.AMQP_CONNECTION_BLOCKED.labels(name)
-        self._published = {
-            (kind, outcome): metrics.MESSAGES_PUBLISHED.labels(kind, outcome)
-            for kind in metrics.PUBLISH_KINDS
-            for outcome in metrics.PUBLISH_OUTCOMES
-        }
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -120,25 +109,6 @@ class Link:
         """Begin connecting in the background; `ready` is set once consumers are attached."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._supervise())
-
-    async def wait_ready(self, timeout: float) -> None:
-        """Wait until connected, topology declared and consumers attached; raise on fatal."""
-        fatal = asyncio.get_running_loop().create_task(self.failed.wait())
-        ready = asyncio.get_running_loop().create_task(self.ready.wait())
-        try:
-            _done, _ = await asyncio.wait(
-                {fatal, ready}, timeout=timeout, return_when="FIRST_COMPLETED"
-            )
-        finally:
-            fatal.cancel()
-            ready.cancel()
-        if self.fatal is not None:
-            raise self.fatal
-        if not self.ready.is_set():
-            raise Unavailable(
-                f"{self.name} link not ready after {timeout:.1f}s "
-                f"(broker at {', '.join(self.settings.redacted_urls())})"
-            )
 
     async def close(self) -> None:
         """Stop reconnecting and close the connection."""
@@ -151,30 +121,28 @@ class Link:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
-        self.ready.clear()
+        self._ready.clear()
 
     async def cancel_consumers(self) -> None:
         """Stop receiving new deliveries (first step of a graceful shutdown)."""
-        self.consumers.clear()
+        self._consumers.clear()
         raw = self._raw
         if raw is None or raw.is_closed:
             return
         for tag in list(raw.consumers):
             with contextlib.suppress(*_CONNECTION_ERRORS, asyncio.TimeoutError):
                 await raw.basic_cancel(tag, timeout=5)
-        self.attached = 0
-        self._attached_gauge.set(0)
+        self._set_attached(0)
 
     @property
     def blocked(self) -> bool:
         """True while the broker blocks publishing on this connection (resource alarm)."""
-        # aiormq tracks Connection.Blocked privately; read it rather than re-parse frames.
-        event = getattr(self._underlay_connection(), "_Connection__connection_unblocked", None)
-        return isinstance(event, asyncio.Event) and not event.is_set()
+        underlay = self._underlay_connection()
+        return underlay is not None and shim.connection_blocked(underlay)
 
     def _underlay_connection(self) -> aiormq.Connection | None:
-        transport = getattr(self._connection, "transport", None)
-        return getattr(transport, "connection", None)
+        transport = None if self._connection is None else self._connection.transport
+        return None if transport is None else cast(aiormq.Connection, transport.connection)
 
     # -- supervision -------------------------------------------------------------------------
 
@@ -185,8 +153,7 @@ class Link:
             try:
                 url = self.settings.login_url(urls[attempt % len(urls)])
             except ConfigError as exc:
-                self.fatal = exc
-                self.failed.set()
+                self._set_fatal(exc)
                 _log.error("cannot read credentials", link=self.name, error=str(exc))
                 return
             try:
@@ -213,19 +180,17 @@ class Link:
                     # trying, slowly, so rotated secrets are picked up without a login storm.
                     reason = exc
                     attempt = max(attempt, 16)
-                    self.last_error = problem
+                    self._last_error = problem
                     _log.error(event, link=self.name, url=redact_url(url), error=problem)
                 else:
                     # At start, retrying cannot fix a password or a certificate: fail now
                     # (wait_ready raises, `burrow run` exits 1) instead of looping.
-                    self.fatal = fatal
-                    self.failed.set()
+                    self._set_fatal(fatal)
                     _log.error(f"{event}; not retrying", link=self.name, error=str(fatal))
                     self._lost(exc)
                     return
             except TopologyError as exc:
-                self.fatal = exc
-                self.failed.set()
+                self._set_fatal(exc)
                 _log.error("topology conflict; not retrying", link=self.name, error=str(exc))
                 self._lost(exc)
                 return
@@ -234,7 +199,7 @@ class Link:
                 raise
             except Exception as exc:
                 reason = exc
-                self.last_error = _describe(exc)
+                self._last_error = _describe(exc)
                 _log.warning(
                     "broker connection failed",
                     link=self.name,
@@ -274,36 +239,31 @@ class Link:
         if self.prefetch is not None:
             await channel.set_qos(prefetch_count=self.prefetch)
         await self._declare(channel)
-        self._channel, self._raw = channel, raw
+        self._raw = raw
         raw.on_consumer_cancel_callbacks.add(self._on_consumer_cancel)
-        for consumer in list(self.consumers):
+        wanted = list(self._consumers)
+        for consumer in wanted:
             await self._attach(raw, consumer)
-        self.attached = len(raw.consumers)
-        self._attached_gauge.set(self.attached)
-        if self.attached != len(self.consumers):
-            raise ConnectionLost(f"{self.attached} of {len(self.consumers)} consumers attached")
-        self.last_error = None
+        self._set_attached(len(raw.consumers))
+        if self._attached != len(wanted):
+            raise ConnectionLost(f"{self._attached} of {len(wanted)} consumers attached")
+        self._last_error = None
         self._connects += 1
         if self._connects > 1:
             metrics.AMQP_RECONNECTS.labels(self.name).inc()
-        _log.info("broker connected", link=self.name, url=redact_url(url), consumers=self.attached)
-        self.ready.set()
+        _log.info("broker connected", link=self.name, url=redact_url(url), consumers=self._attached)
+        self._serving = True
+        self._ready.set()
 
     async def _declare(self, channel: AbstractChannel) -> None:
-        declared: list[Any] = []
         passive = self.settings.passive_topology
         try:
             for ex in self.topology.exchanges:
-                declared.append(
-                    await channel.declare_exchange(ex.name, ex.type, durable=True, passive=passive)
-                )
+                await channel.declare_exchange(ex.name, ex.type, durable=True, passive=passive)
             for queue in self.topology.queues:
-                declared.append(
-                    await channel.declare_queue(
-                        queue.name, durable=True, arguments=queue.arguments, passive=passive
-                    )
+                await channel.declare_queue(
+                    queue.name, durable=True, arguments=queue.arguments, passive=passive
                 )
-            self._declared = declared
             if passive:
                 return  # least privilege: bindings come with the pre-provisioned definitions
             raw = await channel.get_underlay_channel()
@@ -368,6 +328,10 @@ class Link:
                 fut.exception()  # mark retrieved
             else:
                 fut.cancel()
+        failure = probe.exception() if probe.done() and not probe.cancelled() else None
+        if failure is not None:
+            # A bug, not the broker (e.g. aiormq changed under service/shim.py): say so loudly.
+            _log.error("link probe failed; reconnecting", link=self.name, exc_info=failure)
 
     async def _probe(self, raw: aiormq.Channel) -> None:
         """Return when the broker stops answering: a black hole (no RST) is found within about
@@ -403,10 +367,10 @@ class Link:
         stuck and stop its reader, so the socket is aborted rather than closed politely (a
         polite close would wait for an answer that never comes)."""
         underlay = self._underlay_connection()
-        reader = getattr(underlay, "_reader_task", None)
+        reader = None if underlay is None else shim.reader_task(underlay)
         if underlay is None or reader is None:
             return
-        setattr(underlay, "_Connection__heartbeat_grace_timeout", 0)  # noqa: B010 - private
+        shim.expire_heartbeat_grace(underlay)
         reader.cancel()
         closing = underlay.closing
         await asyncio.wait({closing}, timeout=2)
@@ -423,29 +387,28 @@ class Link:
             self._raw.create_task(self._raw.close())
 
     def _lost(self, reason: BaseException) -> None:
-        was_ready = self.ready.is_set()
-        self.ready.clear()
-        self.attached = 0
-        self._attached_gauge.set(0)
-        self._channel = self._raw = None
+        was_ready, self._serving = self._serving, False
+        self._ready.clear()
+        self._set_attached(0)
+        self._raw = None
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed:
-            asyncio.get_running_loop().create_task(_quiet_close(connection))
+            closer = asyncio.get_running_loop().create_task(_quiet_close(connection))
+            self._closers.add(closer)
+            closer.add_done_callback(self._closers.discard)
         if was_ready:
             _log.warning("broker connection lost", link=self.name, error=_describe(reason))
-        for callback in list(self.on_lost):
-            callback(reason)
+        self._notify_lost(reason)
 
     # -- one-off operations -----------------------------------------------------------------
 
     async def _live_raw(self, timeout: float) -> aiormq.Channel:
-        if self._raw is None or not self.ready.is_set():
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.ready.wait()
-            except TimeoutError:
-                raise Unavailable("not connected to the broker") from None
-        assert self._raw is not None
+        if self._raw is not None and self._raw.is_closed:
+            # The broker closed the channel (say, a publish to a missing exchange) and the
+            # supervisor is about to rebuild the link: wait for that, not fail on a dead channel.
+            self._ready.clear()
+        await self._wait_live(timeout)
+        assert self._raw is not None  # ready: connected, channel open
         return self._raw
 
     async def declare_queue(self, queue: QueueDecl, timeout: float | None = None) -> None:
@@ -510,7 +473,7 @@ class Link:
         timeout: float | None = None,
         check_size: bool = True,
     ) -> None:
-        """Publish with a broker confirm; raise a `ServiceError` for every way it can fail.
+        """Publish with a broker confirm; raise what `link.PUBLISH_OUTCOMES` says on failure.
 
         Args:
             kind: `request`, `reply`, `dead_letter` or `event` (metric label only).
@@ -518,14 +481,11 @@ class Link:
             timeout: seconds to wait for the link and the confirm (default: publish_timeout).
             check_size: refuse bodies above max_body_bytes (off when parking what we received).
         """
-        if check_size and len(message.body) > self.settings.max_body_bytes:
-            raise MessageTooLarge(
-                f"{kind} body of {len(message.body)} bytes exceeds the limit of "
-                f"{self.settings.max_body_bytes}"
-            )
+        if check_size:
+            check_body_size(message, kind=kind, limit=self.settings.max_body_bytes)
         timeout = self.settings.publish_timeout if timeout is None else timeout
         raw = self._raw
-        if raw is None or not self.ready.is_set():
+        if raw is None or raw.is_closed or not self._ready.is_set():
             raw = await self._live_raw(timeout)
         properties = spec.Basic.Properties(
             content_type=message.content_type,
@@ -541,6 +501,7 @@ class Link:
             headers=message.headers or None,
             expiration=str(message.expiration_ms) if message.expiration_ms is not None else None,
         )
+        detail = ""
         try:
             result = await raw.basic_publish(
                 message.body,
@@ -550,40 +511,25 @@ class Link:
                 mandatory=mandatory,
                 timeout=timeout,
             )
-        except TimeoutError:
-            self._published[kind, "timeout"].inc()
-            raise PublishFailed(
-                f"no confirm from the broker within {timeout:.1f}s; delivery unknown"
-            ) from None
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            # The exchange does not exist (the broker also closes the channel; the link heals).
-            self._published[kind, "returned"].inc()
-            raise Unroutable(f"no exchange {message.exchange!r} (nothing deployed?)") from None
-        except aiormq.exceptions.DeliveryError:
-            self._published[kind, "nacked"].inc()
-            raise QueueFull(
-                "the broker refused the message (queue full or resource limit)"
-            ) from None
-        except _CONNECTION_ERRORS as exc:
-            self._published[kind, "timeout"].inc()
-            raise ConnectionLost(f"connection lost while publishing: {_describe(exc)}") from None
+        except _PUBLISH_ERRORS as exc:
+            outcome, detail = _publish_outcome(exc), _describe(exc)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # our caller cancelled us
             # aiormq cancels pending confirms when it drops the connection.
-            self._published[kind, "timeout"].inc()
-            raise ConnectionLost("connection lost while waiting for the confirm") from None
-        if isinstance(result, DeliveredMessage):
-            self._published[kind, "returned"].inc()
-            raise Unroutable(
-                f"no queue is bound for {message.routing_key!r} on {message.exchange!r} "
-                "(service not deployed?)"
-            )
-        self._published[kind, "confirmed"].inc()
+            outcome, detail = PublishOutcome.LOST, "no confirm before the connection dropped"
+        else:
+            returned = isinstance(result, DeliveredMessage)
+            outcome = PublishOutcome.RETURNED if returned else PublishOutcome.CONFIRMED
+        record_publish(outcome, message, kind=kind, timeout=timeout, detail=detail)
 
 
-LinkFactory = Callable[..., Link]
+def _publish_outcome(exc: BaseException) -> PublishOutcome:
+    for caught, outcome in _PUBLISH_OUTCOMES:
+        if isinstance(exc, caught):
+            return outcome
+    return PublishOutcome.LOST
 
 
 class Transport:
@@ -594,7 +540,7 @@ class Transport:
     """
 
     def __init__(
-        self, settings: Settings, topology: Topology, *, link_factory: LinkFactory = Link
+        self, settings: Settings, topology: Topology, *, link_factory: LinkFactory = AmqpLink
     ) -> None:
         self.consumer = link_factory(
             "consumer", settings, topology=topology, prefetch=settings.prefetch
@@ -739,8 +685,8 @@ def _describe(exc: BaseException) -> str:
     return text[:300]
 
 
-async def open_tool_link(settings: Settings, name: str) -> tuple[Link, aiormq.Channel]:
-    """A ready `Link` (no topology) and its channel for a one-off command (`burrow dlq`,
+async def open_tool_link(settings: Settings, name: str) -> tuple[AmqpLink, aiormq.Channel]:
+    """A ready `AmqpLink` (no topology) and its channel for a one-off command (`burrow dlq`,
     `burrow tail`): it connects exactly as the service does (URL failover, password file, TLS,
     heartbeat). The caller closes the link.
 
@@ -748,7 +694,7 @@ async def open_tool_link(settings: Settings, name: str) -> tuple[Link, aiormq.Ch
         ConfigError: the broker refused the login, TLS failed or the password file is unreadable.
         Unavailable: no broker was ready within `connect_timeout` per URL (the last failure said).
     """
-    link = Link(name, settings)
+    link = AmqpLink(name, settings)
     link.start()
     timeout = settings.connect_timeout * len(settings.amqp_urls()) + 1.0
     try:

@@ -1,6 +1,6 @@
 """Burrow as its users run it: `App` serving `service.example:calc`, `Client.call` calling it.
 
-Events use `Client.emit`/`Service.subscribe` when they exist, else Burrow's transport `Link`.
+Events use `Client.emit`/`Service.subscribe` when they exist, else Burrow's transport `AmqpLink`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from service.codec import Model, decode_model, encode
 from service.example import calc
 from service.log import configure_logging
 from service.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
-from service.transport import ConsumerSpec, Link
+from service.transport import AmqpLink, ConsumerSpec
 from service.types import Delivery, Outgoing
 
 __all__ = ["serve", "open_caller", "consume", "open_publisher"]
@@ -96,7 +96,7 @@ async def consume(
     """Consume order events with manual acks until `stop` is set."""
     settings = _settings(ns, queue_type, prefetch)
     configure_logging(settings.log_format, settings.log_level)
-    link = Link(
+    link = AmqpLink(
         "consumer",
         settings,
         topology=_event_topology(ns, queue_type, with_queue=True),
@@ -108,7 +108,7 @@ async def consume(
         await delivery.ack()
         on_event()
 
-    link.consumers.append(ConsumerSpec(f"{ns}.{EVENT_QUEUE}", handle))
+    link.add_consumer(ConsumerSpec(f"{ns}.{EVENT_QUEUE}", handle))
     link.start()
     await link.wait_ready(30)
     ready()
@@ -122,7 +122,9 @@ async def open_publisher(ns: str, queue_type: str) -> tuple[Publisher, Closer]:
 
     settings = _settings(ns, queue_type)
     configure_logging(settings.log_format, settings.log_level)
-    link = Link("publisher", settings, topology=_event_topology(ns, queue_type, with_queue=False))
+    link = AmqpLink(
+        "publisher", settings, topology=_event_topology(ns, queue_type, with_queue=False)
+    )
     link.start()
     await link.wait_ready(30)
     exchange = f"{ns}.{EVENT_EXCHANGE}"

@@ -293,8 +293,8 @@ def test_keda_scales_on_the_request_queue(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_metrics_module_lists_the_documented_label_values() -> None:
-    """Publish outcomes are the four the issue names; every family has the burrow_ prefix."""
-    assert metrics.PUBLISH_OUTCOMES == ("confirmed", "returned", "nacked", "timeout")
+    """Publish outcomes are the five of link.PUBLISH_OUTCOMES; every family has burrow_."""
+    assert metrics.PUBLISH_OUTCOMES == ("confirmed", "returned", "nacked", "timeout", "lost")
     names = [family.name for family in REGISTRY.collect() if "burrow" in family.name]
     assert names
     assert all(name.startswith("burrow_") for name in names)

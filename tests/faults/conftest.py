@@ -15,7 +15,7 @@ import pytest
 
 from service import App, Client, Service, Settings, load_settings
 from service.topology import Topology
-from service.transport import ConsumerSpec, Link
+from service.transport import AmqpLink, ConsumerSpec
 from tests.conftest import delete_topology
 from tests.faults.harness import BrokerStartError, FaultProxy, Ledger, PrivateBroker
 
@@ -23,7 +23,7 @@ __all__ = ["RunApp", "MakeClient", "MakeLink", "make_settings"]
 
 RunApp = Callable[..., Awaitable[App]]
 MakeClient = Callable[..., Awaitable[Client]]
-MakeLink = Callable[..., Awaitable[Link]]
+MakeLink = Callable[..., Awaitable[AmqpLink]]
 
 _STOP_TIMEOUT = 30.0  # App.stop / Client.close taking longer than this is itself a defect
 
@@ -166,7 +166,7 @@ async def make_client(namespace: str, broker: PrivateBroker) -> AsyncIterator[Ma
 @pytest.fixture
 async def make_link(namespace: str, broker: PrivateBroker) -> AsyncIterator[MakeLink]:
     """Bare Links (the test's producer, or `consumers=`) on the node or `url=`; closed after."""
-    links: list[Link] = []
+    links: list[AmqpLink] = []
 
     async def make(
         name: str = "producer",
@@ -174,10 +174,10 @@ async def make_link(namespace: str, broker: PrivateBroker) -> AsyncIterator[Make
         topology: Topology | None = None,
         consumers: Sequence[ConsumerSpec] = (),
         **overrides: Any,
-    ) -> Link:
+    ) -> AmqpLink:
         settings = make_settings(url or broker.url, namespace, **overrides)
-        link = Link(name, settings, topology=topology)
-        link.consumers.extend(consumers)
+        link = AmqpLink(name, settings, topology=topology)
+        link.replace_consumers(consumers)
         links.append(link)
         link.start()
         await link.wait_ready(20)

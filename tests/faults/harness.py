@@ -94,7 +94,7 @@ def free_port() -> int:
 def watch_loss(link: Link) -> asyncio.Event:
     """An event set the next time `link` loses its connection."""
     lost = asyncio.Event()
-    link.on_lost.append(lambda _reason: lost.set())
+    link.on_lost(lambda _reason: lost.set())
     return lost
 
 

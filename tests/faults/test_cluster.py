@@ -11,7 +11,7 @@ import pytest
 
 from service import Service
 from service.topology import Names, service_topology
-from service.transport import Link
+from service.transport import AmqpLink
 from tests.faults.conftest import MakeClient, MakeLink, RunApp, make_settings
 from tests.faults.harness import (
     BrokerStartError,
@@ -62,7 +62,7 @@ async def test_g2_publishers_fail_over_nothing_confirmed_lost(
     urls = ",".join(node.url for node in cluster)
     names = Names(namespace)
     settings = make_settings(urls, namespace)
-    declarer = Link("setup", settings, topology=service_topology(Service("work"), settings))
+    declarer = AmqpLink("setup", settings, topology=service_topology(Service("work"), settings))
     declarer.start()
     await declarer.wait_ready(20)
     await declarer.close()

@@ -443,8 +443,10 @@ async def test_b7_second_settle_is_ignored_by_the_broker_too(
         return on_delivery
 
     def prepare(app: App) -> None:
-        specs = app.transport.consumer.consumers
-        specs[:] = [replace(spec, callback=settle_again(spec.callback)) for spec in specs]
+        link = app.transport.consumer
+        link.replace_consumers(
+            replace(spec, callback=settle_again(spec.callback)) for spec in link.consumers
+        )
 
     app = await run_app(work_service(ledger), prepare=prepare)
     lost = watch_loss(app.transport.consumer)

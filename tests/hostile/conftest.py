@@ -878,8 +878,8 @@ async def start_hostile(
     `stop_hostile` even when this raises after the App started."""
     log, tracker = HandlerLog(), Tracker()
     app = App(probe_service(log), settings=settings, http=False)
-    consumers = app.transport.consumer.consumers
-    consumers[:] = [tracker.wrap(spec) for spec in consumers]
+    consumer = app.transport.consumer
+    consumer.replace_consumers(tracker.wrap(spec) for spec in consumer.consumers)
     await app.start()
     try:
         await app.wait_ready(30)

@@ -17,16 +17,7 @@ from flask.testing import FlaskClient
 
 from examples.flask_app import create_app as create_flask_app
 from examples.http_api import create_app as create_aiohttp_app
-from examples.http_errors import HTTP_STATUS, error_answer
-from service import (
-    Client,
-    ErrorCode,
-    MessageTooLarge,
-    QueueFull,
-    ServiceError,
-    Settings,
-    Unavailable,
-)
+from service import Client, Settings
 from service.blocking import BlockingClient
 from service.codec import encode
 from service.example import calc
@@ -51,17 +42,6 @@ async def flask_client(settings: Settings) -> AsyncIterator[FlaskClient]:
     blocking = BlockingClient(settings)
     yield create_flask_app(blocking).test_client()
     await asyncio.to_thread(blocking.close)
-
-
-def test_every_error_code_has_one_status() -> None:
-    """The mapping covers the closed set of codes; overload statuses carry Retry-After."""
-    assert set(HTTP_STATUS) == set(ErrorCode)
-    busy = error_answer(QueueFull("queue full"))
-    assert (busy.status, busy.headers) == (503, {"Retry-After": "1"})
-    assert busy.body["error"]["code"] == "RESOURCE_EXHAUSTED"
-    assert error_answer(Unavailable()).headers["Retry-After"] == "5"
-    assert error_answer(MessageTooLarge("too big")).status == 413
-    assert error_answer(ServiceError("boom")).status == 500
 
 
 async def test_aiohttp_call_answers_the_reply(start_app: AppFactory, http: HttpClient) -> None:

@@ -11,7 +11,7 @@ import aio_pika
 import pytest
 
 from service import Settings
-from service.transport import Link
+from service.transport import AmqpLink
 from tests.conftest import AppFactory, ClientFactory
 from tests.integration.test_fidelity_scenarios import SCENARIOS, Env
 
@@ -37,7 +37,7 @@ async def rabbit_env(
         settings=settings,
         start_app=start_app,
         make_client=make_client,
-        link_factory=Link,
+        link_factory=AmqpLink,
         depth=depth,
     )
     yield env

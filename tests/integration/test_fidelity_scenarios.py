@@ -36,6 +36,7 @@ from service.codec import (
 )
 from service.example import AddRequest, calc
 from service.jobs import H_JOB_ID
+from service.link import ConsumerSpec, Link, LinkFactory
 from service.scheduler import H_DUE, H_TARGET_EXCHANGE, H_TARGET_KEY
 from service.topology import (
     DIRECT_REPLY_TO,
@@ -45,7 +46,6 @@ from service.topology import (
     QueueDecl,
     Topology,
 )
-from service.transport import ConsumerSpec, Link, LinkFactory
 from service.types import Delivery, Outgoing
 
 __all__ = [
@@ -162,7 +162,7 @@ class Env:
     async def _consume(self, queue: str, topology: Topology) -> Capture:
         capture = Capture(queue)
         link = self.link_factory("capture", self.settings, topology=topology)
-        link.consumers.append(ConsumerSpec(queue, capture.on_delivery, no_ack=True))
+        link.add_consumer(ConsumerSpec(queue, capture.on_delivery, no_ack=True))
         self.links.append(link)
         link.start()
         await link.wait_ready(WAIT)
@@ -211,6 +211,41 @@ async def unroutable_call(env: Env) -> None:
     client = await _calls(env)
     with pytest.raises(Unroutable):
         await client.call("ghost.op", {}, timeout=WAIT)
+
+
+async def missing_exchange(env: Env) -> None:
+    """A publish to an exchange that does not exist is Unroutable (RabbitMQ closes the channel);
+    the link heals by itself and the next call goes through."""
+    client = await _calls(env)
+    with pytest.raises(Unroutable, match="no exchange"):
+        await client.link.publish(
+            Outgoing(
+                exchange=f"{env.settings.namespace}.nowhere",
+                routing_key="k",
+                body=b"{}",
+                message_id="lost",
+            ),
+            kind="event",
+            mandatory=False,
+        )
+    assert await client.call("calc.add", {"a": 1, "b": 2}) == {"sum": 3}
+
+
+async def deleted_queue(env: Env) -> None:
+    """A queue deleted through the link is gone with its messages: peek finds nothing and a
+    mandatory publish to it is Unroutable; deleting it again is harmless."""
+    client = await env.make_client()
+    name = f"{env.settings.namespace}.scratch.{uuid.uuid4().hex[:8]}"
+    await client.link.declare_queue(QueueDecl(name, {"x-queue-type": "classic"}))
+    message = Outgoing(exchange="", routing_key=name, body=b'{"n": 1}', message_id="kept")
+    await client.link.publish(message, kind="completion", mandatory=True)
+    assert (await client.link.peek(name, WAIT)).message_id == "kept"
+    await client.link.delete_queue(name)
+    with pytest.raises(NotFound):
+        await client.link.peek(name, WAIT)
+    with pytest.raises(Unroutable):
+        await client.link.publish(message, kind="completion", mandatory=True)
+    await client.link.delete_queue(name)
 
 
 async def cast_once(env: Env) -> None:
@@ -345,7 +380,7 @@ async def broker_dead_letter_on_reject(env: Env) -> None:
     link = env.link_factory(
         "rejecter", env.settings, topology=Topology(queues=[QueueDecl(source, args)])
     )
-    link.consumers.append(ConsumerSpec(source, reject))
+    link.add_consumer(ConsumerSpec(source, reject))
     env.links.append(link)
     link.start()
     await link.wait_ready(WAIT)
@@ -423,6 +458,8 @@ SCENARIOS: dict[str, Callable[[Env], Awaitable[None]]] = {
     "unknown_operation": unknown_operation,
     "invalid_payload": invalid_payload,
     "unroutable_call": unroutable_call,
+    "missing_exchange": missing_exchange,
+    "deleted_queue": deleted_queue,
     "cast_once": cast_once,
     "submit_result": submit_result,
     "event_groups": event_groups,

@@ -1,6 +1,7 @@
-"""Idempotency stores: shared between instances, bounded, chosen by URL.
+"""Idempotency stores on Redis: shared between instances.
 
-The duplicate-delivery scenario itself (C9) is in tests/faults/test_bad_input.py.
+The in-process store and the choice by URL are tested in tests/unit/test_idempotency.py; the
+duplicate-delivery scenario itself (C9) is in tests/faults/test_bad_input.py.
 """
 
 from __future__ import annotations
@@ -8,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import pytest
-
-from service.idempotency import MemoryStore, RedisStore, store_from_url
+from service.idempotency import RedisStore, store_from_url
 
 
 async def test_redis_store_is_shared_between_instances() -> None:
@@ -29,20 +28,3 @@ async def test_redis_store_is_shared_between_instances() -> None:
     finally:
         await first.close()
         await second.close()
-
-
-async def test_memory_store_is_bounded() -> None:
-    """The in-process store drops its oldest keys beyond its bound."""
-    store = MemoryStore(max_keys=2)
-    for key in ("a", "b", "c"):
-        await store.put(key, b"x", ttl=60)
-    assert await store.get("a") is None
-    assert await store.get("c") == b"x"
-
-
-def test_unknown_store_scheme_is_a_config_error() -> None:
-    """BURROW_IDEMPOTENCY_URL with an unknown scheme fails clearly."""
-    from service import ConfigError
-
-    with pytest.raises(ConfigError, match="unsupported store"):
-        store_from_url("etcd://x")

@@ -6,14 +6,14 @@ import asyncio
 import uuid
 
 import aio_pika
-import pytest
 
 from service import Model, Service
 from service.errors import Unavailable
-from service.idempotency import MemoryStore, RedisStore
+from service.idempotency import RedisStore
 from service.topology import Names
 from tests.conftest import AppFactory
 from tests.integration.test_async_support import wait_until
+from tests.unit.test_idempotency import check_claim_states_and_lease
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -107,29 +107,7 @@ async def test_failed_run_releases_its_claim(
     assert runs == ["r1", "r1"]
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-async def test_claim_states_and_lease(kind: str) -> None:
-    """claim → mine, again → busy, release by another token is ignored, put → done; an
-    unreleased claim expires with its lease."""
-    store = MemoryStore() if kind == "memory" else RedisStore(REDIS_URL)
-    key, other = f"burrow-test:{uuid.uuid4().hex}", f"burrow-test:{uuid.uuid4().hex}"
-    try:
-        mine = await store.claim(key, lease=5)
-        assert mine.state == "mine"
-        assert (await store.claim(key, lease=5)).state == "busy"
-        assert await store.get(key) is None
-        stranger = await store.claim(other, lease=5)
-        await store.release(stranger, key)  # not its key: ignored
-        assert (await store.claim(key, lease=5)).state == "busy"
-        await store.put(key, b'{"ok":1}', ttl=5)
-        assert await store.claim(key, lease=5) == type(mine)("done", b'{"ok":1}')
-        assert await store.get(key) == b'{"ok":1}'
-        await store.release(mine, key)  # completed keys are not released
-        assert await store.get(key) == b'{"ok":1}'
-        assert (await store.claim(other, lease=5)).state == "busy"
-        await store.release(stranger, other)
-        assert (await store.claim(other, lease=0.2)).state == "mine"
-        await asyncio.sleep(0.35)
-        assert (await store.claim(other, lease=5)).state == "mine"  # the lease ran out
-    finally:
-        await store.close()
+async def test_redis_claim_states_and_lease() -> None:
+    """The Redis store's claims behave as the in-process store's (tests/unit/test_idempotency.py):
+    mine, busy, done, a stranger's release ignored, lease."""
+    await check_claim_states_and_lease(RedisStore(REDIS_URL))

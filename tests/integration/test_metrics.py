@@ -22,6 +22,7 @@ from service.codec import H_DEADLINE, H_KIND, Model
 from service.errors import InvalidArgument, NotFound, ServiceError
 from service.example import calc
 from service.topology import Names
+from service.transport import AmqpLink
 from service.types import Outcome
 from tests.conftest import AppFactory
 
@@ -233,7 +234,7 @@ async def test_readyz_follows_consumers(
 
     consumer = app.transport.consumer
     lost = asyncio.Event()
-    consumer.on_lost.append(lambda _reason: lost.set())
+    consumer.on_lost(lambda _reason: lost.set())
     await amqp_channel.queue_delete(Names(app.settings.namespace).request_queue(calc.name))
     async with asyncio.timeout(10):
         await lost.wait()
@@ -259,6 +260,7 @@ async def test_blocked_gauge_follows_the_connection(start_app: AppFactory) -> No
     """A Connection.Blocked frame sets burrow_amqp_connection_blocked and fails /readyz."""
     app = await start_app(calc)
     link = app.transport.publisher
+    assert isinstance(link, AmqpLink)
     connection = link._underlay_connection()
     assert connection is not None
     # Feed aiormq the frames the broker sends on a resource alarm (never alarm the shared node).

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 from pydantic import SecretStr
@@ -81,22 +82,33 @@ async def test_passive_topology_fails_fast_when_nothing_is_provisioned(settings:
         await app.stop()
 
 
+def _login(password: str) -> SecretStr:
+    """The test broker's URL with its user and `password` in place of its own."""
+    parts = urlsplit(AMQP_URL)
+    user = quote(unquote(parts.username or "guest"), safe="")
+    host = parts.netloc.rsplit("@", 1)[-1]
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return SecretStr(urlunsplit(parts._replace(netloc=netloc)))
+
+
 async def test_password_is_read_from_a_secret_file(settings: Settings, tmp_path: Path) -> None:
-    """BURROW_AMQP_PASSWORD_FILE supplies the password; the URL carries none."""
+    """BURROW_AMQP_PASSWORD_FILE's password is the one used: it logs in where the URL's wrong
+    password is refused, and its own wrong password is refused where the URL's would work."""
+    right = unquote(urlsplit(AMQP_URL).password or "guest")
+    wrong = f"not-{right}"
     secret = tmp_path / "password"
-    secret.write_text("guest\n", encoding="utf-8")
-    update = {
-        "amqp_url": SecretStr("amqp://guest@127.0.0.1:5672/"),
-        "amqp_password_file": str(secret),
-    }
-    async with Client(settings.model_copy(update=update)):
+    secret.write_text(f"{right}\n", encoding="utf-8")
+    from_file = {"amqp_url": _login(wrong), "amqp_password_file": str(secret)}
+    async with Client(settings.model_copy(update=from_file)):
         pass
-
-
-async def test_unreadable_secret_file_is_a_clear_error(settings: Settings) -> None:
-    """A missing password file fails at once and names the variable."""
-    update = {"amqp_password_file": "/nonexistent/password"}
-    client = Client(settings.model_copy(update=update))
-    with pytest.raises(ConfigError, match="BURROW_AMQP_PASSWORD_FILE"):
-        await client.start(timeout=5)
-    await client.close()
+    refused = Client(settings.model_copy(update={"amqp_url": _login(wrong)}))
+    with pytest.raises(ConfigError, match="refused the login"):
+        await refused.start(timeout=10)
+    await refused.close()
+    secret.write_text(f"{wrong}\n", encoding="utf-8")
+    overridden = Client(
+        settings.model_copy(update={"amqp_url": _login(right), "amqp_password_file": str(secret)})
+    )
+    with pytest.raises(ConfigError, match="refused the login"):
+        await overridden.start(timeout=10)
+    await overridden.close()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pamqp import commands, frame, header
 
-from service import envelope
+from service import envelope, messages
 from service.codec import H_DEADLINE, H_KIND, H_VERSION
 from service.shim import Undecodable
 from service.types import Delivery
@@ -160,7 +160,7 @@ def test_forward_makes_every_header_encodable_and_keeps_bytes() -> None:
         app_id="peer",
         priority=3,
     )
-    copy = envelope.forward(delivery, exchange="x", routing_key="k", add={"x-added": 1})
+    copy = messages.forward(delivery, exchange="x", routing_key="k", add={"x-added": 1})
     decoded = _roundtrip(
         commands.Basic.Properties(
             headers=copy.headers,
@@ -185,14 +185,14 @@ def test_forward_makes_every_header_encodable_and_keeps_bytes() -> None:
 
 def test_forward_drops_and_gives_an_id() -> None:
     """`drop` removes headers; a delivery without a message id gets a new one."""
-    copy = envelope.forward(_delivery({"a": 1, "b": 2}), exchange="", routing_key="q", drop={"a"})
+    copy = messages.forward(_delivery({"a": 1, "b": 2}), exchange="", routing_key="q", drop={"a"})
     assert copy.headers == {"b": 2}
     assert copy.message_id
 
 
 def test_forward_keeps_a_double_deadline_exact() -> None:
     """A double x-deadline is copied as integer ms (pamqp would send single precision)."""
-    copy = envelope.forward(_delivery({H_DEADLINE: float(_MS) + 0.4}), exchange="", routing_key="q")
+    copy = messages.forward(_delivery({H_DEADLINE: float(_MS) + 0.4}), exchange="", routing_key="q")
     assert copy.headers[H_DEADLINE] == _MS
 
 
@@ -201,11 +201,11 @@ def test_forward_keeps_only_broker_shaped_x_death() -> None:
     RabbitMQ 3.10's at-least-once dead-lettering); broker-shaped ones are kept."""
     good = {"queue": "ns.retry.0.wait", "reason": "expired", "count": 2, "routing-keys": ["q"]}
     forged = [[["deep"]], {"queue": {"a": 1}}, "text", {"count": True}, {"x": 1}, good]
-    copy = envelope.forward(_delivery({"x-death": forged}), exchange="", routing_key="q")
+    copy = messages.forward(_delivery({"x-death": forged}), exchange="", routing_key="q")
     assert copy.headers["x-death"] == [good]
 
 
 def test_forward_leaves_an_absurd_double_deadline_alone() -> None:
     """A double x-deadline out of range is not turned into an integer pamqp cannot send."""
-    copy = envelope.forward(_delivery({H_DEADLINE: 1e300}), exchange="", routing_key="q")
+    copy = messages.forward(_delivery({H_DEADLINE: 1e300}), exchange="", routing_key="q")
     assert copy.headers[H_DEADLINE] == 1e300

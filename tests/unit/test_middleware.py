@@ -18,6 +18,8 @@ from service.middleware import (
     Result,
     compose,
     deadline_middleware,
+    decide,
+    decision_middleware,
     error_middleware,
     failure,
 )
@@ -170,13 +172,15 @@ async def test_error_middleware_keeps_service_errors() -> None:
 
 
 async def test_error_middleware_without_caller_dead_letters() -> None:
-    """With nobody to answer, a failure becomes DEAD_LETTERED with reason `failed`."""
+    """With nobody to answer, a failure is decided DEAD_LETTERED with reason `failed`."""
 
     async def boom(request: Request) -> Result:
         raise ValueError("x")
 
     with capture_logs():
-        result = await error_middleware(_request(reply_to=None), boom)
+        result = await compose([decision_middleware, error_middleware], boom)(
+            _request(reply_to=None)
+        )
     assert result.outcome is Outcome.DEAD_LETTERED
     assert result.dead_reason == "failed"
     assert isinstance(result.error, Internal)
@@ -197,13 +201,14 @@ async def test_error_middleware_maps_deadline_from_inner_layer() -> None:
 
 
 def test_failure_with_and_without_caller() -> None:
-    """failure() answers a caller with the given outcome, else dead-letters with the reason."""
+    """A failure is answered to a caller as given; decided without one, it is parked."""
     error = InvalidArgument("bad")
-    answered = failure(_request(), error, "invalid", Outcome.REJECTED)
+    answered = decide(_request(), failure(_request(), error, "invalid", Outcome.REJECTED))
     assert (answered.outcome, answered.error, answered.dead_reason) == (
         Outcome.REJECTED,
         error,
         "invalid",
     )
-    parked = failure(_request(reply_to=None), error, "invalid", Outcome.REJECTED)
+    lone = _request(reply_to=None)
+    parked = decide(lone, failure(lone, error, "invalid", Outcome.REJECTED))
     assert (parked.outcome, parked.dead_reason) == (Outcome.DEAD_LETTERED, "invalid")

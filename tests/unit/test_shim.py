@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import inspect
 import struct
 import sys
-from typing import Any
+from typing import Any, cast
 
 import aiormq
+import pytest
 from pamqp import commands, decode, frame, header
 
 from service import shim
@@ -133,3 +136,45 @@ async def test_silent_for_reads_aiormq_last_frame_time() -> None:
     assert silent is not None
     assert 0 <= silent < 5
     assert shim.silent_for(object()) is None
+
+
+def _unconnected() -> aiormq.Connection:
+    return aiormq.Connection("amqp://guest:guest@127.0.0.1:1/")
+
+
+async def test_connection_blocked_follows_aiormq_blocked_frames() -> None:
+    """aiormq still records Connection.Blocked/Unblocked where the shim reads it (fails loudly
+    if aiormq renames it: `Link.blocked` would stay false under a resource alarm)."""
+    connection = _unconnected()
+    handle = cast(Any, connection)
+    await handle._Connection__handle_connection_unblocked(commands.Connection.Unblocked())
+    assert not shim.connection_blocked(connection)
+    await handle._Connection__handle_connection_blocked(commands.Connection.Blocked("memory"))
+    assert shim.connection_blocked(connection)
+    with pytest.raises(RuntimeError, match="library changed"):
+        shim.connection_blocked(object())
+
+
+async def test_reader_task_is_where_aiormq_keeps_its_frame_reader() -> None:
+    """aiormq still declares `_reader_task` and assigns its reader there on connect (the
+    link's dead-broker abort cancels it); None before connecting, loud on anything else."""
+    assert "self._reader_task = self.create_task(" in inspect.getsource(aiormq.Connection.connect)
+    connection = _unconnected()
+    assert shim.reader_task(connection) is None
+    reader = connection.create_task(asyncio.sleep(0))  # what aiormq's connect stores there
+    cast(Any, connection)._reader_task = reader
+    assert shim.reader_task(connection) is reader
+    await reader
+    with pytest.raises(RuntimeError, match="library changed"):
+        shim.reader_task(object())
+
+
+async def test_expire_heartbeat_grace_writes_aiormq_grace() -> None:
+    """The grace aiormq allows a silent broker is still the attribute the shim zeroes, and
+    aiormq's heartbeat check still reads it (fails loudly if either changes)."""
+    connection = _unconnected()
+    shim.expire_heartbeat_grace(connection)
+    assert cast(Any, connection)._Connection__heartbeat_grace_timeout == 0
+    assert "__heartbeat_grace_timeout" in inspect.getsource(aiormq.Connection)
+    with pytest.raises(RuntimeError, match="library changed"):
+        shim.expire_heartbeat_grace(object())

@@ -9,6 +9,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from service import (
     App,
@@ -22,11 +23,19 @@ from service import (
     Settings,
     TopologyError,
     Unroutable,
+    metrics,
 )
 from service.example import calc
+from service.link import (
+    PUBLISH_OUTCOMES,
+    ConsumerSpec,
+    LinkFactory,
+    PublishOutcome,
+    record_publish,
+)
 from service.testing import InMemoryBroker, MemoryLink, topic_matches
-from service.topology import DIRECT_REPLY_TO, QueueDecl, Topology
-from service.transport import ConsumerSpec
+from service.topology import DIRECT_REPLY_TO, BindingDecl, QueueDecl, Topology
+from service.transport import AmqpLink
 from service.types import Delivery, Outgoing
 
 __all__: list[str] = []
@@ -114,7 +123,7 @@ async def test_ack_reject_requeue_and_prefetch(settings: Settings) -> None:
     broker.declare_queue("q", {"x-dead-letter-exchange": "dlx"})
     sink = Sink()
     link = broker.link_factory("c", settings, prefetch=1)
-    link.consumers.append(ConsumerSpec("q", sink))
+    link.add_consumer(ConsumerSpec("q", sink))
     link.start()
     pub = await started(broker, settings)
     await pub.publish(out("", "q", b"1"), kind="command", mandatory=True)
@@ -144,7 +153,7 @@ async def test_competing_consumers_take_turns(settings: Settings) -> None:
     sinks = [Sink("ack"), Sink("ack")]
     for sink in sinks:
         link = broker.link_factory("c", settings, prefetch=10)
-        link.consumers.append(ConsumerSpec("q", sink))
+        link.add_consumer(ConsumerSpec("q", sink))
         link.start()
     pub = await started(broker, settings)
     for n in range(4):
@@ -194,7 +203,7 @@ async def test_reject_publish_nacks_and_drop_head_drops(settings: Settings) -> N
 
 
 async def test_publish_errors_match_link(settings: Settings) -> None:
-    """Unroutable on return, MessageTooLarge above the limit, ConnectionLost on no exchange."""
+    """Unroutable on return and on a missing exchange, MessageTooLarge above the limit."""
     broker = InMemoryBroker()
     broker.declare_exchange("ex", "topic")
     pub = await started(broker, settings)
@@ -206,8 +215,14 @@ async def test_publish_errors_match_link(settings: Settings) -> None:
     with pytest.raises(MessageTooLarge):
         await pub.publish(big, kind="event", mandatory=False)
     await pub.publish(big, kind="event", mandatory=False, check_size=False)
-    with pytest.raises(ConnectionLost):
+    lost: list[BaseException] = []
+    pub.on_lost(lost.append)
+    with pytest.raises(Unroutable, match="no exchange 'missing'"):
         await pub.publish(out("missing", "k"), kind="event", mandatory=False)
+    # As on RabbitMQ the channel was closed (pending calls fail); the link is back at once.
+    assert [type(reason) for reason in lost] == [ConnectionLost]
+    assert pub.ready.is_set()
+    await pub.publish(out("ex", "k"), kind="event", mandatory=False)
 
 
 async def test_blocked_broker_times_publishes_out(settings: Settings) -> None:
@@ -230,10 +245,10 @@ async def test_direct_reply_to_reaches_only_its_link(settings: Settings) -> None
     broker.declare_queue("requests")
     replies, others = Sink(), Sink()
     caller = broker.link_factory("caller", settings)
-    caller.consumers.append(ConsumerSpec(DIRECT_REPLY_TO, replies, no_ack=True))
+    caller.add_consumer(ConsumerSpec(DIRECT_REPLY_TO, replies, no_ack=True))
     caller.start()
     other = broker.link_factory("other", settings)
-    other.consumers.append(ConsumerSpec(DIRECT_REPLY_TO, others, no_ack=True))
+    other.add_consumer(ConsumerSpec(DIRECT_REPLY_TO, others, no_ack=True))
     other.start()
     plain = await started(broker, settings)
     await caller.publish(
@@ -262,9 +277,9 @@ async def test_closing_a_link_returns_unacked_and_fails_waiters(settings: Settin
     broker.declare_queue("q")
     sink = Sink()
     link = broker.link_factory("c", settings)
-    link.consumers.append(ConsumerSpec("q", sink))
+    link.add_consumer(ConsumerSpec("q", sink))
     lost: list[BaseException] = []
-    link.on_lost.append(lost.append)
+    link.on_lost(lost.append)
     link.start()
     pub = await started(broker, settings)
     await pub.publish(out("", "q"), kind="command", mandatory=True)
@@ -334,7 +349,7 @@ async def test_quorum_delivery_limit_dead_letters(settings: Settings) -> None:
     )
     sink = Sink()
     link = broker.link_factory("c", settings)
-    link.consumers.append(ConsumerSpec("q", sink))
+    link.add_consumer(ConsumerSpec("q", sink))
     link.start()
     pub = await started(broker, settings)
     await pub.publish(out("", "q"), kind="command", mandatory=True)
@@ -375,9 +390,130 @@ async def test_drain_times_out_with_a_description(settings: Settings) -> None:
     broker = InMemoryBroker()
     broker.declare_queue("q")
     link = broker.link_factory("c", settings)
-    link.consumers.append(ConsumerSpec("q", Sink()))  # never settles
+    link.add_consumer(ConsumerSpec("q", Sink()))  # never settles
     link.start()
     pub = await started(broker, settings)
     await pub.publish(out("", "q"), kind="command", mandatory=True)
     with pytest.raises(TimeoutError, match="'q'"):
         await broker.drain(0.05)
+
+
+async def test_delete_queue_deletes_messages_bindings_and_consumers(settings: Settings) -> None:
+    """delete_queue removes the queue, its messages and bindings; its consumers' links rebuild
+    (re-declaring what their topology holds), as on RabbitMQ's consumer cancel."""
+    broker = InMemoryBroker()
+    broker.declare_exchange("ex", "topic")
+    topology = Topology(queues=[QueueDecl("q")], bindings=[BindingDecl("ex", "q", "k")])
+    sink = Sink()
+    consumer = broker.link_factory("c", settings, topology=topology)
+    consumer.add_consumer(ConsumerSpec("q", sink))
+    lost: list[BaseException] = []
+    consumer.on_lost(lost.append)
+    consumer.start()
+    pub = await started(broker, settings)
+    await pub.declare_queue(QueueDecl("job"))
+    await pub.publish(out("", "job", b"result"), kind="completion", mandatory=True)
+    await pub.delete_queue("job")
+    assert "job" not in broker.queues
+    with pytest.raises(NotFound):
+        await pub.peek("job", 0.1)
+    with pytest.raises(Unroutable):
+        await pub.publish(out("", "job"), kind="completion", mandatory=True)
+    await pub.delete_queue("job")  # gone already: nothing happens
+
+    await pub.publish(out("ex", "k", b"held"), kind="event", mandatory=True)
+    held = await sink.next()
+    broker.delete_queue("q")
+    await held.ack()  # its channel is gone: ignored
+    assert [type(reason) for reason in lost] == [ConnectionLost]
+    assert consumer.ready.is_set()  # re-declared "q" and its binding, consumer re-attached
+    assert broker.queue("q").messages == []
+    assert broker.queue("q").consumer_count == 1
+    await pub.publish(out("ex", "k", b"after"), kind="event", mandatory=True)
+    assert (await sink.next()).body == b"after"
+
+
+async def test_bindings_of_a_deleted_queue_do_not_come_back(settings: Settings) -> None:
+    """A queue declared again after a delete has no bindings until they are declared again."""
+    broker = InMemoryBroker()
+    broker.declare_exchange("ex", "topic")
+    broker.declare_queue("q")
+    broker.bind("ex", "q", "k")
+    assert broker.delete_queue("q") == 0
+    broker.declare_queue("q")
+    assert broker.routes("ex", "k") == []
+
+
+def test_memory_link_is_no_amqp_link() -> None:
+    """The two links meet at the `Link` Protocol only: neither inherits from the other."""
+    assert not issubclass(MemoryLink, AmqpLink)
+    assert not issubclass(AmqpLink, MemoryLink)
+
+
+def test_both_link_factories_make_links(settings: Settings) -> None:
+    """AmqpLink and the broker's factory are `LinkFactory`s (mypy checks the signatures)."""
+    factories: list[LinkFactory] = [AmqpLink, InMemoryBroker().link_factory]
+    assert len(factories) == 2
+
+
+def test_every_publish_outcome_has_a_known_metric_label() -> None:
+    """Each outcome's label is one of the label values created at zero; failures raise."""
+    for outcome, rule in PUBLISH_OUTCOMES.items():
+        assert rule.label is None or rule.label in metrics.PUBLISH_OUTCOMES, outcome
+        assert (rule.error is None) is (outcome is PublishOutcome.CONFIRMED), outcome
+    assert set(PUBLISH_OUTCOMES) == set(PublishOutcome)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "error", "text"),
+    [
+        (PublishOutcome.RETURNED, Unroutable, "no queue is bound for 'k' on 'ex'"),
+        (PublishOutcome.NO_EXCHANGE, Unroutable, "no exchange 'ex'"),
+        (PublishOutcome.NACKED, QueueFull, "refused"),
+        (PublishOutcome.NO_CONFIRM, PublishFailed, "within 1.5s"),
+        (PublishOutcome.LOST, ConnectionLost, "publishing: gone"),
+        (PublishOutcome.TOO_LARGE, MessageTooLarge, "event body of 2 bytes exceeds .* 1$"),
+    ],
+)
+def test_record_publish_raises_what_the_table_says(
+    outcome: PublishOutcome, error: type[Exception], text: str
+) -> None:
+    """One table maps each broker outcome to its Burrow error, for both links."""
+    with pytest.raises(error, match=text):
+        record_publish(outcome, out("ex", "k"), kind="event", timeout=1.5, detail="gone", limit=1)
+
+
+async def test_lost_publish_is_counted_as_lost(settings: Settings) -> None:
+    """A publish that loses its channel is ConnectionLost, counted `lost` (not `timeout`)."""
+    broker = InMemoryBroker()
+    broker.declare_queue("requests")
+    pub = await started(broker, settings)
+
+    def lost() -> float:
+        sample = REGISTRY.get_sample_value(
+            "burrow_messages_published_total", {"kind": "request", "outcome": "lost"}
+        )
+        return sample or 0.0
+
+    before = lost()
+    with pytest.raises(ConnectionLost, match="fast reply consumer does not exist"):
+        await pub.publish(
+            out("", "requests", reply_to=DIRECT_REPLY_TO), kind="request", mandatory=True
+        )
+    assert lost() == before + 1
+
+
+async def test_a_long_route_is_published_whole(settings: Settings) -> None:
+    """The client bounds a route's metric label at 128 characters, never the route itself."""
+    broker = InMemoryBroker()
+    client = Client(settings, link_factory=broker.link_factory)
+    await client.start()
+    route = "svc." + "o" * 200
+    try:
+        with pytest.raises(Unroutable):
+            await client.call(route, {})
+    finally:
+        await client.close()
+    assert broker.published[-1].routing_key == route
+    label = {"operation": route[:128], "outcome": "NOT_FOUND"}
+    assert REGISTRY.get_sample_value("burrow_rpc_client_calls_total", label) == 1

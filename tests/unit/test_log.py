@@ -1,6 +1,7 @@
 """Logs beside the metrics: one structlog pipeline for Burrow's and aio-pika/aiormq's records.
 
 JSON lines in production, a console renderer otherwise; the library loggers keep their names.
+(Moved from tests/integration/test_metrics_logs.py: no broker is involved.)
 """
 
 from __future__ import annotations

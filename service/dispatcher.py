@@ -1,13 +1,16 @@
-"""The serving side: consume a service's queues, dispatch, answer, then ack.
+"""Serving a service: its calls, casts, submits and events, each delivery in three stages.
 
-Calls arrive on the request queue, casts and submits on the commands queue, events on one
-queue per subscription. Per delivery: read the envelope (kind, deadline, who to answer) →
-middleware chain → endpoint (codec + handler) → reply, completion or dead letter → settle.
+1. Read: `read_request` turns the envelope into a `Request` (pure; a refusal rides along).
+2. Run: the middleware onion around the endpoint (checks, codec, idempotency, the handler);
+   `middleware.decide` makes the outcome final.
+3. Settle: `settlement.plan` says what to publish and how to settle; `_carry_out` does it,
+   each publish confirmed before the ack.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from collections.abc import Sequence
@@ -16,10 +19,8 @@ from typing import Any
 import structlog
 from pydantic import BaseModel
 
-from service import codec, envelope, metrics, tracing
-from service.codec import H_STATUS, H_VERSION
+from service import codec, envelope, messages, metrics, tracing
 from service.config import Settings
-from service.dead_letters import DeadLetterQueue
 from service.errors import (
     FailedPrecondition,
     Internal,
@@ -33,22 +34,85 @@ from service.errors import (
 )
 from service.events import event_message, publish_event
 from service.idempotency import Claim, IdempotencyStore, MemoryStore
-from service.jobs import completion_messages, valid_callback, valid_job_id
+from service.jobs import valid_callback, valid_job_id
 from service.middleware import DEFAULT_MIDDLEWARE, Middleware, Request, Result, compose, failure
 from service.registry import Context, Operation, Service, Subscription
-from service.retry import attempts, retry_level, retry_message
-from service.topology import DIRECT_REPLY_TO, Names
+from service.retry import attempts
+from service.settlement import Plan, Publish, Role, plan
 from service.transport import ConsumerSpec, Link
-from service.types import Delivery, DeliveryCallback, Outcome, Outgoing, new_id
+from service.types import Delivery, DeliveryCallback, Outcome
+from service.vocabulary import (
+    DIRECT_REPLY_TO,
+    H_STATUS,
+    DeadReason,
+    Kind,
+    Names,
+    PublishKind,
+    Status,
+)
 
-__all__ = ["RpcServer"]
+__all__ = ["Dispatcher", "read_request"]
 
-_log = structlog.get_logger("burrow.rpc_server")
+_log = structlog.get_logger("burrow.dispatcher")
 _REPLY_PREFIX = DIRECT_REPLY_TO + "."
 _LEASE_MARGIN = 5.0  # seconds an idempotency claim outlives the handler timeout
 
 
-class RpcServer:
+def read_request(
+    delivery: Delivery,
+    service: Service,
+    settings: Settings,
+    names: Names,
+    subscription: Subscription | None = None,
+) -> Request:
+    """Stage 1: what the dispatcher needs to know of a delivery, read once and pure."""
+    fields = envelope.read(delivery)
+    if subscription is not None:
+        return Request(
+            service=service.name,
+            route=subscription.route,
+            operation=subscription,
+            delivery=delivery,
+            kind=Kind.EVENT,
+            deadline=fields.deadline,
+            reply_to=None,
+            handler_timeout=subscription.timeout or settings.handler_timeout,
+            attempt=attempts(delivery.headers, names),
+            max_retries=_pick(subscription.retries, settings.max_retries),
+            refusal=fields.refusal,
+            trace=tracing.parse(fields.traceparent),
+        )
+    route = delivery.type or delivery.routing_key
+    kind = fields.kind or (Kind.CALL if delivery.reply_to else Kind.CAST)
+    reply_to = delivery.reply_to
+    if kind != Kind.CALL or not reply_to or not reply_to.startswith(_REPLY_PREFIX):
+        reply_to = None
+    refusal = fields.refusal
+    if refusal is not None and not refusal.answerable:
+        reply_to = None  # the reply address itself came undecodable: nobody to answer
+    job_id = valid_job_id(fields.job_id) if kind == Kind.SUBMIT else None
+    operation = service.get(route)
+    timeout = (operation.timeout if operation else None) or settings.handler_timeout
+    return Request(
+        service=service.name,
+        route=route,
+        operation=operation,
+        delivery=delivery,
+        kind=kind,
+        deadline=fields.deadline,
+        reply_to=reply_to,
+        job_id=job_id,
+        callback=valid_callback(fields.callback) if job_id else None,
+        handler_timeout=timeout,
+        attempt=attempts(delivery.headers, names) if kind != Kind.CALL else 0,
+        max_retries=_pick(operation.retries if operation else None, settings.max_retries),
+        version=fields.version,
+        refusal=refusal,
+        trace=tracing.parse(fields.traceparent),
+    )
+
+
+class Dispatcher:
     """Serves one `Service`: its calls, casts, submits and event subscriptions.
 
     Args:
@@ -70,7 +134,6 @@ class RpcServer:
         self.settings = settings
         self.publisher = publisher
         self.names = Names(settings.namespace)
-        self.dead_letters = DeadLetterQueue(self.names, service.name, publisher)
         self.store = store or MemoryStore()
         self.in_flight = 0
         self.idle = asyncio.Event()
@@ -109,40 +172,24 @@ class RpcServer:
 
     async def on_delivery(self, delivery: Delivery) -> None:
         """Handle one call, cast or submit end to end; never raises."""
-        request = self._request(delivery)
-        await self._handle(delivery, request, envelope.text(delivery.headers.get(tracing.HEADER)))
+        await self._handle(read_request(delivery, self.service, self.settings, self.names))
 
     def _event_callback(self, sub: Subscription) -> DeliveryCallback:
         async def on_event(delivery: Delivery) -> None:
-            fields = envelope.read(delivery)
-            request = Request(
-                service=self.service.name,
-                route=sub.route,
-                operation=sub,
-                delivery=delivery,
-                kind="event",
-                deadline=fields.deadline,
-                reply_to=None,
-                handler_timeout=sub.timeout or self.settings.handler_timeout,
-                attempt=attempts(delivery.headers, self.names),
-                max_retries=_pick(sub.retries, self.settings.max_retries),
-                refusal=fields.refusal,
-            )
-            await self._handle(delivery, request, fields.traceparent)
+            await self._handle(read_request(delivery, self.service, self.settings, self.names, sub))
 
         return on_event
 
-    async def _handle(
-        self, delivery: Delivery, request: Request, traceparent: str | None = None
-    ) -> None:
+    async def _handle(self, request: Request) -> None:
+        delivery = request.delivery
         self.in_flight += 1
         self.idle.clear()
         due = time.monotonic() + request.handler_timeout + self.settings.publish_timeout
         self._held[delivery] = (delivery.queue, due)
-        token = tracing.activate(tracing.parse(traceparent))
+        token = tracing.activate(request.trace)
         try:
-            result = await self._chain(request)
-            await self._finish(request, result)
+            result = await self._chain(request)  # stage 2
+            await self._carry_out(delivery, self._plan(request, result))  # stage 3
         except Exception:
             # A bug, not the broker: requeueing would bring the same message back for ever.
             # Park it (reason internal) and keep serving; if even that fails, reject it to the
@@ -160,45 +207,75 @@ class RpcServer:
             if self.in_flight == 0:
                 self.idle.set()
 
+    def _plan(self, request: Request, result: Result) -> Plan:
+        return plan(
+            request,
+            result,
+            names=self.names,
+            version=self._version,
+            retry_levels=self.settings.retry_levels,
+            trace=tracing.current(),
+        )
+
+    async def _carry_out(self, delivery: Delivery, todo: Plan) -> None:
+        """Publish each message of the plan with a confirm, then settle as it says."""
+        for step in todo.publishes:
+            try:
+                await self._publish(step)
+            except Unavailable as exc:
+                # Could not publish: hand the message back, never drop it.
+                _log.warning("publish failed; requeueing", error=exc.message, kind=step.kind)
+                await delivery.requeue()
+                return
+            except ServiceError as exc:
+                if step.role is Role.ANSWER:
+                    # Unroutable: the caller's reply or job queue is gone; nobody is waiting.
+                    route = step.message.routing_key[:128]
+                    _log.info("answer not delivered", route=route, error=exc.message)
+                    continue
+                # The DLQ or a holding queue is gone (topology damaged): requeueing would
+                # loop, so reject — the broker's own dead-lettering still has a chance.
+                _log.error("cannot park or retry; rejecting", error=exc.message, kind=step.kind)
+                await delivery.reject()
+                return
+        await delivery.settle(todo.then)
+
+    async def _publish(self, step: Publish) -> None:
+        copy = step.role is Role.COPY  # a copy of what we received: its size was checked
+        try:
+            await self.publisher.publish(
+                step.message, kind=step.kind, mandatory=step.mandatory, check_size=not copy
+            )
+        except MessageTooLarge as exc:
+            if copy:
+                raise
+            # C5: refuse locally, answer with an error the caller can act on instead.
+            error = ResourceExhausted(f"the answer is too large to send: {exc.message}")
+            message = dataclasses.replace(
+                step.message,
+                body=codec.encode_error(error),
+                headers={**step.message.headers, H_STATUS: Status.ERROR},
+            )
+            await self.publisher.publish(message, kind=step.kind, mandatory=step.mandatory)
+
     async def _park_after_bug(self, delivery: Delivery) -> None:
         if delivery.settled is not None:
             return
+        letter = messages.dead_letter(
+            delivery,
+            self.names,
+            self.service.name,
+            DeadReason.INTERNAL,
+            Internal("dispatch failed"),
+        )
         try:
-            await self.dead_letters.park(delivery, "internal", Internal("dispatch failed"))
+            await self.publisher.publish(
+                letter, kind=PublishKind.DEAD_LETTER, mandatory=True, check_size=False
+            )
         except Exception:  # last resort: never leave a delivery unsettled
             await delivery.reject()
             return
         await delivery.ack()
-
-    def _request(self, delivery: Delivery) -> Request:
-        fields = envelope.read(delivery)
-        route = delivery.type or delivery.routing_key
-        kind = fields.kind or ("call" if delivery.reply_to else "cast")
-        reply_to = delivery.reply_to
-        if kind != "call" or not reply_to or not reply_to.startswith(_REPLY_PREFIX):
-            reply_to = None
-        refusal = fields.refusal
-        if refusal is not None and not refusal.answerable:
-            reply_to = None  # the reply address itself came undecodable: nobody to answer
-        job_id = valid_job_id(fields.job_id) if kind == "submit" else None
-        operation = self.service.get(route)
-        timeout = (operation.timeout if operation else None) or self.settings.handler_timeout
-        return Request(
-            service=self.service.name,
-            route=route,
-            operation=operation,
-            delivery=delivery,
-            kind=kind,
-            deadline=fields.deadline,
-            reply_to=reply_to,
-            job_id=job_id,
-            callback=valid_callback(fields.callback) if job_id else None,
-            handler_timeout=timeout,
-            attempt=attempts(delivery.headers, self.names) if kind != "call" else 0,
-            max_retries=_pick(operation.retries if operation else None, self.settings.max_retries),
-            version=fields.version,
-            refusal=refusal,
-        )
 
     async def _endpoint(self, request: Request) -> Result:
         refused = self._admit(request)
@@ -209,14 +286,16 @@ class RpcServer:
         try:
             payload = codec.decode_model(op.request, request.delivery.body)
         except InvalidArgument as exc:
-            reason = "malformed" if exc.details.get("reason") == "json" else "invalid"
+            reason = (
+                DeadReason.MALFORMED if exc.details.get("reason") == "json" else DeadReason.INVALID
+            )
             return failure(request, exc, reason, Outcome.REJECTED)
         if request.job_id is not None and not await self._own_job(request):
             # Another submit holds this job id: its result must not be touched. Nobody is
             # answered (the job's queue belongs to the first submitter); the copy is parked.
             request.job_id = request.callback = None
             error = FailedPrecondition("the job id is already in use by another submit")
-            return Result(Outcome.DEAD_LETTERED, error=error, dead_reason="job_id_in_use")
+            return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=DeadReason.JOB_ID_IN_USE)
         key = self._idempotency_key(op, payload, request.delivery) if op.idempotent else None
         if key is None:
             return Result(Outcome.OK, reply=await self._run(op, payload, request))
@@ -287,21 +366,21 @@ class RpcServer:
         if refusal is not None:
             return failure(request, refusal.error, refusal.reason, Outcome.REJECTED)
         version = request.version
-        if version is not None and request.kind != "event" and version not in self._accepts:
+        if version is not None and request.kind != Kind.EVENT and version not in self._accepts:
             mismatch = FailedPrecondition(
                 f"contract version {version[:16]!r} is not accepted by {self.service.name}",
                 details={"accepted": sorted(self._accepts), "current": self._version},
             )
-            return failure(request, mismatch, "invalid", Outcome.REJECTED)
+            return failure(request, mismatch, DeadReason.INVALID, Outcome.REJECTED)
         try:
             codec.check_envelope(delivery, self.settings.max_body_bytes)
         except MessageTooLarge as exc:
-            return failure(request, exc, "too_large", Outcome.REJECTED)
+            return failure(request, exc, DeadReason.TOO_LARGE, Outcome.REJECTED)
         except InvalidArgument as exc:
-            return failure(request, exc, "unsupported_content", Outcome.REJECTED)
+            return failure(request, exc, DeadReason.UNSUPPORTED_CONTENT, Outcome.REJECTED)
         if request.operation is None:
             error = NotFound(f"unknown operation {request.route[:128]!r}")
-            return failure(request, error, "unknown_operation", Outcome.REJECTED)
+            return failure(request, error, DeadReason.UNKNOWN_OPERATION, Outcome.REJECTED)
         return None
 
     def _idempotency_key(
@@ -330,119 +409,19 @@ class RpcServer:
         model = self.service.events.get(event)
         if model is None or not isinstance(payload, model):
             raise TypeError(f"{event!r} is not declared with Service.event(...) as {type(payload)}")
-        message = event_message(
-            self.names,
-            event,
-            codec.encode(payload),
-            headers={H_VERSION: self._version, tracing.HEADER: tracing.child(tracing.current())},
-        )
+        headers = messages.stamp({}, version=self._version, trace=tracing.current())
+        message = event_message(self.names, event, codec.encode(payload), headers=headers)
         await publish_event(self.publisher, message)
-
-    async def _finish(self, request: Request, result: Result) -> None:
-        delivery = request.delivery
-        try:
-            if result.outcome is Outcome.RETRIED:
-                level = retry_level(request.attempt, self.settings.retry_levels)
-                message = retry_message(delivery, self.names, level)
-                await self.publisher.publish(
-                    message, kind="retry", mandatory=True, check_size=False
-                )
-            elif result.outcome is Outcome.DEAD_LETTERED and self._broker_parks(request, result):
-                # H5: a body over the limit is not copied (a re-publish holds two or three more
-                # bodies per delivery): the queue's own dead-letter exchange moves it, whole,
-                # into the DLQ (x-death reason `rejected`); the `handled` log line and
-                # burrow_dead_lettered_total{reason="too_large"} say why.
-                await delivery.reject()
-                return
-            elif result.outcome is Outcome.DEAD_LETTERED:
-                await self.dead_letters.park(delivery, result.dead_reason or "failed", result.error)
-                if request.job_id is not None:
-                    await self._complete(request, result)  # the submitter learns it failed
-            elif result.outcome is not Outcome.EXPIRED:
-                if request.reply_to is not None:
-                    await self._reply(request, result)
-                elif request.job_id is not None:
-                    await self._complete(request, result)
-        except Unavailable as exc:
-            # Could not publish the answer or dead letter: hand the message back, never drop it.
-            _log.warning("publish failed; requeueing", error=exc.message, route=request.route)
-            await delivery.requeue()
-            return
-        except ServiceError as exc:
-            # The DLQ or a holding queue is gone (topology damaged): requeueing would loop, so
-            # reject — the broker's own dead-lettering still has a chance to keep it.
-            _log.error("cannot park or retry; rejecting", error=exc.message, route=request.route)
-            await delivery.reject()
-            return
-        await delivery.ack()
-
-    def _broker_parks(self, request: Request, result: Result) -> bool:
-        """Whether the broker dead-letters this refusal itself: a body over the limit, from a
-        queue with a dead-letter exchange (every service queue but the request queue)."""
-        return (
-            result.dead_reason == "too_large"
-            and request.delivery.queue != self.names.request_queue(self.service.name)
-        )
-
-    async def _reply(self, request: Request, result: Result) -> None:
-        assert request.reply_to is not None
-        body, status = _answer(result)
-        message = Outgoing(
-            exchange="",
-            routing_key=request.reply_to,
-            body=body,
-            message_id=new_id(),
-            correlation_id=request.delivery.correlation_id,
-            headers={
-                H_STATUS: status,
-                H_VERSION: self._version,
-                tracing.HEADER: tracing.child(tracing.current()),
-            },
-            persistent=False,
-        )
-        # mandatory=False: RabbitMQ 3.10 returns direct reply-to publishes spuriously.
-        await self._publish_answer(message, kind="reply", mandatory=False)
-
-    async def _complete(self, request: Request, result: Result) -> None:
-        assert request.job_id is not None
-        body, status = _answer(result)
-        first, *rest = completion_messages(
-            self.names,
-            request.route,
-            request.job_id,
-            body,
-            ok=status == "ok",
-            callback=request.callback,
-            version=self._version,
-        )
-        await self._publish_answer(first, kind="completion", mandatory=True)
-        for message in rest:
-            await self._publish_answer(message, kind="completion", mandatory=False)
-
-    async def _publish_answer(self, message: Outgoing, *, kind: str, mandatory: bool) -> None:
-        try:
-            await self.publisher.publish(message, kind=kind, mandatory=mandatory)
-        except MessageTooLarge as exc:
-            # C5: refuse locally, answer with an error the caller can act on instead.
-            error = ResourceExhausted(f"the answer is too large to send: {exc.message}")
-            message.body = codec.encode_error(error)
-            message.headers = {**message.headers, H_STATUS: "error"}
-            await self._publish_answer(message, kind=kind, mandatory=mandatory)
-        except ServiceError as exc:
-            if isinstance(exc, Unavailable):
-                raise
-            # Unroutable: the caller's reply or job queue is gone; nobody is waiting.
-            _log.info("answer not delivered", route=message.routing_key[:128], error=exc.message)
 
 
 def _refusal(request: Request) -> Result | None:
     """D6/D7: a call or submit with nobody legitimate to answer is parked, never executed."""
     delivery = request.delivery
-    if request.kind == "call" and (request.reply_to is None or not delivery.correlation_id):
+    if request.kind == Kind.CALL and (request.reply_to is None or not delivery.correlation_id):
         reason = (
-            "invalid_reply_to"
+            DeadReason.INVALID_REPLY_TO
             if delivery.reply_to and request.reply_to is None
-            else "missing_reply_to"
+            else DeadReason.MISSING_REPLY_TO
         )
         error: ServiceError = PermissionDenied(
             f"reply_to must be {DIRECT_REPLY_TO}"
@@ -450,16 +429,10 @@ def _refusal(request: Request) -> Result | None:
             else "a call needs reply_to and correlation_id"
         )
         return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=reason)
-    if request.kind == "submit" and request.job_id is None:
+    if request.kind == Kind.SUBMIT and request.job_id is None:
         error = InvalidArgument("a submit needs an x-job-id header of [A-Za-z0-9_-]{1,64}")
-        return Result(Outcome.DEAD_LETTERED, error=error, dead_reason="invalid")
+        return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=DeadReason.INVALID)
     return None
-
-
-def _answer(result: Result) -> tuple[bytes, str]:
-    if result.error is None:
-        return result.reply or b"{}", "ok"
-    return codec.encode_error(result.error), "error"
 
 
 def _pick(value: int | None, default: int) -> int:

@@ -1,0 +1,238 @@
+"""Every message Burrow builds from what it handled: replies, completions, dead letters, retry
+copies and forwards. Pure: in go a delivery or a request's facts, out comes an `Outgoing`.
+
+`forward` is the one copy of a received message into a new publish: it keeps or makes
+encodable every property and header (bytes become byte arrays, undecodable text its escape,
+x-death only as the broker writes it). `stamp` adds the trace and contract-version headers to
+what a service sends on its own behalf.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import time
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from service import codec, tracing
+from service.errors import ServiceError
+from service.shim import Undecodable
+from service.types import Delivery, Headers, Outgoing, new_id
+from service.vocabulary import (
+    H_DEAD_AT,
+    H_DEAD_ERROR,
+    H_DEAD_REASON,
+    H_DEADLINE,
+    H_DEATH,
+    H_JOB_ID,
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_ROUTING_KEY,
+    H_STATUS,
+    H_VERSION,
+    Names,
+    Status,
+)
+
+__all__ = [
+    "H_DEAD_AT",
+    "stamp",
+    "forward",
+    "reply",
+    "completions",
+    "dead_letter",
+    "retry_copy",
+]
+
+_MAX_DEADLINE_MS = 2**53
+
+
+def stamp(headers: Headers, *, version: str, trace: str | None) -> Headers:
+    """`headers` plus what every message a service sends carries: its contract major and a
+    child span of the trace being handled (`trace`, a traceparent, or a new trace)."""
+    headers[H_VERSION] = version
+    headers[tracing.HEADER] = tracing.child(trace)
+    return headers
+
+
+def reply(
+    correlation_id: str | None,
+    reply_to: str,
+    body: bytes,
+    *,
+    ok: bool,
+    version: str,
+    trace: str | None,
+) -> Outgoing:
+    """The answer to a call, for its direct reply-to address (transient)."""
+    return Outgoing(
+        exchange="",
+        routing_key=reply_to,
+        body=body,
+        message_id=new_id(),
+        correlation_id=correlation_id,
+        headers=stamp({H_STATUS: Status.OK if ok else Status.ERROR}, version=version, trace=trace),
+        persistent=False,
+    )
+
+
+def completions(
+    names: Names,
+    route: str,
+    job_id: str,
+    body: bytes,
+    *,
+    ok: bool,
+    callback: str | None,
+    version: str,
+    trace: str | None,
+) -> list[Outgoing]:
+    """The messages announcing that job `job_id` of `route` finished: to the job's queue (the
+    one that must be routable), as the `<route>.completed|failed` event, and to the callback."""
+    suffix = "completed" if ok else "failed"
+    headers = stamp(
+        {H_JOB_ID: job_id, H_STATUS: Status.OK if ok else Status.ERROR},
+        version=version,
+        trace=trace,
+    )
+    targets = [("", names.job_queue(job_id)), (names.events_exchange, f"{route}.{suffix}")]
+    if callback is not None:
+        targets.append((names.events_exchange, callback))
+    return [
+        Outgoing(
+            exchange=exchange,
+            routing_key=key,
+            body=body,
+            message_id=new_id(),
+            type=f"{route}.{suffix}",
+            correlation_id=job_id,
+            headers=dict(headers),
+            persistent=True,
+        )
+        for exchange, key in targets
+    ]
+
+
+def dead_letter(
+    delivery: Delivery, names: Names, service: str, reason: str, error: ServiceError | None
+) -> Outgoing:
+    """The copy of `delivery` parked in `service`'s DLQ, with why, when and where it came from."""
+    return forward(
+        delivery,
+        exchange=names.dead_letter_exchange,
+        routing_key=names.dead_letter_queue(service),
+        add={
+            H_DEAD_REASON: str(reason),
+            H_DEAD_ERROR: codec.encode_error(error).decode() if error else "",
+            H_ORIGINAL_EXCHANGE: str(delivery.exchange),
+            H_ORIGINAL_ROUTING_KEY: str(delivery.routing_key),
+            H_DEAD_AT: int(time.time() * 1000),
+        },
+    )
+
+
+def retry_copy(delivery: Delivery, names: Names, level: int) -> Outgoing:
+    """The copy of `delivery` that waits in retry holding queue `level`, then goes back to the
+    queue it came from. It keeps x-death, which the broker keeps counting."""
+    return forward(delivery, exchange=names.retry_exchange(level), routing_key=delivery.queue)
+
+
+def forward(
+    delivery: Delivery,
+    *,
+    exchange: str,
+    routing_key: str,
+    add: Mapping[str, Any] | None = None,
+    drop: Collection[str] = (),
+) -> Outgoing:
+    """A persistent copy of `delivery` for `exchange`/`routing_key`, with every property and
+    header kept or made encodable; `drop` removes headers, `add` sets them (after `drop`).
+
+    The copy never expires on its own (no `expiration`) and keeps the message id (a new one
+    if it had none), so a ledger can follow it.
+    """
+    headers: Headers = {}
+    for key, value in delivery.headers.items():
+        name = str(key)
+        if name in drop:
+            continue
+        headers[name] = _encodable(value)
+    deadline = headers.get(H_DEADLINE)
+    if isinstance(deadline, float | decimal.Decimal) and 0 < deadline < _MAX_DEADLINE_MS:
+        headers[H_DEADLINE] = round(deadline)  # the integer ms the protocol prefers
+    if H_DEATH in headers:
+        headers[H_DEATH] = _deaths(headers[H_DEATH])
+    if add:
+        headers.update(add)
+    return Outgoing(
+        exchange=exchange,
+        routing_key=routing_key,
+        body=delivery.body,
+        message_id=_plain(delivery.message_id) or new_id(),
+        type=_plain(delivery.type),
+        correlation_id=_plain(delivery.correlation_id),
+        reply_to=_plain(delivery.reply_to),
+        headers=headers,
+        persistent=True,
+        content_type=_plain(delivery.content_type),
+        content_encoding=_plain(delivery.content_encoding),
+        app_id=_plain(delivery.app_id),
+        priority=_priority(delivery.priority),
+        timestamp=delivery.timestamp if isinstance(delivery.timestamp, datetime.datetime) else None,
+    )
+
+
+def _plain(value: str | None) -> str | None:
+    """A property as plain text: undecodable bytes as their printable escape."""
+    if value is None:
+        return None
+    return str.__str__(value) if isinstance(value, Undecodable) else value
+
+
+def _priority(value: object) -> int | None:
+    return value if isinstance(value, int) and 0 <= value <= 255 else None
+
+
+_DEATH_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "queue": str,
+    "reason": str,
+    "count": int,
+    "exchange": str,
+    "routing-keys": list,
+    "time": datetime.datetime,
+    "original-expiration": str,
+}
+
+
+def _deaths(value: Any) -> list[dict[str, Any]]:
+    """x-death as the broker writes it, and only that: a copy goes back to the broker, and
+    RabbitMQ 3.10's at-least-once dead-lettering crashes (node-wide, after a few restarts) on an
+    x-death whose entries are not tables. Entries of another shape are dropped."""
+    if not isinstance(value, list):
+        return []
+    kept: list[dict[str, Any]] = []
+    for entry in value[:64]:
+        if not isinstance(entry, dict) or not entry:
+            continue
+        if all(
+            isinstance(entry.get(k), t) and not isinstance(entry.get(k), bool)
+            for k, t in _DEATH_FIELDS.items()
+            if k in entry
+        ) and set(entry) <= set(_DEATH_FIELDS):
+            keys = entry.get("routing-keys", [])
+            if all(isinstance(key, str) for key in keys):
+                kept.append(entry)
+    return kept
+
+
+def _encodable(value: Any) -> Any:
+    """A header value the encoder accepts, keeping bytes exactly (as a byte array)."""
+    if isinstance(value, Undecodable):
+        return bytearray(value.raw) if value.raw else f"<undecodable: {value.problem}>"
+    if isinstance(value, bytes):
+        return bytearray(value)  # a non-UTF-8 long string: pamqp refuses bytes
+    if isinstance(value, dict):
+        return {str(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encodable(item) for item in value]
+    return value
