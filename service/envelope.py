@@ -23,13 +23,13 @@ from service.vocabulary import (
     H_TRACEPARENT,
     H_VERSION,
     HEADER_KINDS,
+    MAX_DEADLINE_MS,
     DeadReason,
     Kind,
 )
 
 __all__ = ["Refusal", "Fields", "text", "read", "undecodable_fields"]
 
-_MAX_DEADLINE_MS = 2**53
 _PROPERTIES = (
     "message_id",
     "correlation_id",
@@ -112,6 +112,8 @@ def read(delivery: Delivery) -> Fields:
 
 def undecodable_fields(delivery: Delivery) -> list[str]:
     """Names of the properties and headers that arrived undecodable (never their values)."""
+    if not Undecodable.made:
+        return []  # the common case: nothing undecodable ever arrived, nothing to scan
     found = [name for name in _PROPERTIES if isinstance(getattr(delivery, name), Undecodable)]
     for key, value in delivery.headers.items():
         if isinstance(key, Undecodable):
@@ -159,7 +161,7 @@ def _deadline(value: object) -> tuple[float | None, str | None]:
             ms = float(value)
         except (OverflowError, ValueError):
             ms = None
-    if ms is None or not math.isfinite(ms) or not 0 < ms < _MAX_DEADLINE_MS:
+    if ms is None or not math.isfinite(ms) or not 0 < ms < MAX_DEADLINE_MS:
         return None, (
             f"{H_DEADLINE} must be a number of milliseconds since the epoch, 0 < v < 2^53 "
             f"(got {_type_name(value)})"

@@ -30,6 +30,7 @@ from service.vocabulary import (
     H_ORIGINAL_ROUTING_KEY,
     H_STATUS,
     H_VERSION,
+    MAX_DEADLINE_MS,
     Names,
     Status,
 )
@@ -43,8 +44,6 @@ __all__ = [
     "dead_letter",
     "retry_copy",
 ]
-
-_MAX_DEADLINE_MS = 2**53
 
 
 def stamp(headers: Headers, *, version: str, trace: str | None) -> Headers:
@@ -158,7 +157,7 @@ def forward(
             continue
         headers[name] = _encodable(value)
     deadline = headers.get(H_DEADLINE)
-    if isinstance(deadline, float | decimal.Decimal) and 0 < deadline < _MAX_DEADLINE_MS:
+    if isinstance(deadline, float | decimal.Decimal) and 0 < deadline < MAX_DEADLINE_MS:
         headers[H_DEADLINE] = round(deadline)  # the integer ms the protocol prefers
     if H_DEATH in headers:
         headers[H_DEATH] = _deaths(headers[H_DEATH])

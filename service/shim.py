@@ -14,7 +14,7 @@ import asyncio
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from aiormq.abc import TaskType, TaskWrapper
 from pamqp import base, decode, encode
@@ -46,10 +46,12 @@ class Undecodable(str):
 
     raw: bytes
     problem: str
+    made: ClassVar[int] = 0  # markers made in this process: 0 means no delivery can hold one
 
     @classmethod
     def of(cls, raw: bytes, problem: str) -> Undecodable:
         """The marker for `raw`, which could not be decoded because of `problem`."""
+        cls.made += 1
         value = cls(raw.decode("utf-8", "backslashreplace"))
         value.raw = raw
         value.problem = problem

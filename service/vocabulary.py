@@ -86,6 +86,7 @@ H_TARGET_EXCHANGE = "x-burrow-target-exchange"
 H_TARGET_KEY = "x-burrow-target-key"
 H_DUE = "x-burrow-due"  # integer ms since the epoch; informational
 # Set on receipt (never sent) when the AMQP properties as a whole could not be decoded.
+MAX_DEADLINE_MS = 2**53  # x-deadline must be below this (a double holds it exactly)
 H_UNDECODABLE = "x-burrow-undecodable"
 
 DEAD_LETTER_HEADERS = (
