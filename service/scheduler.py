@@ -9,6 +9,7 @@ throughout, so a broker restart delays nothing further than its own downtime.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import replace
@@ -66,6 +67,7 @@ _STRIP = frozenset(
     | {H_FIRST_DEATH_QUEUE, H_FIRST_DEATH_REASON, H_FIRST_DEATH_EXCHANGE}
     | {H_LAST_DEATH_QUEUE, H_LAST_DEATH_REASON, H_LAST_DEATH_EXCHANGE}
 )
+_MARGIN_S = 0.001  # the event loop's timers may fire a clock tick before their time
 
 
 def schedule(names: Names, message: Outgoing, due_at: float) -> Outgoing:
@@ -134,6 +136,10 @@ class Forwarder:
                 return
             await delivery.ack()
             return
+        early = _early_by(delivery.headers.get(H_DUE), time.time())
+        if early:
+            # The broker's TTLs run to the millisecond; the promise is "never early".
+            await asyncio.sleep(early)
         message = forward(delivery, exchange=exchange, routing_key=key, drop=_STRIP)
         try:
             await self.publisher.publish(
@@ -147,3 +153,16 @@ class Forwarder:
             await delivery.reject()  # dead-letters to the scheduler's DLQ
             return
         await delivery.ack()
+
+
+def _early_by(due_ms: object, now: float) -> float:
+    """Seconds to hold a message the ladder let out before its `x-burrow-due`, else 0.
+
+    A broker expires TTLs a millisecond or so either side of the mark; only that is made up.
+    A due time further ahead (another host's clock, a forged header) or not a number is not
+    waited for: the ready queue is never held up by a message's own claim.
+    """
+    if isinstance(due_ms, bool) or not isinstance(due_ms, int | float):
+        return 0.0
+    early = due_ms / 1000 - now
+    return early + _MARGIN_S if 0 < early <= UNIT_MS / 1000 else 0.0

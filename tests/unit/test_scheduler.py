@@ -14,10 +14,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from service import load_settings
-from service.scheduler import delay_route, level_pattern, schedule
-from service.testing import topic_matches
+from service.config import Settings
+from service.scheduler import Forwarder, _early_by, delay_route, level_pattern, schedule
+from service.testing import InMemoryBroker, topic_matches
 from service.topology import Names, Topology, delay_topology
-from service.types import Outgoing
+from service.types import Delivery, Outgoing, Settle
 
 __all__: list[str] = []
 
@@ -252,3 +253,66 @@ def test_schedule_overwrites_forged_target_headers() -> None:
     scheduled = _scheduled(NOW + 1, message=forged)
     assert scheduled.headers["x-burrow-target-exchange"] == "sched.commands"
     assert scheduled.headers["x-burrow-target-key"] == "calc.add"
+
+
+# -- the forwarder's last millisecond ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("due_ms", "held"),
+    [
+        (NOW * 1000 + 3, 0.004),  # 3 ms early: held those 3 ms and the 1 ms margin
+        (NOW * 1000 + UNIT_MS, 0.101),  # a whole unit early is still made up
+        (NOW * 1000, 0.0),  # on time
+        (NOW * 1000 - 5000, 0.0),  # late
+        (NOW * 1000 + UNIT_MS + 1, 0.0),  # further ahead: another clock; not waited for
+        (math.inf, 0.0),
+        (math.nan, 0.0),
+        ("1700000000003", 0.0),
+        (True, 0.0),
+        (None, 0.0),
+    ],
+    ids=repr,
+)
+def test_forwarder_makes_up_only_a_brokers_millisecond(due_ms: object, held: float) -> None:
+    """A message out of the ladder up to one unit before `x-burrow-due` is held to it; any
+    other value of the header holds nothing."""
+    assert _early_by(due_ms, NOW) == pytest.approx(held, abs=1e-6)
+
+
+async def test_forwarder_never_sends_a_message_before_it_is_due(settings: Settings) -> None:
+    """A due message the ladder let out 30 ms early reaches its target no earlier than due."""
+    names = Names(settings.namespace)
+    broker = InMemoryBroker()
+    broker.declare_exchange(names.events_exchange, "topic")
+    broker.declare_queue("seen")
+    broker.bind(names.events_exchange, "seen", "#")
+    link = broker.link_factory("forwarder", settings)
+    link.start()
+    await link.wait_ready(1)
+    settled: list[tuple[Settle, float]] = []
+
+    async def settle(_: Delivery, how: Settle) -> None:
+        settled.append((how, time.time()))
+
+    due_ms = math.ceil(time.time() * 1000) + 30
+    try:
+        await Forwarder(settings, link).on_delivery(
+            Delivery(
+                body=b"{}",
+                routing_key=delay_route(0),
+                headers={
+                    "x-burrow-target-exchange": names.events_exchange,
+                    "x-burrow-target-key": "clock.rang",
+                    "x-burrow-due": due_ms,
+                },
+                settle_fn=settle,
+            )
+        )
+    finally:
+        await link.close()
+    [sent] = broker.queue("seen").messages
+    assert "x-burrow-due" not in sent.headers
+    [(how, at)] = settled
+    assert how is Settle.ACK
+    assert at * 1000 >= due_ms
