@@ -58,10 +58,10 @@ def create_app(client: BlockingClient | None = None) -> Flask:
         assert wait is not None
         job = burrow().job(job_id)
         try:
-            completion = job.completion(wait)
+            status = job.finished(wait)
         except DeadlineExceeded:
-            completion = None
-        return _respond(job_answer(job.id, completion))
+            status = None
+        return _respond(job_answer(job.id, status))
 
     return app
 

@@ -80,10 +80,10 @@ async def get_job(request: web.Request) -> web.Response:
     assert wait is not None
     job = request.app[CLIENT].job(request.match_info["job_id"])
     try:
-        completion = await job.completion(wait)
+        status = await job.finished(wait)
     except DeadlineExceeded:
-        completion = None
-    return _respond(job_answer(job.id, completion))
+        status = None
+    return _respond(job_answer(job.id, status))
 
 
 def _respond(answer: HttpAnswer) -> web.Response:

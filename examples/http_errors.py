@@ -8,16 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service import codec
-from service.codec import H_STATUS
 from service.errors import (
     ErrorCode,
     InvalidArgument,
     MessageTooLarge,
     ServiceError,
-    error_from_wire,
 )
-from service.types import Delivery
+from service.jobs import JobStatus
 
 __all__ = [
     "HTTP_STATUS",
@@ -102,16 +99,15 @@ def job_accepted(job_id: str) -> HttpAnswer:
     )
 
 
-def job_answer(job_id: str, completion: Delivery | None) -> HttpAnswer:
-    """The state of a job: pending (no completion yet), done with its result, or failed.
+def job_answer(job_id: str, status: JobStatus | None) -> HttpAnswer:
+    """The state of a job: pending (not finished yet), done with its result, or failed.
 
     A failed job is still a job that exists, so it answers 200 with the error in the body;
     only an unknown or expired job is a 404 (raised by the lookup itself).
     """
-    if completion is None:
+    if status is None or not status.finished:
         return HttpAnswer(200, {"job_id": job_id, "status": "pending"}, {"Retry-After": "1"})
-    body = codec.decode_json(completion.body)
-    if completion.headers.get(H_STATUS) == "error":
-        error = error_from_wire(body).to_wire()
+    if status.error is not None:
+        error = status.error.to_wire()
         return HttpAnswer(200, {"job_id": job_id, "status": "failed", "error": error})
-    return HttpAnswer(200, {"job_id": job_id, "status": "done", "result": body})
+    return HttpAnswer(200, {"job_id": job_id, "status": "done", "result": status.result})

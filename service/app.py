@@ -21,6 +21,7 @@ from service.http import HttpServer
 from service.idempotency import store_from_url
 from service.link import LinkFactory
 from service.registry import Service
+from service.results import job_store_from_url
 from service.scheduler import Forwarder
 from service.topology import Topology, service_topology
 from service.transport import AmqpLink, Transport
@@ -55,8 +56,11 @@ class App:
         self.topology = topology
         self.transport = Transport(self.settings, topology, link_factory=link_factory)
         self.store = store_from_url(self.settings.idempotency_url)
+        self.jobs = job_store_from_url(self.settings.job_store_url)
         self.servers = [
-            Dispatcher(svc, self.settings, self.transport.publisher, store=self.store)
+            Dispatcher(
+                svc, self.settings, self.transport.publisher, store=self.store, jobs=self.jobs
+            )
             for svc in services
         ]
         self.forwarder = Forwarder(self.settings, self.transport.publisher)
@@ -104,6 +108,7 @@ class App:
                 _log.warning("grace period over; unfinished work returns to the queue")
         await self.transport.close()
         await self.store.close()
+        await self.jobs.close()
         if self.http is not None:
             await self.http.close()
         _log.info("burrow stopped")

@@ -26,9 +26,8 @@ from pydantic import BaseModel
 from service.client import Client
 from service.config import Settings, load_settings
 from service.errors import ClientUnusable, ConnectionLost, DeadlineExceeded, ResourceExhausted
-from service.jobs import Job
+from service.jobs import Job, JobStatus
 from service.registry import Operation
-from service.types import Delivery
 
 __all__ = ["DEFAULT_MAX_IN_FLIGHT", "ClientUnusable", "BlockingClient", "BlockingJob", "get_client"]
 
@@ -376,7 +375,7 @@ class BlockingClient:
         return await work()
 
     async def _wait(self, deadline: float, wait: Callable[[float], Awaitable[T]]) -> T:
-        """`wait(seconds left)` once connected: a job's result or completion."""
+        """`wait(seconds left)` once connected: a job's result or final status."""
         await self._connect(deadline)
         return await wait(max(0.001, deadline - time.monotonic()))
 
@@ -412,9 +411,14 @@ class BlockingJob:
     def __repr__(self) -> str:
         return f"BlockingJob({self.id!r}, route={self.route!r})"
 
-    def completion(self, timeout: float) -> Delivery:
-        """The raw completion message (`Job.completion`), left in place to be read again."""
-        return self._client._portal.call(self._client._wait, self._job.completion, timeout=timeout)
+    def finished(self, timeout: float = 30.0) -> JobStatus:
+        """Wait at most `timeout` seconds for the job to end (`Job.finished`); its status.
+
+        Raises:
+            DeadlineExceeded: still running at the deadline.
+            NotFound: no record of it appeared before the deadline (unknown, or expired).
+        """
+        return self._client._portal.call(self._client._wait, self._job.finished, timeout=timeout)
 
     def result(self, timeout: float = 30.0) -> Any:
         """Wait for the job's result (decoded JSON); raise its error if it failed.

@@ -163,7 +163,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _cmd_job(args: argparse.Namespace) -> int:
     async def result(client: Client) -> None:
-        _print(await client.job(args.job_id).result(timeout=args.timeout))
+        job = client.job(args.job_id, args.operation or "")
+        _print(await job.result(timeout=args.timeout))
 
     return _client_command(args, result)
 
@@ -310,6 +311,12 @@ def _client_commands(commands: Any) -> None:
 
     job = commands.add_parser("job", help="print the result of a submitted job")
     job.add_argument("job_id")
+    job.add_argument(
+        "--operation",
+        "-o",
+        help="the job's operation (calc.add): ask its service, from any machine; "
+        "without it, read BURROW_JOB_STORE_URL directly",
+    )
     job.add_argument("--timeout", type=float, default=300.0, help="seconds to wait")
     job.set_defaults(func=_cmd_job)
 

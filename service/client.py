@@ -16,17 +16,27 @@ from pydantic import BaseModel
 
 from service import codec, tracing
 from service.config import Settings, load_settings
-from service.errors import QueueFull
+from service.errors import NotFound, QueueFull
 from service.events import event_message, publish_event
-from service.jobs import Job, job_queue_decl, valid_callback
+from service.jobs import Job, valid_callback
 from service.link import LinkFactory
 from service.registry import Operation
+from service.results import JobRecord, JobState, JobStore, job_store_from_url
 from service.rpc_client import RpcClient
 from service.scheduler import schedule
 from service.topology import client_topology
 from service.transport import AmqpLink
 from service.types import Outgoing
-from service.vocabulary import H_CALLBACK, H_JOB_ID, H_KIND, H_VERSION, Kind, Names, PublishKind
+from service.vocabulary import (
+    DIRECT_REPLY_TO,
+    H_CALLBACK,
+    H_JOB_ID,
+    H_KIND,
+    H_VERSION,
+    Kind,
+    Names,
+    PublishKind,
+)
 
 __all__ = ["Client"]
 
@@ -53,6 +63,7 @@ class Client:
         self.names = Names(self.settings.namespace)
         self.link = link_factory("client", self.settings, topology=client_topology(self.settings))
         self.rpc = RpcClient(self.link, self.settings)
+        self._jobs: JobStore | None = None  # opened by the first `job(id)` without a route
 
     async def start(self, timeout: float | None = None) -> None:
         """Connect and attach the reply consumer; raise `Unavailable` if the broker is away."""
@@ -62,6 +73,8 @@ class Client:
     async def close(self) -> None:
         """Close the connection; pending calls fail with `ConnectionLost`."""
         await self.link.close()
+        if self._jobs is not None:
+            await self._jobs.close()
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -183,8 +196,9 @@ class Client:
     ) -> Job:
         """Hand work over; return its `Job` once the broker has confirmed it.
 
-        The result is kept for `BURROW_JOB_RESULT_TTL` seconds after it was last read and is
-        also announced as the `<service>.<op>.completed` (or `.failed`) event.
+        The completion is pushed to this client (no extra round trip for `Job.result`); the
+        service also keeps it in its job store for `BURROW_JOB_RESULT_TTL` seconds after the
+        job ended, and announces it as the `<service>.<op>.completed` (or `.failed`) event.
 
         Args:
             callback: also publish the completion on the events exchange with this key.
@@ -200,8 +214,30 @@ class Client:
         )
 
     def job(self, job_id: str, route: str = "") -> Job:
-        """A handle on a job submitted elsewhere, by its id."""
-        return Job(job_id, route, self.link, self.names)
+        """A handle on a job submitted elsewhere (or before a restart), by its id.
+
+        With its `route` (`"calc.add"`), the handle asks the service for the record, from
+        anywhere. Without it, it reads `BURROW_JOB_STORE_URL` itself: the same store the
+        service writes (Redis, or the SQLite file of this machine).
+        """
+        return Job(job_id, route, self._read_job)
+
+    async def _read_job(self, job_id: str, route: str) -> JobRecord | None:
+        if not route:
+            if self._jobs is None:
+                self._jobs = job_store_from_url(self.settings.job_store_url)
+            return await self._jobs.get(self.names.job_key(job_id))
+        try:
+            answer = await self.rpc.call_raw(
+                route, b"{}", headers={H_KIND: Kind.RESULT, H_JOB_ID: job_id}
+            )
+        except NotFound:
+            return None
+        record = codec.decode_json(answer)
+        state = JobState(record["state"])
+        value = record.get("error" if state is JobState.FAILED else "result")
+        body = b"" if state is JobState.RUNNING else codec.encode(value)
+        return JobRecord(state, b"", route, body)
 
     async def emit(
         self,
@@ -246,17 +282,15 @@ class Client:
             if valid_callback(callback) is None:
                 raise ValueError(f"{callback!r} is not a routing key (dot-separated words)")
             message.headers[H_CALLBACK] = callback
-        job = Job(message.message_id, route, self.link, self.names)
+        job = Job(message.message_id, route, self._read_job, pushed=True)
         message.headers[H_JOB_ID] = job.id
-        wait = max(0.0, due_at - time.time()) if due_at is not None else 0.0
-        await self.link.declare_queue(
-            job_queue_decl(self.names, job.id, self.settings.job_result_ttl + wait)
-        )
+        message.reply_to, message.correlation_id = DIRECT_REPLY_TO, job.id
+        # Registered before the publish: a fast job's completion may beat the confirm.
+        self.rpc.awaiting[job.id] = job
         try:
             await self._publish_command(message, due_at)
         except BaseException:
-            # Nobody will ever complete this job: do not leave its result queue behind.
-            await self.link.delete_queue(self.names.job_queue(job.id))
+            self.rpc.awaiting.pop(job.id, None)
             raise
         return job
 

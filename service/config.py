@@ -58,7 +58,16 @@ class Settings(BaseSettings):
     )
     idempotency_ttl: float = Field(default=86400.0, gt=0, description="Seconds a key is kept.")
     job_result_ttl: float = Field(
-        default=86400.0, ge=1, description="Seconds a job's result is kept after its last read."
+        default=86400.0, ge=1, description="Seconds a job's result is kept after it finished."
+    )
+    job_store_url: str = Field(
+        default="sqlite://",
+        description=(
+            "Where job results are kept: sqlite:// (a file shared by the processes of one "
+            "machine; sqlite:///path to choose it), redis://host:port/db (every machine), "
+            "memory:// (one process)."
+        ),
+        repr=False,  # may hold a Redis password
     )
     amqp_password_file: str | None = Field(
         default=None,

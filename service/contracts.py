@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from service.config import Settings
 from service.errors import ErrorCode
 from service.registry import Service
+from service.results import JobState
 from service.vocabulary import (
     DIRECT_REPLY_TO,
     H_CALLBACK,
@@ -68,6 +69,24 @@ def error_schema() -> dict[str, Any]:
             "message": {"type": "string"},
             "details": {"type": "object"},
             "retryable": {"type": "boolean"},
+        },
+    }
+
+
+def job_status_schema() -> dict[str, Any]:
+    """The body of the reply to a `result` call (docs/protocol.md §7.3)."""
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "$id": "urn:burrow:job-status",
+        "title": "JobStatus",
+        "type": "object",
+        "required": ["job_id", "state"],
+        "additionalProperties": False,
+        "properties": {
+            "job_id": {"type": "string", "pattern": JOB_ID_PATTERN},
+            "state": {"type": "string", "enum": [state.value for state in JobState]},
+            "result": {"description": "the operation's reply JSON; only when completed"},
+            "error": {"$ref": "urn:burrow:error", "description": "only when failed"},
         },
     }
 
@@ -148,6 +167,7 @@ def export(services: Sequence[Service], settings: Settings, directory: Path) -> 
     written[directory / "contract.json"] = _json(contracts)
     written[directory / "error.json"] = _json(error_schema())
     written[directory / "envelope-headers.json"] = _json(envelope_schema())
+    written[directory / "job-status.json"] = _json(job_status_schema())
     for doc in contracts.values():
         for route, op in doc["operations"].items():
             written[directory / f"{route}.request.json"] = _json(op["request"])

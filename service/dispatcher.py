@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,17 +30,20 @@ from service.errors import (
     ResourceExhausted,
     ServiceError,
     Unavailable,
+    error_from_wire,
 )
 from service.events import event_message, publish_event
 from service.idempotency import Claim, IdempotencyStore, MemoryStore
 from service.jobs import valid_callback, valid_job_id
 from service.middleware import DEFAULT_MIDDLEWARE, Middleware, Request, Result, compose, failure
 from service.registry import Context, Operation, Service, Subscription
+from service.results import JobRecord, JobState, JobStore, MemoryJobStore, owner_digest
 from service.retry import attempts
 from service.settlement import Plan, Publish, Role, plan
 from service.transport import ConsumerSpec, Link
 from service.types import Delivery, DeliveryCallback, Outcome
 from service.vocabulary import (
+    ASYNC_KINDS,
     DIRECT_REPLY_TO,
     H_STATUS,
     DeadReason,
@@ -55,6 +57,8 @@ __all__ = ["Dispatcher", "read_request"]
 
 _log = structlog.get_logger("burrow.dispatcher")
 _REPLY_PREFIX = DIRECT_REPLY_TO + "."
+_ANSWERED = frozenset({Kind.CALL, Kind.SUBMIT, Kind.RESULT})  # may carry a reply address
+_WITH_JOB = frozenset({Kind.SUBMIT, Kind.RESULT})  # carry x-job-id
 _LEASE_MARGIN = 5.0  # seconds an idempotency claim outlives the handler timeout
 
 
@@ -85,12 +89,12 @@ def read_request(
     route = delivery.type or delivery.routing_key
     kind = fields.kind or (Kind.CALL if delivery.reply_to else Kind.CAST)
     reply_to = delivery.reply_to
-    if kind != Kind.CALL or not reply_to or not reply_to.startswith(_REPLY_PREFIX):
+    if kind not in _ANSWERED or not reply_to or not reply_to.startswith(_REPLY_PREFIX):
         reply_to = None
     refusal = fields.refusal
     if refusal is not None and not refusal.answerable:
         reply_to = None  # the reply address itself came undecodable: nobody to answer
-    job_id = valid_job_id(fields.job_id) if kind == Kind.SUBMIT else None
+    job_id = valid_job_id(fields.job_id) if kind in _WITH_JOB else None
     operation = service.get(route)
     timeout = (operation.timeout if operation else None) or settings.handler_timeout
     return Request(
@@ -102,9 +106,9 @@ def read_request(
         deadline=fields.deadline,
         reply_to=reply_to,
         job_id=job_id,
-        callback=valid_callback(fields.callback) if job_id else None,
+        callback=valid_callback(fields.callback) if job_id and kind == Kind.SUBMIT else None,
         handler_timeout=timeout,
-        attempt=attempts(delivery.headers, names) if kind != Kind.CALL else 0,
+        attempt=attempts(delivery.headers, names) if kind in ASYNC_KINDS else 0,
         max_retries=_pick(operation.retries if operation else None, settings.max_retries),
         version=fields.version,
         refusal=refusal,
@@ -119,6 +123,7 @@ class Dispatcher:
         publisher: the link replies, completions and dead letters go out on.
         middleware: layers around the endpoint, outermost first.
         store: where idempotent operations record completed keys (default: in memory).
+        jobs: where submits record their jobs and results (default: in memory).
     """
 
     def __init__(
@@ -129,12 +134,14 @@ class Dispatcher:
         *,
         middleware: Sequence[Middleware] = DEFAULT_MIDDLEWARE,
         store: IdempotencyStore | None = None,
+        jobs: JobStore | None = None,
     ) -> None:
         self.service = service
         self.settings = settings
         self.publisher = publisher
         self.names = Names(settings.namespace)
         self.store = store or MemoryStore()
+        self.jobs = jobs or MemoryJobStore()
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -189,6 +196,8 @@ class Dispatcher:
         token = tracing.activate(request.trace)
         try:
             result = await self._chain(request)  # stage 2
+            if request.kind == Kind.SUBMIT and request.job_id is not None:
+                result = await self._finish_job(request, result)
             await self._carry_out(delivery, self._plan(request, result))  # stage 3
         except Exception:
             # A bug, not the broker: requeueing would bring the same message back for ever.
@@ -283,6 +292,8 @@ class Dispatcher:
             return refused
         op = request.operation
         assert op is not None
+        if request.kind == Kind.RESULT:
+            return await self._lookup(request)
         try:
             payload = codec.decode_model(op.request, request.delivery.body)
         except InvalidArgument as exc:
@@ -290,12 +301,10 @@ class Dispatcher:
                 DeadReason.MALFORMED if exc.details.get("reason") == "json" else DeadReason.INVALID
             )
             return failure(request, exc, reason, Outcome.REJECTED)
-        if request.job_id is not None and not await self._own_job(request):
-            # Another submit holds this job id: its result must not be touched. Nobody is
-            # answered (the job's queue belongs to the first submitter); the copy is parked.
-            request.job_id = request.callback = None
-            error = FailedPrecondition("the job id is already in use by another submit")
-            return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=DeadReason.JOB_ID_IN_USE)
+        if request.job_id is not None:
+            held = await self._begin_job(request)
+            if held is not None:
+                return held
         key = self._idempotency_key(op, payload, request.delivery) if op.idempotent else None
         if key is None:
             return Result(Outcome.OK, reply=await self._run(op, payload, request))
@@ -326,22 +335,57 @@ class Dispatcher:
             raise TypeError(f"{op.route} returned {type(reply).__name__}")
         return codec.encode(reply)
 
-    async def _own_job(self, request: Request) -> bool:
-        """H8: the first submit of a job id owns it for the result's lifetime; a redelivered
-        copy of that submit (same id, route, callback and body) is still its owner."""
+    async def _begin_job(self, request: Request) -> Result | None:
+        """Record the job as running; a `Result` instead when the handler must not run: the
+        job id belongs to another submit (H8), or this one already finished (a redelivery)."""
         assert request.job_id is not None
-        delivery = request.delivery
-        digest = hashlib.sha256()
-        for part in (request.route, request.callback or "", str(delivery.message_id or "")):
-            digest.update(part.encode("utf-8", "backslashreplace") + b"\0")
-        digest.update(delivery.body)
-        owner = digest.digest()
-        key = f"{self.names.namespace}:job-owner:{request.job_id}"
-        claim = await self._claim(key, request)
-        if claim.state == "mine":
-            await self.store.put(key, owner, self.settings.job_result_ttl + _LEASE_MARGIN)
-            return True
-        return claim.answer == owner
+        owner = _owner(request)
+        held = await self.jobs.begin(
+            self.names.job_key(request.job_id),
+            JobRecord(JobState.RUNNING, owner, request.route),
+            self.settings.job_result_ttl + _LEASE_MARGIN,
+        )
+        if held is None or (held.owner == owner and not held.finished):
+            return None  # ours, new or interrupted: run it
+        return _in_use(request) if held.owner != owner else _from_record(held)
+
+    async def _finish_job(self, request: Request, result: Result) -> Result:
+        """Record a final outcome before any completion is published; the first recorded
+        result is the job's, whichever copy of the submit produced it."""
+        assert request.job_id is not None
+        if result.outcome in (Outcome.RETRIED, Outcome.EXPIRED) or result.duplicate:
+            return result
+        if result.error is None:
+            record = JobRecord(
+                JobState.COMPLETED, _owner(request), request.route, result.reply or b"{}"
+            )
+        else:
+            body = codec.encode_error(result.error)
+            record = JobRecord(JobState.FAILED, _owner(request), request.route, body)
+        try:
+            held = await self.jobs.finish(
+                self.names.job_key(request.job_id), record, self.settings.job_result_ttl
+            )
+        except Unavailable as exc:
+            # Not recorded, not announced: the job runs again once the store is back.
+            _log.warning("job result not recorded; retrying", error=exc.message)
+            return Result(Outcome.RETRIED, error=exc)
+        if held == record:
+            return result
+        return _in_use(request) if held.owner != record.owner else _from_record(held)
+
+    async def _lookup(self, request: Request) -> Result:
+        """A `result` call: the job's record as JSON, or NOT_FOUND; the handler never runs."""
+        assert request.job_id is not None
+        held = await self.jobs.get(self.names.job_key(request.job_id))
+        if held is None or held.route != request.route:
+            error = NotFound(
+                f"no job {request.job_id!r} of {request.route[:128]!r}: never received, "
+                "or its result expired",
+                details={"reason": "unknown_job"},
+            )
+            return failure(request, error, DeadReason.FAILED, Outcome.ERROR)
+        return Result(Outcome.OK, reply=_record_body(request.job_id, held))
 
     async def _claim(self, key: str, request: Request) -> Claim:
         """Claim the key, or wait while another copy of the message holds it (bounded by the
@@ -417,7 +461,7 @@ class Dispatcher:
 def _refusal(request: Request) -> Result | None:
     """D6/D7: a call or submit with nobody legitimate to answer is parked, never executed."""
     delivery = request.delivery
-    if request.kind == Kind.CALL and (request.reply_to is None or not delivery.correlation_id):
+    if request.kind in _CALLED and (request.reply_to is None or not delivery.correlation_id):
         reason = (
             DeadReason.INVALID_REPLY_TO
             if delivery.reply_to and request.reply_to is None
@@ -429,10 +473,48 @@ def _refusal(request: Request) -> Result | None:
             else "a call needs reply_to and correlation_id"
         )
         return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=reason)
-    if request.kind == Kind.SUBMIT and request.job_id is None:
-        error = InvalidArgument("a submit needs an x-job-id header of [A-Za-z0-9_-]{1,64}")
+    if request.kind in _WITH_JOB and request.job_id is None:
+        error = InvalidArgument(
+            f"a {request.kind} needs an x-job-id header of [A-Za-z0-9_-]{{1,64}}"
+        )
+        if request.kind == Kind.RESULT:
+            return failure(request, error, DeadReason.INVALID, Outcome.REJECTED)
         return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=DeadReason.INVALID)
     return None
+
+
+_CALLED = frozenset({Kind.CALL, Kind.RESULT})  # must name a reply address
+
+
+def _owner(request: Request) -> bytes:
+    """H8: the digest that makes a delivery the job id's own submit (or a copy of it)."""
+    delivery = request.delivery
+    return owner_digest(request.route, request.callback, delivery.message_id, delivery.body)
+
+
+def _in_use(request: Request) -> Result:
+    """H8: another submit holds this job id; its record must not be touched. Nobody is
+    answered (the first submitter is told, not this one); the copy is parked."""
+    request.job_id = request.callback = request.reply_to = None
+    error = FailedPrecondition("the job id is already in use by another submit")
+    return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=DeadReason.JOB_ID_IN_USE)
+
+
+def _from_record(record: JobRecord) -> Result:
+    """The answer a finished job gives again, without running anything."""
+    if record.state is JobState.COMPLETED:
+        return Result(Outcome.OK, reply=record.body, duplicate=True)
+    error = error_from_wire(codec.decode_json(record.body))
+    return Result(Outcome.ERROR, error=error, duplicate=True)
+
+
+def _record_body(job_id: str, record: JobRecord) -> bytes:
+    """`{"job_id", "state", "result" | "error"}`: the body of a `result` call's reply."""
+    head = codec.encode({"job_id": job_id, "state": record.state.value})[:-1]
+    if record.state is JobState.RUNNING:
+        return head + b"}"
+    field = b',"result":' if record.state is JobState.COMPLETED else b',"error":'
+    return head + field + record.body + b"}"
 
 
 def _pick(value: int | None, default: int) -> int:

@@ -1,44 +1,45 @@
-"""Submitted work: job ids, where completions go, and the handle a caller awaits.
+"""Submitted work: job ids, and the handle a caller awaits.
 
-A submit names a job id; the caller declares `<ns>.job.<id>` (durable, expiring when unused)
-before publishing. On completion the service publishes the result (or error) there, as the
-`<service>.<op>.completed|failed` event, and to the caller's callback route if it named one.
+A submit names a job id and the submitter's direct reply-to address. The service records the
+job in its result store (`service.results`) and, when it ends, publishes the completion to
+that address, as the `<service>.<op>.completed|failed` event, and to the callback route if one
+was named. The submitter's `Job` is resolved by that push; a handle made anywhere else (or one
+whose push can no longer arrive: the connection was replaced) reads the record instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from service import codec
-from service.errors import InvalidArgument, error_from_wire
-from service.link import Link
-from service.topology import Names, QueueDecl
-from service.types import Delivery
-from service.vocabulary import (
-    ARG_EXPIRES,
-    ARG_QUEUE_TYPE,
-    H_CALLBACK,
-    H_JOB_ID,
-    H_STATUS,
-    JOB_ID_PATTERN,
-    Status,
+from service.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    error_from_wire,
 )
+from service.results import JobRecord, JobState
+from service.types import Delivery
+from service.vocabulary import H_CALLBACK, H_JOB_ID, H_STATUS, JOB_ID_PATTERN, Status
 
-__all__ = [
-    "H_JOB_ID",
-    "H_CALLBACK",
-    "valid_job_id",
-    "job_queue_decl",
-    "Job",
-]
+__all__ = ["H_JOB_ID", "H_CALLBACK", "valid_job_id", "valid_callback", "JobStatus", "Job"]
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 _ROUTE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,15}$")
+_FIRST_PAUSE, _MAX_PAUSE = 0.05, 1.0  # seconds between reads of the record while waiting
+
+# How a handle reads a job's record: (job id, route) → the record, or None when unknown.
+Reader = Callable[[str, str], Awaitable[JobRecord | None]]
 
 
 def valid_job_id(value: object) -> str | None:
-    """The job id if it is safe to use in a queue name, else None."""
+    """The job id if it matches `[A-Za-z0-9_-]{1,64}`, else None."""
     return value if isinstance(value, str) and _JOB_ID.match(value) else None
 
 
@@ -47,31 +48,123 @@ def valid_callback(value: object) -> str | None:
     return value if isinstance(value, str) and len(value) <= 255 and _ROUTE.match(value) else None
 
 
-def job_queue_decl(names: Names, job_id: str, ttl_s: float) -> QueueDecl:
-    """The queue holding one job's completion; RabbitMQ deletes it after `ttl_s` unused."""
-    return QueueDecl(
-        names.job_queue(job_id),
-        {ARG_QUEUE_TYPE: "classic", ARG_EXPIRES: max(1000, int(ttl_s * 1000))},
-    )
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """Where a job stands: `running`, `completed` (with `result`) or `failed` (with `error`)."""
+
+    id: str
+    state: JobState
+    result: Any = None
+    error: ServiceError | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Completed or failed."""
+        return self.state is not JobState.RUNNING
+
+    @classmethod
+    def of(cls, job_id: str, record: JobRecord) -> JobStatus:
+        """The status a store record says."""
+        if record.state is JobState.COMPLETED:
+            return cls(job_id, record.state, result=codec.decode_json(record.body))
+        if record.state is JobState.FAILED:
+            return cls(job_id, record.state, error=error_from_wire(codec.decode_json(record.body)))
+        return cls(job_id, record.state)
 
 
 class Job:
-    """A handle on submitted work; `await job.result()` from any process that knows the id."""
+    """A handle on submitted work: `await job.result()`.
 
-    def __init__(self, job_id: str, route: str, link: Link, names: Names) -> None:
+    Args:
+        reader: how to read the job's record (the `Client` asks the service, or its store).
+        pushed: the completion will be pushed to this process (it submitted the job).
+    """
+
+    def __init__(self, job_id: str, route: str, reader: Reader, *, pushed: bool = False) -> None:
         if valid_job_id(job_id) is None:
             raise InvalidArgument(f"not a job id: {job_id[:80]!r}")
         self.id = job_id
         self.route = route
-        self._link = link
-        self._names = names
+        self._reader = reader
+        self._submitted = pushed
+        self._push: asyncio.Future[JobStatus] | None = (
+            asyncio.get_running_loop().create_future() if pushed else None
+        )
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, route={self.route!r})"
 
-    async def completion(self, timeout: float) -> Delivery:
-        """The raw completion message, left in place so it can be read again."""
-        return await self._link.peek(self._names.job_queue(self.id), timeout)
+    def deliver(self, delivery: Delivery) -> None:
+        """The completion arrived on the reply consumer (called by `RpcClient`)."""
+        if self._push is None or self._push.done():
+            return
+        failed = delivery.headers.get(H_STATUS) == Status.ERROR
+        record = JobRecord(
+            JobState.FAILED if failed else JobState.COMPLETED, b"", "", delivery.body
+        )
+        try:
+            self._push.set_result(JobStatus.of(self.id, record))
+        except ServiceError as exc:  # not JSON: say so where the result is awaited
+            self._push.set_exception(exc)
+
+    def lost(self) -> None:
+        """The reply address changed (connection lost): the push can no longer arrive."""
+        if self._push is not None and not self._push.done():
+            self._push.cancel()
+
+    async def status(self) -> JobStatus:
+        """Read the job's record once.
+
+        Raises:
+            NotFound: no service has received the job yet, or its result expired.
+        """
+        if self._push is not None and self._push.done() and not self._push.cancelled():
+            return self._push.result()
+        record = await self._reader(self.id, self.route)
+        if record is None:
+            raise NotFound(f"job {self.id!r}: not received by a service yet, or expired")
+        return JobStatus.of(self.id, record)
+
+    async def finished(self, timeout: float = 30.0) -> JobStatus:
+        """Wait at most `timeout` seconds for the job to end; its final status.
+
+        A read that fails retryably (the service overloaded or away) is tried again.
+
+        Raises:
+            DeadlineExceeded: it is running (or, submitted here, not started) at the deadline.
+            NotFound: no record of it appeared before the deadline (unknown, or expired).
+            ServiceError: every read up to the deadline failed (e.g. `Unavailable`).
+        """
+        deadline = time.monotonic() + timeout
+        push = self._push
+        if push is not None:
+            await asyncio.wait([push], timeout=max(0.0, timeout))
+            if push.done() and not push.cancelled():
+                return push.result()
+            if not push.done():
+                raise DeadlineExceeded(f"job {self.id!r} did not finish within {timeout:.3f}s")
+        seen, pause = self._submitted, _FIRST_PAUSE
+        answered: ServiceError | None = None  # a retryable failure of the last read, if any
+        while True:
+            try:
+                record = await self._reader(self.id, self.route)
+                answered = None
+            except ServiceError as exc:
+                if not exc.retryable:
+                    raise
+                record, answered = None, exc  # the store or service is away, or overloaded
+            if record is not None and record.finished:
+                return JobStatus.of(self.id, record)
+            seen = seen or record is not None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if seen:
+                    raise DeadlineExceeded(f"job {self.id!r} did not finish within {timeout:.3f}s")
+                if answered is not None:
+                    raise answered
+                raise NotFound(f"job {self.id!r}: not received by a service, or expired")
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, _MAX_PAUSE)
 
     async def result(self, timeout: float = 30.0) -> Any:
         """Wait for the job's result (decoded JSON); raise its error if it failed.
@@ -80,7 +173,7 @@ class Job:
             NotFound: unknown job, or its result expired.
             DeadlineExceeded: not finished within `timeout` seconds.
         """
-        delivery = await self.completion(timeout)
-        if delivery.headers.get(H_STATUS) == Status.ERROR:
-            raise error_from_wire(codec.decode_json(delivery.body))
-        return codec.decode_json(delivery.body)
+        status = await self.finished(timeout)
+        if status.error is not None:
+            raise status.error
+        return status.result

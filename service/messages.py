@@ -82,19 +82,24 @@ def completions(
     body: bytes,
     *,
     ok: bool,
+    reply_to: str | None,
     callback: str | None,
     version: str,
     trace: str | None,
 ) -> list[Outgoing]:
-    """The messages announcing that job `job_id` of `route` finished: to the job's queue (the
-    one that must be routable), as the `<route>.completed|failed` event, and to the callback."""
+    """The messages announcing that job `job_id` of `route` finished: to the submitter's reply
+    address (or, without one, to the job queue a pre-0.2 submitter declared), as the
+    `<route>.completed|failed` event, and to the callback."""
     suffix = "completed" if ok else "failed"
     headers = stamp(
         {H_JOB_ID: job_id, H_STATUS: Status.OK if ok else Status.ERROR},
         version=version,
         trace=trace,
     )
-    targets = [("", names.job_queue(job_id)), (names.events_exchange, f"{route}.{suffix}")]
+    targets = [
+        ("", reply_to or names.job_queue(job_id)),
+        (names.events_exchange, f"{route}.{suffix}"),
+    ]
     if callback is not None:
         targets.append((names.events_exchange, callback))
     return [

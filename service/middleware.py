@@ -51,11 +51,11 @@ class Request:
     route: str
     operation: Operation[Any, Any] | Subscription | None
     delivery: Delivery
-    kind: str  # call | cast | submit | event
+    kind: str  # call | cast | submit | result | event
     deadline: float | None  # absolute, seconds since the epoch
-    reply_to: str | None  # validated direct reply-to address of a call
+    reply_to: str | None  # validated direct reply-to address of a call, submit or result
     handler_timeout: float
-    job_id: str | None = None  # validated job id of a submit
+    job_id: str | None = None  # validated job id of a submit or result
     callback: str | None = None  # validated callback routing key of a submit
     attempt: int = 0  # retries already made (from x-death)
     max_retries: int = 0
@@ -78,7 +78,7 @@ class Result:
     reply: bytes | None = None
     error: ServiceError | None = None
     dead_reason: str | None = None
-    duplicate: bool = False  # answered from the idempotency store; the handler did not run
+    duplicate: bool = False  # answered from a store (idempotency, job); the handler did not run
 
     def __post_init__(self) -> None:
         if self.error is not None:
@@ -122,7 +122,7 @@ def decide(request: Request, result: Result) -> Result:
     reason. Calls are never retried here: the caller holds the deadline and gets `retryable`.
     """
     error = result.error
-    if error is None or result.outcome in (Outcome.RETRIED, Outcome.DEAD_LETTERED):
+    if error is None or result.duplicate or result.outcome in _FINAL:
         return result
     if error.retryable and request.kind in ASYNC_KINDS and result.dead_reason in _RETRIABLE_REASONS:
         if request.attempt < request.max_retries:
@@ -243,6 +243,7 @@ async def decision_middleware(request: Request, call_next: Next) -> Result:
     return decide(request, await call_next(request))
 
 
+_FINAL = frozenset({Outcome.RETRIED, Outcome.DEAD_LETTERED})
 _RETRIABLE_REASONS = frozenset({None, DeadReason.FAILED})  # refusals (schema, size…) never do
 
 DEFAULT_MIDDLEWARE: tuple[Middleware, ...] = (

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+import weakref
+from typing import Any, Protocol
 
 import structlog
 
@@ -29,10 +30,20 @@ from service.vocabulary import (
     Status,
 )
 
-__all__ = ["RpcClient"]
+__all__ = ["RpcClient", "Awaiting"]
 
 _log = structlog.get_logger("burrow.rpc_client")
 _OUTCOMES = frozenset(metrics.CALL_OUTCOMES)
+
+
+class Awaiting(Protocol):
+    """Something else waiting on the reply consumer, by correlation id: a submitted `Job`."""
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Its message arrived."""
+
+    def lost(self) -> None:
+        """The reply address is gone: its message can no longer arrive."""
 
 
 class RpcClient:
@@ -47,6 +58,9 @@ class RpcClient:
         # notice a closed channel late) does not fail them; their publish answers for them.
         self._unsent: set[str] = set()
         self._metrics: dict[str, tuple[dict[str, Any], Any]] = {}
+        # Jobs submitted from here, until their completion arrives; one nobody holds any
+        # more is forgotten (its result stays in the service's store).
+        self.awaiting: weakref.WeakValueDictionary[str, Awaiting] = weakref.WeakValueDictionary()
         link.add_consumer(ConsumerSpec(DIRECT_REPLY_TO, self._on_reply, no_ack=True))
         link.on_lost(self._fail_pending)
 
@@ -127,6 +141,11 @@ class RpcClient:
 
     async def _on_reply(self, delivery: Delivery) -> None:
         future = self.pending.get(delivery.correlation_id or "")
+        if future is None:
+            waiter = self.awaiting.pop(delivery.correlation_id or "", None)
+            if waiter is not None:
+                waiter.deliver(delivery)
+                return
         if future is None or future.done():
             metrics.RPC_LATE_REPLIES.inc()
             _log.info(
@@ -137,6 +156,10 @@ class RpcClient:
         future.set_result(delivery)
 
     def _fail_pending(self, reason: BaseException) -> None:
+        waiting = list(self.awaiting.values())
+        self.awaiting.clear()
+        for waiter in waiting:
+            waiter.lost()
         sent = [f for cid, f in self.pending.items() if cid not in self._unsent and not f.done()]
         if not sent:
             return

@@ -15,7 +15,7 @@ from service import codec, messages
 from service.middleware import Request, Result
 from service.retry import retry_level
 from service.types import Outcome, Outgoing, Settle
-from service.vocabulary import DeadReason, Names, PublishKind
+from service.vocabulary import DeadReason, Kind, Names, PublishKind
 
 __all__ = ["Role", "Publish", "Plan", "plan"]
 
@@ -92,6 +92,8 @@ def _answers(
         body, ok = result.reply or b"{}", True
     else:
         body, ok = codec.encode_error(result.error), False
+    if request.kind == Kind.SUBMIT:
+        return _completions(request, body, ok=ok, names=names, version=version, trace=trace)
     if request.reply_to is not None and result.outcome is not Outcome.DEAD_LETTERED:
         message = messages.reply(
             request.delivery.correlation_id,
@@ -103,22 +105,27 @@ def _answers(
         )
         # mandatory=False: RabbitMQ 3.10 returns direct reply-to publishes spuriously.
         return [Publish(message, PublishKind.REPLY, mandatory=False, role=Role.ANSWER)]
+    return []
+
+
+def _completions(
+    request: Request, body: bytes, *, ok: bool, names: Names, version: str, trace: str | None
+) -> list[Publish]:
+    """A submit's completions (none when its job id was refused), none mandatory: the record
+    in the job store is what must not be lost, and it was written first."""
     if request.job_id is None:
         return []
-    first, *rest = messages.completions(
-        names,
-        request.route,
-        request.job_id,
-        body,
-        ok=ok,
-        callback=request.callback,
-        version=version,
-        trace=trace,
-    )
     return [
-        Publish(first, PublishKind.COMPLETION, mandatory=True, role=Role.ANSWER),
-        *(
-            Publish(message, PublishKind.COMPLETION, mandatory=False, role=Role.ANSWER)
-            for message in rest
-        ),
+        Publish(message, PublishKind.COMPLETION, mandatory=False, role=Role.ANSWER)
+        for message in messages.completions(
+            names,
+            request.route,
+            request.job_id,
+            body,
+            ok=ok,
+            reply_to=request.reply_to,
+            callback=request.callback,
+            version=version,
+            trace=trace,
+        )
     ]

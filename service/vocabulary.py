@@ -143,10 +143,13 @@ class Kind(StrEnum):
     CALL = "call"
     CAST = "cast"
     SUBMIT = "submit"
+    RESULT = "result"  # a call asking for a submitted job's record (§7.3)
     EVENT = "event"
 
 
-HEADER_KINDS = frozenset({Kind.CALL, Kind.CAST, Kind.SUBMIT})  # what `x-burrow-kind` may say
+HEADER_KINDS = frozenset(
+    {Kind.CALL, Kind.CAST, Kind.SUBMIT, Kind.RESULT}
+)  # what `x-burrow-kind` may say
 ASYNC_KINDS = frozenset({Kind.CAST, Kind.SUBMIT, Kind.EVENT})  # never answered; retried (§10)
 
 
@@ -248,8 +251,13 @@ class Names:
         return f"{self.namespace}.{group}.{name}.events"
 
     def job_queue(self, job_id: str) -> str:
-        """Holds one job's completion for later retrieval; expires when unused."""
+        """Before 0.2, one job's completion queue; a submit without a reply address still
+        gets its completion there if the submitter declared it (docs/operations.md)."""
         return f"{self.namespace}.job.{job_id}"
+
+    def job_key(self, job_id: str) -> str:
+        """The job's record in the result store."""
+        return f"{self.namespace}:job:{job_id}"
 
     def delay_exchange(self, level: int) -> str:
         """Entry of delay level `level` (see service.scheduler)."""

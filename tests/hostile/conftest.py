@@ -52,7 +52,7 @@ from service import (
 )
 from service.codec import H_KIND, decode_json
 from service.dead_letters import DeadLetter
-from service.jobs import H_CALLBACK, H_JOB_ID, job_queue_decl
+from service.jobs import H_CALLBACK, H_JOB_ID
 from service.scheduler import H_TARGET_EXCHANGE, H_TARGET_KEY, LEVELS, delay_route
 from service.topology import DIRECT_REPLY_TO, Names
 from service.transport import ConsumerSpec
@@ -471,11 +471,13 @@ class Hostile:
         return frozenset(atoms)
 
     async def declare_job(self, job_id: str) -> None:
-        """Declare a job's result queue, as the Python client does before it submits."""
+        """Declare a job's result queue, as a pre-0.2 client did before it submitted (its
+        probes carry no reply address, so the completion still goes there)."""
         assert self._channel is not None
-        decl = job_queue_decl(self.names, job_id, 60)
-        await self._channel.declare_queue(decl.name, durable=True, arguments=decl.arguments)
-        self.extra_queues.add(decl.name)
+        name = self.names.job_queue(job_id)
+        arguments: dict[str, Any] = {"x-queue-type": "classic", "x-expires": 60_000}
+        await self._channel.declare_queue(name, durable=True, arguments=arguments)
+        self.extra_queues.add(name)
 
     async def send(
         self,

@@ -4,16 +4,16 @@ another connection, failed jobs as structured errors, unknown jobs, and callback
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 from typing import Any
 
 import aio_pika
-import aiormq
 import pytest
 
 from service import Client, InvalidArgument, Model, NotFound, Service, Unroutable
 from service.codec import H_STATUS
-from service.jobs import H_JOB_ID, Job
-from service.topology import Names
+from service.jobs import H_JOB_ID
 from tests.conftest import AppFactory, ClientFactory
 from tests.integration.test_async_support import EventTap, Recorder, body_json
 
@@ -158,28 +158,42 @@ async def test_callback_must_be_a_routing_key(start_app: AppFactory, client: Cli
     assert recorder.items == []
 
 
-async def test_unroutable_submit_leaves_no_job_queue(
-    start_app: AppFactory,
-    client: Client,
-    amqp_channel: aio_pika.abc.AbstractChannel,
-    namespace: str,
-    monkeypatch: pytest.MonkeyPatch,
+async def test_unroutable_submit_is_refused_and_forgotten(
+    start_app: AppFactory, client: Client
 ) -> None:
-    """A submit no service takes raises Unroutable and leaves no job queue behind."""
+    """A submit no service takes raises Unroutable; no job is left waiting for a push."""
     await start_app(make_work(Recorder()))
-    job_ids: list[str] = []
-
-    class SpyJob(Job):
-        """A Job that tells the test its id (submit raises before returning it)."""
-
-        def __init__(self, job_id: str, *args: Any) -> None:
-            job_ids.append(job_id)
-            super().__init__(job_id, *args)
-
-    monkeypatch.setattr("service.client.Job", SpyJob)
     with pytest.raises(Unroutable):
         await client.submit("nowhere.square", {"x": 1})
+    assert len(client.rpc.awaiting) == 0
 
-    assert len(job_ids) == 1
-    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
-        await amqp_channel.declare_queue(Names(namespace).job_queue(job_ids[0]), passive=True)
+
+def _queues(namespace: str) -> set[str]:
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return {line.strip() for line in out.splitlines() if line.strip().startswith(namespace + ".")}
+
+
+async def test_500_jobs_declare_no_queue(
+    start_app: AppFactory, client: Client, namespace: str
+) -> None:
+    """500 submits (64 in flight) all complete, and the broker holds exactly the queues it
+    held before: none per job."""
+    await start_app(make_work(Recorder()))
+    before = await asyncio.to_thread(_queues, namespace)
+    window = asyncio.Semaphore(64)
+
+    async def one(x: int) -> Any:
+        async with window:
+            job = await client.submit("work.square", {"x": x})
+        return await job.result(timeout=60)
+
+    results = await asyncio.gather(*(one(x) for x in range(500)))
+    assert results == [{"square": x * x} for x in range(500)]
+    assert await asyncio.to_thread(_queues, namespace) == before
+    assert before  # the service's own queues were seen: the count is real

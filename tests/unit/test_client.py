@@ -4,17 +4,15 @@ deadlines, cast, submit, emit, the fallback to submit on a full queue, and delay
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from service import (
-    App,
     Client,
     ConfigError,
     ConnectionLost,
@@ -32,7 +30,8 @@ from service import (
 )
 from service.registry import Operation
 from service.scheduler import delay_route
-from service.testing import InMemoryBroker, PublishedMessage
+from service.testing import InMemoryBroker, MemoryLink, PublishedMessage
+from tests.unit.conftest import ServeApp
 
 __all__: list[str] = []
 
@@ -108,23 +107,14 @@ Serve = Callable[..., Awaitable[tuple[Client, InMemoryBroker]]]
 
 
 @pytest.fixture
-async def serve(settings: Settings) -> AsyncIterator[Serve]:
+def serve(serve_app: ServeApp) -> Serve:
     """Run services on a fresh in-memory broker with a connected Client; both stop afterwards."""
-    async with contextlib.AsyncExitStack() as stack:
 
-        async def start(*services: Service, **overrides: Any) -> tuple[Client, InMemoryBroker]:
-            config = settings.model_copy(update=overrides) if overrides else settings
-            broker = InMemoryBroker()
-            app = App(*services, settings=config, http=False, link_factory=broker.link_factory)
-            client = Client(config, link_factory=broker.link_factory)
-            await app.start()
-            stack.push_async_callback(app.stop)
-            await app.wait_ready(5)
-            await client.start()
-            stack.push_async_callback(client.close)
-            return client, broker
+    async def start(*services: Service, **overrides: Any) -> tuple[Client, InMemoryBroker]:
+        _, client, broker = await serve_app(*services, **overrides)
+        return client, broker
 
-        yield start
+    return start
 
 
 @pytest.fixture
@@ -319,12 +309,13 @@ async def test_cast_to_a_service_never_deployed_is_unroutable(serve: Serve, shop
 
 
 async def test_submit_and_job_result(serve: Serve, shop: Shop) -> None:
-    """submit returns a Job once confirmed; its result can be read, and read again through
-    another handle on the same id."""
+    """submit returns a Job once confirmed, declaring nothing; its result is pushed to it, and
+    read again through another handle on the same id (which asks the service)."""
     client, broker = await serve(shop.service)
+    queues = set(broker.queues)
     job = await client.submit("shop.place", {"sku": "tea", "quantity": 3})
-    assert broker.queue(client.names.job_queue(job.id))  # declared before the publish
     assert await job.result(timeout=5) == {"sku": "tea", "total_cents": 1350}
+    assert set(broker.queues) == queues
     assert await client.job(job.id, "shop.place").result(timeout=5) == {
         "sku": "tea",
         "total_cents": 1350,
@@ -332,6 +323,9 @@ async def test_submit_and_job_result(serve: Serve, shop: Shop) -> None:
     [submitted] = sent(broker, "tea")
     assert submitted.headers["x-burrow-kind"] == "submit"
     assert submitted.headers["x-job-id"] == job.id
+    assert submitted.correlation_id == job.id
+    assert isinstance(client.link, MemoryLink)
+    assert submitted.reply_to == client.link.reply_address  # the client's reply consumer
 
 
 async def test_failed_job_raises_its_error(serve: Serve, shop: Shop) -> None:
@@ -357,13 +351,14 @@ async def test_submit_with_a_bad_callback_is_refused_locally(serve: Serve, shop:
     assert sent(broker, "tea") == []
 
 
-async def test_unroutable_submit_leaves_no_job_queue(serve: Serve, shop: Shop) -> None:
-    """A submit nobody consumes is Unroutable, and the job queue declared for it is removed."""
+async def test_unroutable_submit_is_refused_and_forgotten(serve: Serve, shop: Shop) -> None:
+    """A submit nobody consumes is Unroutable; no queue is left and no job awaits a push."""
     client, broker = await serve(shop.service)
     before = set(broker.queues)
     with pytest.raises(Unroutable):
         await client.submit("ghost.op", {"sku": "tea"})
     assert set(broker.queues) == before
+    assert len(client.rpc.awaiting) == 0
 
 
 async def test_emit_reaches_a_subscription(serve: Serve, shop: Shop) -> None:
@@ -425,11 +420,11 @@ async def test_delayed_cast_enters_the_ladder_and_arrives_no_earlier(
     assert loop.time() - started >= 0.3 - 0.01
 
 
-async def test_submit_at_a_time_is_delayed_and_its_job_queue_outlives_the_wait(
+async def test_submit_at_a_time_is_delayed_and_its_result_pushed_after_it_ran(
     serve: Serve, shop: Shop, frozen_clock: float
 ) -> None:
-    """submit(at=…) goes through the ladder to its time; the job's result queue lives for the
-    result TTL plus the wait; the result is read after it ran."""
+    """submit(at=…) goes through the ladder to its time, keeping the reply address; the result
+    reaches the job after it ran."""
     client, broker = await serve(shop.service)
     at = datetime.datetime.fromtimestamp(NOW + 0.15, datetime.UTC)
     job = await client.submit("shop.place", {"sku": "at"}, at=at)
@@ -437,8 +432,8 @@ async def test_submit_at_a_time_is_delayed_and_its_job_queue_outlives_the_wait(
     assert scheduled.routing_key == delay_route(2)
     assert scheduled.headers["x-burrow-target-key"] == "shop.place"
     assert scheduled.headers["x-job-id"] == job.id
-    expires = broker.queue(client.names.job_queue(job.id)).arguments["x-expires"]
-    assert expires == int((client.settings.job_result_ttl + 0.15) * 1000)
+    assert isinstance(client.link, MemoryLink)
+    assert scheduled.reply_to == client.link.reply_address
     assert await job.result(timeout=5) == {"sku": "at", "total_cents": 450}
 
 

@@ -3,18 +3,17 @@ delivery is settled, end to end through a real `App` and `Client`."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from service import App, Client, Model, Service, Settings, Unavailable
+from service import Model, Service, Settings, Unavailable
 from service.codec import H_DEAD_REASON, H_KIND
 from service.shim import Undecodable
 from service.testing import InMemoryBroker
 from service.topology import Names
 from service.types import Outgoing
+from tests.unit.conftest import ServeApp
 
 __all__: list[str] = []
 
@@ -43,37 +42,16 @@ def _work(runs: list[int]) -> Service:
     return svc
 
 
-Serve = Callable[..., Awaitable[tuple[App, Client, InMemoryBroker]]]
-
-
-@pytest.fixture
-async def serve(settings: Settings) -> AsyncIterator[Serve]:
-    """An App and a Client on a fresh in-memory broker; both stopped afterwards."""
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def start(*services: Service, **overrides: Any) -> tuple[App, Client, InMemoryBroker]:
-            config = settings.model_copy(update=overrides)
-            broker = InMemoryBroker()
-            app = App(*services, settings=config, http=False, link_factory=broker.link_factory)
-            client = Client(config, link_factory=broker.link_factory)
-            await app.start()
-            stack.push_async_callback(app.stop)
-            await app.wait_ready(5)
-            await client.start()
-            stack.push_async_callback(client.close)
-            return app, client, broker
-
-        yield start
-
-
 def _dlq(broker: InMemoryBroker, settings: Settings) -> list[Any]:
     return broker.queue(Names(settings.namespace).dead_letter_queue("work")).messages
 
 
-async def test_retryable_cast_is_retried_then_parked(serve: Serve, settings: Settings) -> None:
+async def test_retryable_cast_is_retried_then_parked(
+    serve_app: ServeApp, settings: Settings
+) -> None:
     """A cast failing retryably runs max_retries + 1 times, then is parked retries_exhausted."""
     runs: list[int] = []
-    _, client, broker = await serve(_work(runs), max_retries=2, retry_base_delay=0.01)
+    _, client, broker = await serve_app(_work(runs), max_retries=2, retry_base_delay=0.01)
     await client.cast("work.flaky", {"n": 1})
     await broker.drain()
     assert runs == [1, 1, 1]
@@ -83,10 +61,12 @@ async def test_retryable_cast_is_retried_then_parked(serve: Serve, settings: Set
     assert len(retries) == 2
 
 
-async def test_oversize_cast_is_rejected_to_the_queue_dlx(serve: Serve, settings: Settings) -> None:
+async def test_oversize_cast_is_rejected_to_the_queue_dlx(
+    serve_app: ServeApp, settings: Settings
+) -> None:
     """A cast above the body limit is not copied: rejected, the broker dead-letters it whole."""
     runs: list[int] = []
-    _, client, broker = await serve(_work(runs), max_body_bytes=1024)
+    _, client, broker = await serve_app(_work(runs), max_body_bytes=1024)
     names = Names(settings.namespace)
     body = b'{"n": 1, "pad": "' + b"x" * 2000 + b'"}'
     await client.link.publish(
@@ -110,10 +90,12 @@ async def test_oversize_cast_is_rejected_to_the_queue_dlx(serve: Serve, settings
     assert not [m for m in broker.published if m.kind == "dead_letter"]
 
 
-async def test_undecodable_cast_is_parked_with_its_reason(serve: Serve, settings: Settings) -> None:
+async def test_undecodable_cast_is_parked_with_its_reason(
+    serve_app: ServeApp, settings: Settings
+) -> None:
     """A cast with an undecodable header name never runs and is parked as undecodable."""
     runs: list[int] = []
-    _, client, broker = await serve(_work(runs))
+    _, client, broker = await serve_app(_work(runs))
     names = Names(settings.namespace)
     await client.link.publish(
         Outgoing(
@@ -135,11 +117,11 @@ async def test_undecodable_cast_is_parked_with_its_reason(serve: Serve, settings
 
 
 async def test_a_dispatch_bug_parks_instead_of_requeueing(
-    serve: Serve, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    serve_app: ServeApp, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If settling itself fails (a bug), the message is parked as internal, not requeued."""
     runs: list[int] = []
-    app, client, broker = await serve(_work(runs))
+    app, client, broker = await serve_app(_work(runs))
     [dispatcher] = app.servers
 
     def broken(*args: Any, **kwargs: Any) -> Any:
@@ -153,10 +135,10 @@ async def test_a_dispatch_bug_parks_instead_of_requeueing(
     assert letter.headers[H_DEAD_REASON] == "internal"
 
 
-async def test_call_is_answered_and_acked(serve: Serve) -> None:
+async def test_call_is_answered_and_acked(serve_app: ServeApp) -> None:
     """A call gets its reply and leaves nothing in the request queue."""
     runs: list[int] = []
-    app, client, broker = await serve(_work(runs))
+    app, client, broker = await serve_app(_work(runs))
     assert await client.call("work.echo", {"n": 3}) == {"n": 3}
     await broker.drain()
     queue = broker.queue(Names(app.settings.namespace).request_queue("work"))

@@ -25,7 +25,12 @@ REQUESTS = NAMES.request_queue("calc")
 
 
 def _request(
-    kind: str, *, attempt: int = 0, max_retries: int = 3, queue: str = COMMANDS
+    kind: str,
+    *,
+    attempt: int = 0,
+    max_retries: int = 3,
+    queue: str = COMMANDS,
+    reply_to: str | None = REPLY_TO,
 ) -> Request:
     return Request(
         service="calc",
@@ -36,8 +41,8 @@ def _request(
         ),
         kind=kind,
         deadline=None,
-        reply_to=REPLY_TO if kind == "call" else None,
-        job_id="job-1" if kind == "submit" else None,
+        reply_to=reply_to if kind in ("call", "submit", "result") else None,
+        job_id="job-1" if kind in ("submit", "result") else None,
         callback="my.inbox" if kind == "submit" else None,
         handler_timeout=5.0,
         attempt=attempt,
@@ -77,6 +82,8 @@ DECISIONS = [
     Row("event", Result(Outcome.REJECTED, error=FINAL, dead_reason="invalid"), 0, Outcome.DEAD_LETTERED, "invalid"),
     # A refusal is never retried, even when its error is retryable.
     Row("cast", Result(Outcome.REJECTED, error=RETRYABLE, dead_reason="too_large"), 0, Outcome.DEAD_LETTERED, "too_large"),
+    # A job's stored failure, answered again to a redelivered submit: never retried again.
+    Row("submit", Result(Outcome.ERROR, error=RETRYABLE, duplicate=True), 0, Outcome.ERROR, None),
     # Already parked (e.g. job_id_in_use): left as it is.
     Row("submit", Result(Outcome.DEAD_LETTERED, error=FINAL, dead_reason="job_id_in_use"), 0, Outcome.DEAD_LETTERED, "job_id_in_use"),
 ]  # fmt: skip
@@ -112,7 +119,6 @@ def _shape(todo: Plan) -> list[tuple[str, str, str, bool, Role]]:
 
 ERROR = Result(Outcome.ERROR, error=FINAL, dead_reason="failed")
 PARKED = Result(Outcome.DEAD_LETTERED, error=FINAL, dead_reason="failed")
-JOB = NAMES.job_queue("job-1")
 EVENTS = NAMES.events_exchange
 
 PLANS = [
@@ -125,7 +131,7 @@ PLANS = [
         "submit",
         Result(Outcome.OK, reply=b"{}"),
         [
-            ("completion", "", JOB, True, Role.ANSWER),
+            ("completion", "", REPLY_TO, False, Role.ANSWER),
             ("completion", EVENTS, "calc.add.completed", False, Role.ANSWER),
             ("completion", EVENTS, "my.inbox", False, Role.ANSWER),
         ],
@@ -138,12 +144,13 @@ PLANS = [
         PARKED,
         [
             ("dead_letter", NAMES.dead_letter_exchange, NAMES.dead_letter_queue("calc"), True, Role.COPY),
-            ("completion", "", JOB, True, Role.ANSWER),
+            ("completion", "", REPLY_TO, False, Role.ANSWER),
             ("completion", EVENTS, "calc.add.failed", False, Role.ANSWER),
             ("completion", EVENTS, "my.inbox", False, Role.ANSWER),
         ],
         Settle.ACK,
     ),
+    ("result", Result(Outcome.OK, reply=b'{"state": "running"}'), [("reply", "", REPLY_TO, False, Role.ANSWER)], Settle.ACK),
     # H5: an oversize body from a queue with a dead-letter exchange is not copied.
     ("cast", Result(Outcome.DEAD_LETTERED, error=FINAL, dead_reason="too_large"), [], Settle.REJECT),
 ]  # fmt: skip
@@ -164,6 +171,13 @@ def test_plan_table(
     todo = _plan(_request(kind), result)
     assert _shape(todo) == publishes
     assert todo.then is then
+
+
+def test_a_submit_without_reply_address_completes_to_its_pre_0_2_job_queue() -> None:
+    """A submitter that named no reply address may have declared `<ns>.job.<id>` (before 0.2):
+    the completion goes there, unmandatory, instead."""
+    todo = _plan(_request("submit", reply_to=None), Result(Outcome.OK, reply=b"{}"))
+    assert _shape(todo)[0] == ("completion", "", NAMES.job_queue("job-1"), False, Role.ANSWER)
 
 
 def test_oversize_call_on_the_request_queue_is_parked_by_burrow() -> None:

@@ -37,8 +37,8 @@ def test_the_headers_of_the_protocol_are_the_vocabularys() -> None:
 
 
 def test_kinds_and_statuses_are_the_protocols() -> None:
-    """`x-burrow-kind` carries call, cast or submit; `x-status` ok or error (§3)."""
-    assert sorted(v.HEADER_KINDS) == ["call", "cast", "submit"]
+    """`x-burrow-kind` carries call, cast, submit or result; `x-status` ok or error (§3)."""
+    assert sorted(v.HEADER_KINDS) == ["call", "cast", "result", "submit"]
     assert v.Kind.EVENT not in v.HEADER_KINDS
     assert [str(status) for status in v.Status] == ["ok", "error"]
 
