@@ -1,6 +1,6 @@
 'use strict';
 // A Burrow client for Node.js, written from docs/protocol.md and schemas/ alone.
-// Calls (direct reply-to), submits with results, events out and in, typed errors.
+// Calls (direct reply-to), submits with pushed or polled results, events out and in, typed errors.
 
 const crypto = require('node:crypto');
 const fs = require('node:fs');
@@ -14,6 +14,12 @@ const EVENT_NAME_RE = /^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$/;
 const PATTERN_RE = /^([A-Za-z0-9_-]+|\*|#)(\.([A-Za-z0-9_-]+|\*|#))*$/;
 const REPLY_TO = 'amq.rabbitmq.reply-to';
 const JSON_TYPE = 'application/json';
+// Pauses between `result` calls while a job runs (§7.3): 50 ms, doubling up to 1 s.
+const FIRST_PAUSE_MS = 50;
+const MAX_PAUSE_MS = 1000;
+// A result read gets the time left to the caller's deadline, but at least this much.
+const MIN_READ_MS = 100;
+const JOB_STATES = new Set(['running', 'completed', 'failed']);
 
 // Error codes and their default retryability (protocol §11).
 const CODES = {
@@ -198,6 +204,10 @@ function validate(schema, value) {
   }
 }
 
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
 function deferred() {
   let resolve;
   let reject;
@@ -222,11 +232,17 @@ class Client {
     this.channelReady = null;
     this.pending = new Map(); // correlation id -> deferred of a call
     this.publishes = new Map(); // message id -> {returned} of an unconfirmed mandatory publish
+    // Jobs submitted by this client: job id -> {route, channel, push, outcome, timer} (see submit).
+    this.jobs = new Map();
     this.subscriptions = new Set();
     this.closed = false;
+    this.broken = false; // the connection is gone: nothing on it can work again
     this.lateReplies = 0;
     connection.on('error', () => {}); // 'close' follows and carries the consequence
-    connection.on('close', () => this.lost('connection closed'));
+    connection.on('close', () => {
+      this.broken = true;
+      this.lost('connection closed');
+    });
   }
 
   lost(reason) {
@@ -236,14 +252,28 @@ class Client {
     const err = makeError('UNAVAILABLE', reason);
     for (const waiter of this.pending.values()) waiter.reject(err);
     this.pending.clear();
+    // The reply address of that channel is gone: no pushed completion can arrive any more (§7.1).
+    // Their results are read with `result` calls from now on.
+    for (const entry of this.jobs.values()) {
+      if (entry.channel !== null && entry.outcome === null) {
+        entry.channel = null;
+        entry.push.resolve(null);
+      }
+    }
   }
 
   // The confirm channel, opened (again) on demand: a 404 on publish closes it (§1.2).
   async confirmChannel() {
     if (this.closed) throw makeError('UNAVAILABLE', 'client is closed');
+    if (this.broken) throw makeError('UNAVAILABLE', this.lastLoss || 'connection closed');
     if (!this.channelReady) {
       this.channelReady = (async () => {
-        const ch = await this.connection.createConfirmChannel();
+        let ch;
+        try {
+          ch = await this.connection.createConfirmChannel();
+        } catch (err) {
+          throw makeError('UNAVAILABLE', `cannot open a channel: ${err.message}`);
+        }
         let why = 'channel closed';
         this.lastLoss = null;
         // e.g. 404 when <ns>.rpc does not exist: no service has ever declared it (§1.2).
@@ -260,7 +290,7 @@ class Client {
           if (entry) entry.returned = msg.fields;
         });
         // The reply consumer must exist before the first publish that names it (§5.1 step 2).
-        await ch.consume(REPLY_TO, (msg) => this.onReply(msg), { noAck: true });
+        await ch.consume(REPLY_TO, (msg) => this.onReply(msg, ch), { noAck: true });
         this.channel = ch;
         return ch;
       })();
@@ -271,10 +301,17 @@ class Client {
     return this.channelReady;
   }
 
-  onReply(msg) {
+  // Replies to calls and completions of jobs submitted on `ch` share the reply consumer (§7.1).
+  onReply(msg, ch) {
     if (!msg) return;
-    const waiter = this.pending.get(msg.properties.correlationId);
+    const id = msg.properties.correlationId;
+    const waiter = this.pending.get(id);
     if (!waiter) {
+      const entry = this.jobs.get(id);
+      if (entry && entry.channel === ch && entry.outcome === null) {
+        this.completed(id, entry, msg);
+        return;
+      }
       this.lateReplies += 1; // late, duplicate or unknown (§5.1 step 5)
       return;
     }
@@ -311,25 +348,41 @@ class Client {
   }
 
   // Publish with confirms; resolves 'ok' or 'returned', rejects with a BurrowError (§5.1 step 4).
-  async publish(exchange, key, body, props) {
+  // `onChannel(ch)` runs just before the publish, on the channel that carries it. No confirm
+  // within `confirmTimeoutMs` (default: defaultTimeoutMs) is UNAVAILABLE: it may or may not be taken.
+  async publish(exchange, key, body, props, { onChannel, confirmTimeoutMs } = {}) {
     const ch = await this.confirmChannel();
     const entry = { returned: null };
     const id = props.messageId;
+    const waitMs = Math.max(1, Math.ceil(confirmTimeoutMs ?? this.defaultTimeoutMs));
     if (props.mandatory) this.publishes.set(id, entry);
+    let timer;
+    let onClose;
     try {
       await new Promise((resolve, reject) => {
-        const onClose = () => reject(makeError('UNAVAILABLE', this.lastLoss || 'channel closed'));
+        onClose = () => reject(makeError('UNAVAILABLE', this.lastLoss || 'channel closed'));
         ch.once('close', onClose);
-        ch.publish(exchange, key, body, props, (err) => {
-          ch.removeListener('close', onClose);
-          // amqplib fails unconfirmed publishes with 'channel closed' too; only a nack is a refusal.
-          if (err && err.message === 'message nacked') {
-            reject(makeError('RESOURCE_EXHAUSTED', 'the broker refused the message (nack)'));
-          } else if (err) reject(makeError('UNAVAILABLE', this.lastLoss || 'channel closed'));
-          else resolve();
-        });
+        timer = setTimeout(
+          () => reject(makeError('UNAVAILABLE', `no confirm from the broker within ${waitMs} ms`)),
+          waitMs,
+        );
+        if (onChannel) onChannel(ch);
+        try {
+          ch.publish(exchange, key, body, props, (err) => {
+            // amqplib fails unconfirmed publishes with 'channel closed' too; only a nack is a refusal.
+            if (err && err.message === 'message nacked') {
+              reject(makeError('RESOURCE_EXHAUSTED', 'the broker refused the message (nack)'));
+            } else if (err) reject(makeError('UNAVAILABLE', this.lastLoss || 'channel closed'));
+            else resolve();
+          });
+        } catch (err) {
+          // amqplib throws at once when the channel closed before this publish
+          reject(makeError('UNAVAILABLE', this.lastLoss || `cannot publish: ${err.message}`));
+        }
       });
     } finally {
+      clearTimeout(timer);
+      ch.removeListener('close', onClose);
       this.publishes.delete(id);
     }
     return entry.returned ? 'returned' : 'ok';
@@ -346,6 +399,11 @@ class Client {
     if (!ROUTE_RE.test(route)) throw makeError('INVALID_ARGUMENT', `bad route ${route}`, { route });
     if (options.validate !== false) this.checkRequest(route, payload);
     const body = this.encode(payload);
+    return this.rpc(route, body, { 'x-burrow-kind': 'call' }, options);
+  }
+
+  // One call on `<ns>.rpc` (§5.1): calls and `result` calls (§7.3) differ only in kind and body.
+  async rpc(route, body, extraHeaders, options) {
     const timeoutMs = Math.max(1, Math.ceil(options.timeoutMs ?? this.defaultTimeoutMs));
     const id = newId();
     const waiter = deferred();
@@ -355,7 +413,7 @@ class Client {
       waiter.reject(makeError('DEADLINE_EXCEEDED', `no reply within ${timeoutMs} ms`, { timeout_ms: timeoutMs }));
     }, timeoutMs);
     try {
-      const published = this.publish(`${this.namespace}.rpc`, route, body, {
+      const props = {
         mandatory: true,
         type: route,
         replyTo: REPLY_TO,
@@ -364,8 +422,10 @@ class Client {
         contentType: JSON_TYPE,
         deliveryMode: 1,
         expiration: String(timeoutMs),
-        headers: this.headers({ 'x-deadline': Math.floor(Date.now() + timeoutMs), 'x-burrow-kind': 'call' }, options),
-      });
+        headers: this.headers({ 'x-deadline': Math.floor(Date.now() + timeoutMs), ...extraHeaders }, options),
+      };
+      const published = this.publish(`${this.namespace}.rpc`, route, body, props, { confirmTimeoutMs: timeoutMs });
+      published.catch(() => {}); // once the reply or the deadline came first, its outcome is moot
       // One timer covers publish and wait: a confirm that never comes ends at the deadline too.
       const state = await Promise.race([published, waiter.promise.then(() => 'replied')]);
       if (state === 'returned') {
@@ -378,125 +438,229 @@ class Client {
     }
   }
 
-  /** Publish to `<ns>.commands` without waiting for a result; resolves the message id. */
+  /** Publish to `<ns>.commands` without waiting for a result; resolves the message id (§6). */
   async cast(route, payload, options = {}) {
-    return this.command(route, payload, 'cast', options);
-  }
-
-  /** Submit a job; declares `<ns>.job.<id>` first and resolves the job id (§7.1). */
-  async submit(route, payload, options = {}) {
-    const jobId = options.jobId ?? newId();
-    if (!JOB_ID_RE.test(jobId)) throw makeError('INVALID_ARGUMENT', 'bad job id', { job_id: jobId });
-    if (options.callbackRoute !== undefined && !this.isCallbackRoute(options.callbackRoute)) {
-      throw makeError('INVALID_ARGUMENT', 'bad callback route', { callback_route: options.callbackRoute });
-    }
-    await this.onSpareChannel((ch) =>
-      ch.assertQueue(this.jobQueue(jobId), {
-        durable: true,
-        arguments: { 'x-queue-type': 'classic', 'x-expires': Math.max(1000, Math.floor(this.jobResultTtlMs)) },
-      }),
-    );
-    try {
-      return await this.command(route, payload, 'submit', { ...options, jobId });
-    } catch (err) {
-      // Nobody will complete this job: do not leave its result queue behind (§7.1).
-      await this.forget(jobId).catch(() => {});
-      throw err;
-    }
-  }
-
-  isCallbackRoute(key) {
-    return typeof key === 'string' && key.length <= 255 && EVENT_NAME_RE.test(key) && key.split('.').length <= 16;
-  }
-
-  async command(route, payload, kind, options) {
     if (!ROUTE_RE.test(route)) throw makeError('INVALID_ARGUMENT', `bad route ${route}`, { route });
     if (options.validate !== false) this.checkRequest(route, payload);
     const body = this.encode(payload);
-    const messageId = kind === 'submit' ? options.jobId : newId();
-    const extra = { 'x-burrow-kind': kind };
-    if (kind === 'submit') extra['x-job-id'] = options.jobId;
-    if (options.callbackRoute !== undefined) extra['x-callback-route'] = options.callbackRoute;
+    const messageId = newId();
     const state = await this.publish(`${this.namespace}.commands`, route, body, {
       mandatory: true,
       type: route,
       messageId,
       contentType: JSON_TYPE,
       deliveryMode: 2,
-      headers: this.headers(extra, options),
+      headers: this.headers({ 'x-burrow-kind': 'cast' }, options),
     });
     if (state === 'returned') throw makeError('NOT_FOUND', `no service is bound for ${route}`, { route });
     return messageId;
   }
 
-  jobQueue(jobId) {
-    return `${this.namespace}.job.${jobId}`;
+  /**
+   * Submit a job (§7.1): one confirmed, persistent publish to `<ns>.commands`; no queue is
+   * declared. Resolves the job id once the broker confirmed it. options: jobId (default: a new
+   * uuid), callbackRoute, traceparent, validate. The completion is pushed to this client's reply
+   * consumer and kept until `result()` reads it.
+   */
+  async submit(route, payload, options = {}) {
+    const jobId = options.jobId ?? newId();
+    if (typeof jobId !== 'string' || !JOB_ID_RE.test(jobId)) {
+      throw makeError('INVALID_ARGUMENT', 'bad job id', { job_id: jobId });
+    }
+    if (options.callbackRoute !== undefined && !this.isCallbackRoute(options.callbackRoute)) {
+      throw makeError('INVALID_ARGUMENT', 'bad callback route', { callback_route: options.callbackRoute });
+    }
+    if (!ROUTE_RE.test(route)) throw makeError('INVALID_ARGUMENT', `bad route ${route}`, { route });
+    if (options.validate !== false) this.checkRequest(route, payload);
+    const body = this.encode(payload);
+    const extra = { 'x-burrow-kind': 'submit', 'x-job-id': jobId };
+    if (options.callbackRoute !== undefined) extra['x-callback-route'] = options.callbackRoute;
+    // Registered before the publish: a fast job's completion may arrive before the confirm (§7.1).
+    const entry = this.register(jobId, route);
+    try {
+      const state = await this.publish(
+        `${this.namespace}.commands`,
+        route,
+        body,
+        {
+          mandatory: true,
+          type: route,
+          messageId: jobId,
+          correlationId: jobId,
+          replyTo: REPLY_TO,
+          contentType: JSON_TYPE,
+          deliveryMode: 2,
+          headers: this.headers(extra, options),
+        },
+        {
+          // The push reaches only the channel that published the submit.
+          onChannel: (ch) => {
+            entry.channel = ch;
+          },
+        },
+      );
+      if (state === 'returned') throw makeError('NOT_FOUND', `no service is bound for ${route}`, { route });
+    } catch (err) {
+      // Not a job (§7.1 step 2): nothing to remember.
+      if (this.jobs.get(jobId) === entry) this.dropJob(jobId);
+      throw err;
+    }
+    return jobId;
   }
 
-  async onSpareChannel(fn) {
-    if (this.closed) throw makeError('UNAVAILABLE', 'client is closed');
-    let ch;
+  isCallbackRoute(key) {
+    return typeof key === 'string' && key.length <= 255 && EVENT_NAME_RE.test(key) && key.split('.').length <= 16;
+  }
+
+  // What the client knows of a job it submitted; forgotten jobResultTtlMs after its last news.
+  register(jobId, route) {
+    if (this.jobs.has(jobId)) this.dropJob(jobId); // submitted again: the new submit is the one to follow
+    const entry = { route, channel: null, push: deferred(), outcome: null, timer: null };
+    this.jobs.set(jobId, entry);
+    this.keep(jobId, entry);
+    return entry;
+  }
+
+  keep(jobId, entry) {
+    clearTimeout(entry.timer);
+    entry.timer = setTimeout(() => {
+      if (this.jobs.get(jobId) === entry) this.dropJob(jobId);
+    }, Math.min(2 ** 31 - 1, Math.max(1000, Math.floor(this.jobResultTtlMs)))); // setTimeout's range
+    entry.timer.unref();
+  }
+
+  dropJob(jobId) {
+    const entry = this.jobs.get(jobId);
+    if (!entry) return;
+    this.jobs.delete(jobId);
+    clearTimeout(entry.timer);
+    entry.channel = null;
+    entry.push.resolve(null); // a reader still waiting for the push reads the service instead
+  }
+
+  // The pushed completion (§7.2): correlation id = job id; x-status says reply or error body.
+  completed(jobId, entry, msg) {
+    let got;
     try {
-      ch = await this.connection.createChannel();
+      got = outcome(msg);
     } catch (err) {
-      throw makeError('UNAVAILABLE', `cannot open a channel: ${err.message}`);
+      got = { error: err }; // not JSON: say so where the result is awaited
     }
-    ch.on('error', () => {}); // a 404/406 closes the spare channel only; the promise carries it
-    try {
-      return await fn(ch);
-    } finally {
-      try {
-        await ch.close();
-      } catch {
-        // already closed by the broker
-      }
-    }
+    entry.outcome = got;
+    entry.push.resolve(got);
+    this.keep(jobId, entry);
   }
 
   /**
-   * Wait for a job's result in its queue (§7.3). By default the result stays for other readers;
-   * with `{forget: true}` it is acked and the job queue deleted.
+   * A job's result (its reply JSON), or a rejection with the job's error (a BurrowError subclass
+   * by code). options: timeoutMs (default defaultTimeoutMs), route (`<svc>.<op>`, needed for a
+   * job this client did not submit), forget (drop the client's copy once read).
+   *
+   * A job submitted by this client resolves from its pushed completion, kept until read (and
+   * after, unless forget). If the push can no longer arrive (the channel or connection was
+   * replaced), or the job was submitted elsewhere, the service is asked with `result` calls
+   * (§7.3), 50 ms apart and doubling to 1 s, until the job completed or failed.
+   * Rejects DEADLINE_EXCEEDED when the job is still running at the timeout, NOT_FOUND when no
+   * service knows the job by then (never received, or its result expired).
    */
   async result(jobId, options = {}) {
-    if (!JOB_ID_RE.test(jobId)) throw makeError('INVALID_ARGUMENT', 'bad job id', { job_id: jobId });
-    const timeoutMs = options.timeoutMs ?? this.defaultTimeoutMs;
-    const queue = this.jobQueue(jobId);
-    return this.onSpareChannel(async (ch) => {
-      try {
-        await ch.checkQueue(queue);
-      } catch (err) {
-        throw makeError('NOT_FOUND', `unknown job or expired result: ${jobId}`, { job_id: jobId });
+    if (typeof jobId !== 'string' || !JOB_ID_RE.test(jobId)) {
+      throw makeError('INVALID_ARGUMENT', 'bad job id', { job_id: jobId });
+    }
+    if (this.closed) throw makeError('UNAVAILABLE', 'client is closed');
+    const timeoutMs = Math.max(0, options.timeoutMs ?? this.defaultTimeoutMs);
+    const deadline = Date.now() + timeoutMs;
+    const entry = this.jobs.get(jobId);
+    let got = entry ? entry.outcome : null;
+    if (entry && got === null && entry.channel !== null) {
+      let timer;
+      const timedOut = new Promise((resolve) => {
+        timer = setTimeout(() => resolve('timeout'), timeoutMs);
+      });
+      const pushed = await Promise.race([entry.push.promise, timedOut]).finally(() => clearTimeout(timer));
+      if (pushed === 'timeout') {
+        throw makeError('DEADLINE_EXCEEDED', `job ${jobId} did not finish within ${timeoutMs} ms`, {
+          job_id: jobId,
+        });
       }
-      const got = deferred();
-      const closed = () => got.reject(makeError('UNAVAILABLE', 'channel closed while waiting for the result'));
-      ch.once('close', closed);
-      await ch.prefetch(1);
-      const { consumerTag } = await ch.consume(queue, (msg) => msg && got.resolve(msg), { noAck: false });
-      const timer = setTimeout(
-        () => got.reject(makeError('DEADLINE_EXCEEDED', `job ${jobId} not done within ${timeoutMs} ms`)),
-        timeoutMs,
-      );
+      got = pushed; // null: the push was lost; read the service below
+    }
+    if (got === null) {
+      const route = entry ? entry.route : options.route;
+      if (typeof route !== 'string' || !ROUTE_RE.test(route)) {
+        throw makeError(
+          'INVALID_ARGUMENT',
+          `the result of job ${jobId}, not submitted by this client, needs options.route ('<svc>.<op>')`,
+          { job_id: jobId, route: route ?? null },
+        );
+      }
+      got = await this.poll(jobId, route, deadline, Boolean(entry));
+      if (entry && this.jobs.get(jobId) === entry) {
+        entry.outcome = got;
+        this.keep(jobId, entry);
+      }
+    }
+    if (options.forget) this.dropJob(jobId);
+    if (got.error) throw got.error;
+    return got.value;
+  }
+
+  // `result` calls until the job ended or the deadline passed; resolves {value} or {error}.
+  async poll(jobId, route, deadline, submittedHere) {
+    let seen = submittedHere; // our own confirmed submit exists, even if not received yet
+    let pause = FIRST_PAUSE_MS;
+    let lastError = null;
+    for (;;) {
       try {
-        const msg = await got.promise;
-        const result = outcome(msg);
-        if (options.forget) {
-          ch.ack(msg);
-          await ch.cancel(consumerTag);
-          await ch.deleteQueue(queue);
+        const record = await this.readJob(jobId, route, Math.max(MIN_READ_MS, deadline - Date.now()));
+        lastError = null;
+        if (record !== null) {
+          if (record.state === 'completed') return { value: record.result };
+          if (record.state === 'failed') return { error: errorFromBody(record.error) };
+          seen = true;
         }
-        // Without forget the unacked message returns to the queue when the channel closes.
-        if (result.error) throw result.error;
-        return result.value;
-      } finally {
-        clearTimeout(timer);
-        ch.removeListener('close', closed);
+      } catch (err) {
+        // A retryable failure of one read (store away, queue full, channel lost) is read again.
+        if (!(err instanceof BurrowError) || !err.retryable || this.closed || this.broken) throw err;
+        lastError = err;
       }
+      const left = deadline - Date.now();
+      if (left <= 0) break;
+      await sleep(Math.min(pause, left));
+      pause = Math.min(pause * 2, MAX_PAUSE_MS);
+    }
+    if (seen) {
+      throw makeError('DEADLINE_EXCEEDED', `job ${jobId} did not finish in time`, { job_id: jobId });
+    }
+    if (lastError) throw lastError;
+    throw makeError('NOT_FOUND', `job ${jobId} of ${route}: not received by a service, or expired`, {
+      job_id: jobId,
+      route,
     });
   }
 
-  /** Delete a job's result queue. */
+  /**
+   * One `result` call (§7.3): the job's record {job_id, state, result?, error?}, or null when the
+   * service answers NOT_FOUND (unknown, not received yet, or expired).
+   */
+  async readJob(jobId, route, timeoutMs) {
+    let record;
+    try {
+      const headers = { 'x-burrow-kind': 'result', 'x-job-id': jobId };
+      record = await this.rpc(route, Buffer.from('{}'), headers, { timeoutMs });
+    } catch (err) {
+      if (err instanceof BurrowError && err.code === 'NOT_FOUND') return null;
+      throw err;
+    }
+    if (record === null || typeof record !== 'object' || !JOB_STATES.has(record.state)) {
+      throw makeError('INTERNAL', 'malformed reply to a result call', { reply: record });
+    }
+    return record;
+  }
+
+  /** Drop what this client keeps of a job it submitted; the service keeps its record (§7.2). */
   async forget(jobId) {
-    await this.onSpareChannel((ch) => ch.deleteQueue(this.jobQueue(jobId)));
+    this.dropJob(jobId);
   }
 
   /** Publish an event with confirms; resolves false when no subscriber queue matched (§13). */
@@ -553,6 +717,7 @@ class Client {
     for (const subscription of [...this.subscriptions]) await subscription.cancel();
     this.closed = true;
     this.lost('client closed');
+    for (const id of [...this.jobs.keys()]) this.dropJob(id);
     try {
       await this.connection.close();
     } catch {
@@ -618,7 +783,9 @@ class Subscription {
 
 /**
  * Connect to RabbitMQ. options: namespace (default BURROW_NAMESPACE or 'burrow'), defaultTimeoutMs,
- * jobResultTtlMs, maxBodyBytes, contractVersion, schemasDir (validate requests/events before publishing).
+ * jobResultTtlMs (how long the client keeps what it knows of a job it submitted; default 24 h, the
+ * service's BURROW_JOB_RESULT_TTL), maxBodyBytes, contractVersion, schemasDir (validate
+ * requests/events before publishing).
  */
 async function connect(url, options = {}) {
   const namespace = options.namespace ?? process.env.BURROW_NAMESPACE ?? 'burrow';

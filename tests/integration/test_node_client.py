@@ -57,7 +57,7 @@ async def _ensure_node_modules(env: dict[str, str], timeout: float) -> None:
 
 @pytest.mark.slow
 async def test_node_client_suite_passes(start_app: AppFactory, settings: Settings) -> None:
-    """The Node client's suite (call, errors, submit, events, close) passes against calc."""
+    """The Node client's suite (call, errors, submit and result reads, events, close) passes."""
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is not installed: the cross-language test cannot run")

@@ -39,6 +39,10 @@ function waiter(accept) {
   return { promise, handler };
 }
 
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
 // Whether a queue exists, asked on a connection of its own (a 404 closes the channel; an exclusive
 // queue of another connection answers 405 RESOURCE_LOCKED, so it exists).
 async function queueExists(name) {
@@ -126,10 +130,10 @@ test('with schemasDir a bad payload is refused before publishing, shaped like th
   }
 });
 
-test('submit returns a job id whose completion event and result carry the square', { skip }, async () => {
+test('submit returns a job id whose completion event and pushed result carry the square', { skip }, async () => {
   let jobId;
   const completion = waiter((payload, meta) => (jobId && meta.jobId === jobId ? { payload, meta } : undefined));
-  await client.subscribe('calc.slow_square.completed', completion.handler);
+  const subscription = await client.subscribe('calc.slow_square.completed', completion.handler);
   const trace = '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01';
   jobId = await client.submit('calc.slow_square', { x: 7, delay_ms: 50 }, { traceparent: trace });
   assert.match(jobId, /^[A-Za-z0-9_-]{1,64}$/);
@@ -139,25 +143,119 @@ test('submit returns a job id whose completion event and result carry the square
   assert.equal(meta.status, 'ok');
   assert.equal(meta.name, 'calc.slow_square.completed');
   assert.equal(meta.traceparent.slice(0, 36), trace.slice(0, 36), 'the completion continues the trace');
-  // The result is also in the job queue; reading it without forget leaves it for the next reader.
   assert.deepEqual(await client.result(jobId, { timeoutMs: WAIT_MS }), { square: 49 });
-  assert.deepEqual(await client.result(jobId, { timeoutMs: WAIT_MS, forget: true }), { square: 49 });
-  assert.equal(await queueExists(`${NAMESPACE}.job.${jobId}`), false);
+  await subscription.cancel();
 });
 
-test('a submit to a service nobody runs is NOT_FOUND and leaves no job queue', { skip }, async () => {
-  const jobId = 'node-test-unrouted-' + Date.now();
-  await assert.rejects(client.submit('nosuchservice.op', {}, { jobId }), (err) => err.code === 'NOT_FOUND');
-  assert.equal(await queueExists(`${NAMESPACE}.job.${jobId}`), false);
+test('a submitter reads its result from the pushed completion, kept until read, with no result call', { skip }, async () => {
+  const own = await burrow.connect(URL, { namespace: NAMESPACE });
+  try {
+    const late = own.lateReplies;
+    const jobId = await own.submit('calc.add', { a: 20, b: 22 });
+    await sleep(500); // the fast job's completion arrives long before it is asked for
+    assert.equal(own.lateReplies, late, 'the completion was matched to its job, not dropped');
+    own.readJob = () => assert.fail('a pushed result must not be read with a result call');
+    assert.deepEqual(await own.result(jobId, { timeoutMs: WAIT_MS }), { sum: 42 });
+    assert.deepEqual(await own.result(jobId, { timeoutMs: WAIT_MS, forget: true }), { sum: 42 });
+  } finally {
+    await own.close();
+  }
 });
 
-test('a failed job completes with its error', { skip }, async () => {
+test('a failed job rejects result() with the error subclass of its code', { skip }, async () => {
   const jobId = await client.submit('calc.divide', { a: 1, b: 0 });
   await assert.rejects(client.result(jobId, { timeoutMs: WAIT_MS, forget: true }), (err) => {
+    assert.ok(err instanceof burrow.errors.InvalidArgument);
     assert.equal(err.code, 'INVALID_ARGUMENT');
+    assert.equal(err.retryable, false);
     assert.deepEqual(err.details, { field: 'b' });
     return true;
   });
+});
+
+test('submit declares no queue per job: no <ns>.job.<id> exists while the job runs', { skip }, async () => {
+  const jobId = await client.submit('calc.slow_square', { x: 3, delay_ms: 1000 });
+  assert.equal(await queueExists(`${NAMESPACE}.job.${jobId}`), false);
+  assert.deepEqual(await client.result(jobId, { timeoutMs: WAIT_MS, forget: true }), { square: 9 });
+  assert.equal(await queueExists(`${NAMESPACE}.job.${jobId}`), false);
+});
+
+test('another connection reads a foreign job by id and route through result calls', { skip }, async () => {
+  const reader = await burrow.connect(URL, { namespace: NAMESPACE });
+  try {
+    const ok = await client.submit('calc.slow_square', { x: 12, delay_ms: 1000 });
+    const failed = await client.submit('calc.divide', { a: 5, b: 0 });
+    // Without the route the reader cannot know which service to ask.
+    await assert.rejects(reader.result(ok, { timeoutMs: 500 }), (err) => err.code === 'INVALID_ARGUMENT');
+    const states = [];
+    const readJob = reader.readJob.bind(reader);
+    reader.readJob = async (...args) => {
+      const record = await readJob(...args);
+      states.push(record ? record.state : 'not found');
+      return record;
+    };
+    // Read while it runs: the reader polls through `running` to `completed`.
+    assert.deepEqual(await reader.result(ok, { route: 'calc.slow_square', timeoutMs: WAIT_MS }), { square: 144 });
+    assert.ok(states.includes('running'), `states read: ${states}`);
+    assert.equal(states.at(-1), 'completed');
+    await assert.rejects(reader.result(failed, { route: 'calc.divide', timeoutMs: WAIT_MS }), (err) => {
+      assert.ok(err instanceof burrow.errors.InvalidArgument);
+      assert.deepEqual(err.details, { field: 'b' });
+      return true;
+    });
+    // The submitter still has its own pushed copies.
+    assert.deepEqual(await client.result(ok, { timeoutMs: WAIT_MS, forget: true }), { square: 144 });
+    await assert.rejects(client.result(failed, { timeoutMs: WAIT_MS, forget: true }), (err) => err.code === 'INVALID_ARGUMENT');
+  } finally {
+    await reader.close();
+  }
+});
+
+test('a result read of an unknown job id is NOT_FOUND once the timeout passes', { skip }, async () => {
+  const started = Date.now();
+  await assert.rejects(client.result(`node-unknown-${Date.now()}`, { route: 'calc.add', timeoutMs: 400 }), (err) => {
+    assert.ok(err instanceof burrow.errors.NotFound);
+    assert.equal(err.retryable, false);
+    return true;
+  });
+  assert.ok(Date.now() - started < 5000, 'it gives up near its timeout');
+});
+
+test('after the channel is lost the submitter reads its result with result calls', { skip }, async () => {
+  const own = await burrow.connect(URL, { namespace: NAMESPACE });
+  try {
+    const jobId = await own.submit('calc.slow_square', { x: 5, delay_ms: 800 });
+    let reads = 0;
+    const readJob = own.readJob.bind(own);
+    own.readJob = (...args) => {
+      reads += 1;
+      return readJob(...args);
+    };
+    // The reply address of this channel dies with it: the push can no longer arrive.
+    await own.channel.close();
+    assert.deepEqual(await own.result(jobId, { timeoutMs: WAIT_MS }), { square: 25 });
+    assert.ok(reads >= 1, 'the result came from result calls');
+    // Once read, the client keeps it: no further result call.
+    const before = reads;
+    assert.deepEqual(await own.result(jobId, { timeoutMs: WAIT_MS }), { square: 25 });
+    assert.equal(reads, before);
+  } finally {
+    await own.close();
+  }
+});
+
+test('forget drops the client’s copy; the service still answers a read by id and route', { skip }, async () => {
+  const jobId = await client.submit('calc.add', { a: 1, b: 1 });
+  assert.deepEqual(await client.result(jobId, { timeoutMs: WAIT_MS, forget: true }), { sum: 2 });
+  await assert.rejects(client.result(jobId, { timeoutMs: 200 }), (err) => err.code === 'INVALID_ARGUMENT');
+  assert.deepEqual(await client.result(jobId, { route: 'calc.add', timeoutMs: WAIT_MS }), { sum: 2 });
+});
+
+test('a submit to a service nobody runs is NOT_FOUND and leaves nothing to read', { skip }, async () => {
+  const jobId = 'node-test-unrouted-' + Date.now();
+  await assert.rejects(client.submit('nosuchservice.op', {}, { jobId }), (err) => err.code === 'NOT_FOUND');
+  await assert.rejects(client.result(jobId, { timeoutMs: 200 }), (err) => err.code === 'INVALID_ARGUMENT');
+  assert.equal(await queueExists(`${NAMESPACE}.job.${jobId}`), false);
 });
 
 test('an emitted event arrives through the client’s own subscription', { skip }, async () => {
