@@ -13,12 +13,11 @@ claim, it is fast enough for the per-message path, and it expires keys itself.
 from __future__ import annotations
 
 import secrets
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from service.errors import ConfigError, Unavailable
+from service.expiring import ExpiringMap
 
 __all__ = ["Claim", "IdempotencyStore", "MemoryStore", "RedisStore", "store_from_url"]
 
@@ -72,45 +71,29 @@ class MemoryStore:
     """Keys in this process only, bounded to `max_keys` (oldest dropped first)."""
 
     def __init__(self, max_keys: int = 100_000) -> None:
-        self.max_keys = max_keys
-        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-
-    def _value(self, key: str) -> bytes | None:
-        item = self._items.get(key)
-        if item is None:
-            return None
-        if item[0] < time.monotonic():
-            del self._items[key]
-            return None
-        return item[1]
-
-    def _set(self, key: str, value: bytes, ttl: float) -> None:
-        self._items[key] = (time.monotonic() + ttl, value)
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_keys:
-            self._items.popitem(last=False)
+        self._items: ExpiringMap[bytes] = ExpiringMap(max_keys)
 
     async def claim(self, key: str, lease: float) -> Claim:
         """Atomic within the event loop: no await between the check and the set."""
-        known = _read(self._value(key))
+        known = _read(self._items.get(key))
         if known is not None:
             return known
         token = secrets.token_bytes(8)
-        self._set(key, _PENDING + token, lease)
+        self._items.set(key, _PENDING + token, lease)
         return Claim("mine", token=token)
 
     async def put(self, key: str, answer: bytes, ttl: float) -> None:
         """Store, evicting the oldest keys beyond the bound."""
-        self._set(key, _DONE + answer, ttl)
+        self._items.set(key, _DONE + answer, ttl)
 
     async def release(self, claim: Claim, key: str) -> None:
         """Drop the claim if it is still ours."""
-        if self._value(key) == _PENDING + claim.token:
-            del self._items[key]
+        if self._items.get(key) == _PENDING + claim.token:
+            self._items.pop(key)
 
     async def get(self, key: str) -> bytes | None:
         """The stored answer, if completed and not expired."""
-        known = _read(self._value(key))
+        known = _read(self._items.get(key))
         return known.answer if known is not None and known.state == "done" else None
 
     async def close(self) -> None:

@@ -21,7 +21,6 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from service.errors import ConfigError, Unavailable
+from service.expiring import ExpiringMap
 
 T = TypeVar("T")
 
@@ -130,44 +130,28 @@ class MemoryJobStore:
     """Records in this process only, bounded to `max_keys` (oldest dropped first)."""
 
     def __init__(self, max_keys: int = 100_000) -> None:
-        self.max_keys = max_keys
-        self._items: OrderedDict[str, tuple[float, JobRecord]] = OrderedDict()
-
-    def _held(self, key: str) -> JobRecord | None:
-        item = self._items.get(key)
-        if item is None:
-            return None
-        if item[0] < time.monotonic():
-            del self._items[key]
-            return None
-        return item[1]
-
-    def _set(self, key: str, record: JobRecord, ttl: float) -> None:
-        self._items[key] = (time.monotonic() + ttl, record)
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_keys:
-            self._items.popitem(last=False)
+        self._items: ExpiringMap[JobRecord] = ExpiringMap(max_keys)
 
     async def begin(self, key: str, record: JobRecord, ttl: float) -> JobRecord | None:
         """Atomic within the event loop: no await between the check and the set."""
-        held = self._held(key)
+        held = self._items.get(key)
         if held is None:
-            self._set(key, record, ttl)
+            self._items.set(key, record, ttl)
         return held
 
     async def finish(self, key: str, record: JobRecord, ttl: float) -> JobRecord:
         """First finished record wins."""
-        held = self._held(key)
+        held = self._items.get(key)
         write = _resolve(held, record)
         if write is None:
             assert held is not None
             return held
-        self._set(key, write, ttl)
+        self._items.set(key, write, ttl)
         return write
 
     async def get(self, key: str) -> JobRecord | None:
         """The record, unless expired."""
-        return self._held(key)
+        return self._items.get(key)
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -187,6 +171,18 @@ CREATE TABLE IF NOT EXISTS burrow_jobs (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS burrow_jobs_expires ON burrow_jobs (expires);
 """
+# begin: insert, or replace an expired row. finish: also replace the owner's running row
+# (state code "r", then the 32-byte owner digest). A finished or another owner's live row stays.
+_UPSERT = (
+    "INSERT INTO burrow_jobs (key, value, expires) VALUES (?1, ?2, ?3) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires = excluded.expires "
+    "WHERE burrow_jobs.expires < ?4"
+)
+_BEGIN_SQL = _UPSERT
+_FINISH_SQL = (
+    _UPSERT
+    + " OR (substr(burrow_jobs.value, 1, 1) = X'72' AND substr(burrow_jobs.value, 2, 32) = ?5)"
+)
 _PURGE_EVERY = 60.0  # seconds between deletions of expired records
 
 
@@ -269,21 +265,20 @@ class SqliteJobStore:
 
     @staticmethod
     def _write(db: sqlite3.Connection, key: str, record: JobRecord, ttl: float) -> JobRecord:
-        """begin (a running `record`) or finish: read what `key` holds, decide, write.
+        """begin (a running `record`: only where nothing live is held) or finish (also over
+        its own owner's running record): one upsert, and a read only when it did not write.
         Returns what `key` holds afterwards."""
         now = time.time()
+        value = record.encode()
+        if record.finished:
+            written = db.execute(_FINISH_SQL, (key, value, now + ttl, now, record.owner))
+        else:
+            written = db.execute(_BEGIN_SQL, (key, value, now + ttl, now))
+        if written.rowcount == 1:
+            return record
         held = _select(db, key, now)
-        write = _resolve(held, record) if record.finished else _absent(held, record)
-        if write is not None:
-            db.execute(
-                "INSERT INTO burrow_jobs (key, value, expires) VALUES (?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-                "expires = excluded.expires",
-                (key, write.encode(), now + ttl),
-            )
-        found = write or held
-        assert found is not None
-        return found
+        assert held is not None  # a live row made the upsert a no-op
+        return held
 
     async def begin(self, key: str, record: JobRecord, ttl: float) -> JobRecord | None:
         """Insert unless a live record exists."""
@@ -311,11 +306,6 @@ class SqliteJobStore:
         if self._db is not None:
             await asyncio.get_running_loop().run_in_executor(self._thread, shut)
         self._thread.shutdown(wait=False)
-
-
-def _absent(held: JobRecord | None, record: JobRecord) -> JobRecord | None:
-    """`begin`'s rule: the record to write, or None to keep `held`."""
-    return record if held is None else None
 
 
 def _select(db: sqlite3.Connection, key: str, now: float) -> JobRecord | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import Unavailable
+from service.expiring import ExpiringMap
 from service.results import (
     JobRecord,
     JobState,
@@ -150,3 +151,16 @@ def test_store_urls(tmp_path: Path) -> None:
     assert chosen.path == tmp_path / "j.db"
     assert isinstance(job_store_from_url("memory://"), MemoryJobStore)
     assert isinstance(job_store_from_url("redis://127.0.0.1:6379/15"), RedisJobStore)
+
+
+def test_expiring_map_bounds_and_expires() -> None:
+    """The in-process map keeps at most max_keys (oldest set dropped) and forgets expired keys."""
+    found: ExpiringMap[int] = ExpiringMap(max_keys=2)
+    found.set("a", 1, 60)
+    found.set("b", 2, 60)
+    found.set("a", 3, 60)  # a is now the newest
+    found.set("c", 4, 60)
+    assert (found.get("a"), found.get("b"), found.get("c")) == (3, None, 4)
+    found.set("d", 5, -1)  # pushes a out, and is expired itself
+    assert found.get("d") is None
+    assert (len(found), found.get("c")) == (1, 4)
