@@ -32,9 +32,10 @@ import asyncio
 import contextlib
 import copy
 import itertools
+import os
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -43,7 +44,9 @@ from typing import Any
 import orjson
 import structlog
 
-from service.config import Settings
+from service.app import App
+from service.client import Client
+from service.config import Settings, load_settings
 from service.errors import ConnectionLost, DeadlineExceeded, NotFound, TopologyError
 from service.link import (
     PUBLISH_OUTCOMES,
@@ -53,6 +56,7 @@ from service.link import (
     check_body_size,
     record_publish,
 )
+from service.registry import Service
 from service.topology import DIRECT_REPLY_TO, QueueDecl, Topology
 from service.types import Delivery, Outgoing, Settle
 from service.vocabulary import (
@@ -82,6 +86,9 @@ __all__ = [
     "Message",
     "PublishedMessage",
     "topic_matches",
+    "serve",
+    "Served",
+    "BACKEND_VARIABLE",
 ]
 
 _log = structlog.get_logger("burrow.testing")
@@ -1076,3 +1083,107 @@ def _delivery(
         delivery_tag=tag,
         settle_fn=settle_fn,
     )
+
+
+# -- serving services in a test ----------------------------------------------------------------
+
+BACKEND_VARIABLE = "BURROW_TEST_BACKEND"  # memory (default) | rabbitmq
+
+
+class Served:
+    """What `serve` yields: the running `app`, a connected `client`, and (in memory) the
+    `broker`. Unpacks as `(client, broker)`."""
+
+    def __init__(self, app: App, client: Client, broker: InMemoryBroker | None) -> None:
+        self.app = app
+        self.client = client
+        self._broker = broker
+
+    @property
+    def broker(self) -> InMemoryBroker:
+        """The in-memory broker (what was published, queue contents, `drain`)."""
+        if self._broker is None:
+            raise RuntimeError(
+                "this test runs on the real broker: inspecting it needs the memory backend"
+            )
+        return self._broker
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the services run on the in-memory broker."""
+        return self._broker is not None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.client, self._broker))
+
+    async def settle(self) -> None:
+        """Wait until nothing is left to do: `broker.drain()` in memory; on the real broker,
+        until no handler is running."""
+        if self._broker is not None:
+            await self._broker.drain()
+            return
+        for server in self.app.servers:
+            await server.idle.wait()
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    *services: Service, backend: str | None = None, **settings: Any
+) -> AsyncIterator[Served]:
+    """Run `services` with a connected `Client`; stop both (and clean up) afterwards.
+
+    Args:
+        backend: `memory` (a fresh `InMemoryBroker`, the default) or `rabbitmq` (the broker of
+            `BURROW_AMQP_URL`, in a namespace of its own whose queues and exchanges are deleted
+            afterwards). Unset: `BURROW_TEST_BACKEND`, else `memory`. The same test runs on both.
+        settings: `Settings` fields, over the `BURROW_*` variables (`http=False` always).
+
+    Example:
+        async with serve(calc) as (client, broker):
+            assert await client.call("calc.add", {"a": 1, "b": 2}) == {"sum": 3}
+    """
+    chosen = backend or os.environ.get(BACKEND_VARIABLE) or "memory"
+    if chosen not in ("memory", "rabbitmq"):
+        raise ValueError(f"{BACKEND_VARIABLE} / backend: memory or rabbitmq, not {chosen!r}")
+    broker = InMemoryBroker() if chosen == "memory" else None
+    if broker is None and "namespace" not in settings:
+        base = load_settings().namespace
+        settings["namespace"] = f"{base}-t{uuid.uuid4().hex[:10]}"
+    config = load_settings(**settings)
+    factory = {} if broker is None else {"link_factory": broker.link_factory}
+    app = App(*services, settings=config, http=False, **factory)
+    client = Client(config, **factory)
+    try:
+        await app.start()
+        await app.wait_ready(config.connect_timeout + 5)
+        await client.start()
+        yield Served(app, client, broker)
+    finally:
+        await client.close()
+        await app.stop()
+        if broker is None:
+            await _delete_topology(app.topology, config)
+
+
+async def _delete_topology(topology: Topology, settings: Settings) -> None:
+    """Delete every queue and exchange `topology` declared (best effort, one connection)."""
+    import aio_pika  # noqa: PLC0415 - only the real backend needs it
+
+    connection = await aio_pika.connect(settings.login_url(settings.amqp_urls()[0]), timeout=10)
+    try:
+        for kind, names in (
+            ("queue", [queue.name for queue in topology.queues]),
+            ("exchange", [exchange.name for exchange in topology.exchanges]),
+        ):
+            for name in names:
+                channel = await connection.channel()
+                raw = await channel.get_underlay_channel()
+                with contextlib.suppress(Exception):  # already gone, or refused: move on
+                    if kind == "queue":
+                        await raw.queue_delete(name, timeout=5)
+                    else:
+                        await raw.exchange_delete(name, timeout=5)
+                with contextlib.suppress(Exception):
+                    await channel.close()
+    finally:
+        await connection.close()

@@ -1,0 +1,46 @@
+"""The pytest plugin Burrow installs (entry point `burrow`): run a test's services on the
+in-memory broker or on RabbitMQ, chosen per run.
+
+- `--burrow-backend memory|rabbitmq` (or `BURROW_TEST_BACKEND`; default `memory`);
+- the `burrow_serve` fixture: `async with burrow_serve(svc) as served:` is `service.testing.serve`
+  on that backend, so one test runs on both.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import pytest
+
+from service.testing import BACKEND_VARIABLE, Served, serve
+
+__all__ = ["pytest_addoption", "burrow_backend", "burrow_serve"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--burrow-backend`."""
+    parser.getgroup("burrow").addoption(
+        "--burrow-backend",
+        choices=("memory", "rabbitmq"),
+        default=None,
+        help=f"where burrow_serve runs services (default: ${BACKEND_VARIABLE}, else memory)",
+    )
+
+
+@pytest.fixture
+def burrow_backend(request: pytest.FixtureRequest) -> str:
+    """The backend of this run: the option, else the environment variable, else `memory`."""
+    chosen: str | None = request.config.getoption("--burrow-backend")
+    return chosen or os.environ.get(BACKEND_VARIABLE) or "memory"
+
+
+@pytest.fixture
+def burrow_serve(burrow_backend: str) -> Callable[..., AbstractAsyncContextManager[Served]]:
+    """`service.testing.serve` bound to this run's backend."""
+    bound: Callable[..., AbstractAsyncContextManager[Served]] = functools.partial(
+        serve, backend=burrow_backend
+    )
+    return bound

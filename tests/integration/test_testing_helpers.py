@@ -1,0 +1,66 @@
+"""`service.testing.serve` and the pytest plugin: one test, on the in-memory broker and on
+RabbitMQ, and nothing left behind on the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import pytest
+
+from service import InvalidArgument
+from service.example import calc
+from service.testing import Served, serve
+
+__all__: list[str] = []
+
+
+def _names(what: str, prefix: str) -> set[str]:
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", what, "name"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    return {line.strip() for line in out.splitlines() if line.strip().startswith(prefix)}
+
+
+@pytest.mark.parametrize("backend", ["memory", "rabbitmq"])
+async def test_one_test_runs_on_both_backends(backend: str) -> None:
+    """The same calls and errors hold in memory and on RabbitMQ; the real backend's namespace
+    is its own and is deleted afterwards."""
+    async with serve(calc, backend=backend, queue_type="classic") as served:
+        client = served.client
+        assert await client.call("calc.add", {"a": 2, "b": 3}) == {"sum": 5}
+        with pytest.raises(InvalidArgument):
+            await client.call("calc.divide", {"a": 1, "b": 0})
+        job = await client.submit("calc.add", {"a": 1, "b": 1})
+        assert await job.result(timeout=10) == {"sum": 2}
+        await served.settle()
+        namespace = served.app.settings.namespace
+        assert served.in_memory is (backend == "memory")
+    if backend == "rabbitmq":
+        assert namespace.startswith("burrow-t")
+        left = await asyncio.to_thread(_names, "list_queues", namespace + ".")
+        left |= await asyncio.to_thread(_names, "list_exchanges", namespace + ".")
+        assert left == set()
+
+
+async def test_the_broker_is_only_there_in_memory() -> None:
+    """In memory the broker unpacks and records publishes; on RabbitMQ asking for it says why
+    it cannot."""
+    async with serve(calc) as (client, broker):
+        await client.call("calc.add", {"a": 1, "b": 2})
+        assert broker is not None
+        assert any(m.routing_key == "calc.add" for m in broker.published)
+    async with serve(calc, backend="rabbitmq", queue_type="classic") as served:
+        with pytest.raises(RuntimeError, match="memory backend"):
+            _ = served.broker
+
+
+async def test_the_plugin_fixture_follows_the_chosen_backend(
+    burrow_backend: str, burrow_serve: Callable[..., AbstractAsyncContextManager[Served]]
+) -> None:
+    """burrow_serve runs on the run's backend (`--burrow-backend`, default memory)."""
+    async with burrow_serve(calc, queue_type="classic") as served:
+        assert await served.client.call("calc.add", {"a": 1, "b": 1}) == {"sum": 2}
+        assert served.in_memory is (burrow_backend == "memory")
