@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "AMQP_URL",
+    "REDIS_URL",
     "Sizes",
     "FULL",
     "QUICK",
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# W6's Redis result backend (celery-redis). Not db 0: the integration tests use that one.
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class Sizes:
     w3_window: int
     w3_prefetch: int
     limit_messages: int
+    w6_jobs: int
+    w6_window: int
 
 
 FULL = Sizes(
@@ -54,6 +59,8 @@ FULL = Sizes(
     w3_window=256,
     w3_prefetch=256,
     limit_messages=50_000,
+    w6_jobs=2000,
+    w6_window=64,
 )
 QUICK = Sizes(
     reps=1,
@@ -65,6 +72,8 @@ QUICK = Sizes(
     w3_window=256,
     w3_prefetch=256,
     limit_messages=5_000,
+    w6_jobs=200,
+    w6_window=64,
 )
 
 EVENT_EXCHANGE = "events"  # suffix of `<ns>.events`, a durable topic exchange

@@ -1,4 +1,4 @@
-"""Draws bench/results/bench.png from a results document: W1/W2/W3 side by side, W4 scaling.
+"""Draws bench/results/bench.png from a results document: W1/W2/W3/W6 side by side, W4 scaling.
 
 Bars are medians with min-max whiskers; the W4 panel also shows the broker's CPU share.
 """
@@ -17,6 +17,8 @@ _PANELS = [
     ("W1", "calls_per_s", "W1 rpc latency: sequential calls/s"),
     ("W2", "calls_per_s", "W2 rpc throughput: calls/s, 64 in flight"),
     ("W3", "events_per_s", "W3 events: end-to-end events/s"),
+    ("W6", "submits_per_s", "W6 submit: submits/s, 64 in flight"),
+    ("W6", "jobs_per_s", "W6 submit: jobs/s, first submit to last result"),
 ]
 
 
@@ -27,7 +29,7 @@ def plot(doc: dict[str, Any], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
     rows = doc["results"]
     for ax, (workload, metric, title) in zip(axes.flat, _PANELS, strict=False):
         picked = [r for r in rows if r["workload"] == workload and r["metric"] == metric]
@@ -43,7 +45,7 @@ def plot(doc: dict[str, Any], out: Path) -> Path:
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         for x, value in enumerate(med):
             ax.annotate(f"{value:,.0f}", (x, value), ha="center", va="bottom", fontsize=8)
-    ax = axes.flat[3]
+    ax = axes.flat[len(_PANELS)]
     scale = sorted(
         (r for r in rows if r["workload"] == "W4" and r["metric"] == "calls_per_s"),
         key=lambda r: int(r["tool"].rsplit("-", 1)[1]),

@@ -26,7 +26,16 @@ from typing import Any
 
 import orjson
 
-from bench.common import AMQP_URL, FULL, QUICK, Sizes, broker_pid, median, proc_cpu_seconds
+from bench.common import (
+    AMQP_URL,
+    FULL,
+    QUICK,
+    REDIS_URL,
+    Sizes,
+    broker_pid,
+    median,
+    proc_cpu_seconds,
+)
 
 __all__ = ["main"]
 
@@ -34,7 +43,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 RPC_TOOLS = ["burrow", "aio-pika-raw", "aio-pika-patterns", "faststream", "burrow-quorum"]
 EVENT_TOOLS = ["burrow", "aio-pika-raw", "faststream", "burrow-quorum"]
-PEERS = ["aio-pika-raw", "aio-pika-patterns", "faststream", "burrow-quorum"]
+SUBMIT_TOOLS = ["burrow", "celery-rpc", "celery-redis"]
+PEERS = [
+    "aio-pika-raw",
+    "aio-pika-patterns",
+    "faststream",
+    "burrow-quorum",
+    "celery-rpc",
+    "celery-redis",
+]
 SHORT = {
     "burrow": "bw",
     "burrow-quorum": "bq",
@@ -42,6 +59,8 @@ SHORT = {
     "aio-pika-patterns": "pat",
     "faststream": "fs",
     "aiormq-loop": "mq",
+    "celery-rpc": "crpc",
+    "celery-redis": "credis",
 }
 LOWER_IS_BETTER = {"p50_us", "p99_us", "server_cpu_s_per_10k"}
 W4_WORKERS = (1, 2, 4)
@@ -135,7 +154,13 @@ class Bench:
     def spawn(self, tool: str, role: str, **args: Any) -> Proc:
         """Start a worker process."""
         queue_type = "quorum" if tool == "burrow-quorum" else "classic"
-        payload = {"ns": self.ns(tool), "queue_type": queue_type, "loop": self.loop, **args}
+        payload = {
+            "ns": self.ns(tool),
+            "tool": tool,
+            "queue_type": queue_type,
+            "loop": self.loop,
+            **args,
+        }
         argv = [
             sys.executable,
             "-m",
@@ -198,6 +223,30 @@ class Bench:
         elapsed = consumed["last"] - produced["first"]
         self.add(workload, tool, "events_per_s", s.w3_events / elapsed)
         self.add(workload, tool, "publish_per_s", produced["publish_per_s"])
+
+    def submit_round(self, tool: str) -> None:
+        """W6: a server/worker process, then a client submitting jobs and awaiting results.
+
+        What the tool declared (Burrow's job result queues, Celery's queues and Redis keys) is
+        deleted right after the round, so the broker does not carry it into later workloads.
+        """
+        s = self.sizes
+        server = self.spawn(tool, "serve", prefetch=s.w2_inflight)
+        try:
+            server.expect("READY", self.timeout)
+            # Celery's blocking client: 64 threads (the faster way, the default) or one thread.
+            mode = os.environ.get("BENCH_CELERY_CLIENT", "threads")
+            client = self.spawn(tool, "w6", jobs=s.w6_jobs, window=s.w6_window,
+                                warmup=s.w6_window, mode=mode)  # fmt: skip
+            try:
+                result = client.result(self.timeout)
+            finally:
+                client.close()
+        finally:
+            server.close()
+            self.cleanup(self.ns(tool))
+        self.add("W6", tool, "submits_per_s", result["submits_per_s"])
+        self.add("W6", tool, "jobs_per_s", result["jobs_per_s"])
 
     def scale_round(self, workers: int) -> None:
         """W4: W2 against `workers` Burrow server processes; broker CPU alongside."""
@@ -278,7 +327,7 @@ class Bench:
         Args:
             extras: also run the `burrow-quorum` row (left out of the quick smoke run).
         """
-        want = only or {"W1", "W2", "W3", "W4", "W5", "LIMIT"}
+        want = only or {"W1", "W2", "W3", "W4", "W5", "W6", "LIMIT"}
         rpc_tools = RPC_TOOLS if extras else [t for t in RPC_TOOLS if t != "burrow-quorum"]
         event_tools = EVENT_TOOLS if extras else [t for t in EVENT_TOOLS if t != "burrow-quorum"]
         for rep in range(self.sizes.reps):
@@ -289,6 +338,9 @@ class Bench:
             if "W3" in want:
                 for tool in _rotate(event_tools, rep):
                     self.attempt(f"W3 {tool}", self.event_round, tool)
+            if "W6" in want:
+                for tool in _rotate(SUBMIT_TOOLS, rep):
+                    self.attempt(f"W6 {tool}", self.submit_round, tool)
             if "W4" in want:
                 for workers in _rotate(list(W4_WORKERS), rep):
                     self.attempt(f"W4 {workers} worker(s)", self.scale_round, workers)
@@ -318,7 +370,7 @@ class Bench:
         }
         ratios: list[dict[str, Any]] = []
         for (workload, tool, metric), value in by_key.items():
-            if tool != "burrow" or workload not in {"W1", "W2", "W3", "W5"}:
+            if tool != "burrow" or workload not in {"W1", "W2", "W3", "W5", "W6"}:
                 continue
             for peer in PEERS:
                 other = by_key.get((workload, peer, metric))
@@ -353,9 +405,14 @@ class Bench:
             "ratios": ratios,
         }
 
-    def cleanup(self) -> None:
-        """Delete every queue and exchange this run declared (all start with its prefix)."""
-        asyncio.run(_delete_prefixed(self.prefix))
+    def cleanup(self, prefix: str | None = None) -> None:
+        """Delete every queue, exchange and Redis key this run (or one tool) declared.
+
+        Every name holds the run's random prefix (Celery's control reply exchange puts
+        `reply.` before it).
+        """
+        asyncio.run(_delete_prefixed(prefix or self.prefix))
+        _delete_redis_keys(prefix or self.prefix)
 
 
 def _rotate(items: list[Any], rep: int) -> list[Any]:
@@ -403,7 +460,7 @@ def _list(what: str, prefix: str) -> list[str]:
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [ln.strip() for ln in out.splitlines() if ln.strip().startswith(prefix)]
+    return [ln.strip() for ln in out.splitlines() if prefix in ln]
 
 
 async def _delete_prefixed(prefix: str) -> None:
@@ -419,6 +476,21 @@ async def _delete_prefixed(prefix: str) -> None:
             await channel.exchange_delete(exchange)
     finally:
         await connection.close()
+
+
+def _delete_redis_keys(prefix: str) -> None:
+    """Delete the Redis keys (celery-redis results) under `prefix` in the bench's db."""
+    import redis  # noqa: PLC0415 - a bench-only dependency (celery[redis])
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+    except redis.ConnectionError:
+        print(f"  (no Redis at {REDIS_URL}: no keys to delete)", flush=True)
+    finally:
+        client.close()
 
 
 def _fmt(value: float) -> str:
@@ -458,7 +530,7 @@ def main() -> int:
     """Run the suite; exit 1 only if a step failed (never because of a ratio)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="every workload once at 1/10 size")
-    parser.add_argument("--only", nargs="*", help="workloads to run (W1 W2 W3 W4 W5 LIMIT)")
+    parser.add_argument("--only", nargs="*", help="workloads to run (W1 W2 W3 W4 W5 W6 LIMIT)")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument("--out", default=None, help="results file (default bench/results/...)")
     args = parser.parse_args()

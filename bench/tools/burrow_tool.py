@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.common import AMQP_URL, EVENT_EXCHANGE, EVENT_KEY, EVENT_PATTERN, EVENT_QUEUE
-from bench.tools import Caller, Closer, Publisher
+from bench.tools import Caller, Closer, Publisher, Submitter, Waiter
 from service import App, Client, Settings, load_settings
 from service.codec import Model, decode_model, encode
 from service.example import calc
@@ -20,7 +20,9 @@ from service.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
 from service.transport import AmqpLink, ConsumerSpec
 from service.types import Delivery, Outgoing
 
-__all__ = ["serve", "open_caller", "consume", "open_publisher"]
+__all__ = ["serve", "open_caller", "open_submitter", "consume", "open_publisher"]
+
+RESULT_TIMEOUT = 120.0
 
 
 class OrderEvent(Model):
@@ -70,6 +72,25 @@ async def open_caller(ns: str, queue_type: str) -> tuple[Caller, Closer]:
         return int(reply["sum"])
 
     return call, client.close
+
+
+async def open_submitter(ns: str, queue_type: str) -> tuple[Submitter, Closer]:
+    """A connected Client: `submit` returns once the broker confirmed the job (a `Job`)."""
+    settings = _settings(ns, queue_type)
+    configure_logging(settings.log_format, settings.log_level)
+    client = Client(settings)
+    await client.start(timeout=30)
+
+    async def submit(a: int, b: int) -> Waiter:
+        job = await client.submit("calc.add", {"a": a, "b": b})
+
+        async def result() -> int:
+            reply: dict[str, Any] = await job.result(timeout=RESULT_TIMEOUT)
+            return int(reply["sum"])
+
+        return result
+
+    return submit, client.close
 
 
 def _event_topology(ns: str, queue_type: str, *, with_queue: bool) -> Topology:
