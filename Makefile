@@ -2,23 +2,29 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.runtime-stamp
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install broker run test test-unit test-integration test-faults lint format typecheck check clean deploy-files schemas schemas-check
 
+# `install`: the package and the dev extra (tests, linters); `run` needs only the package.
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(RUNTIME_STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Burrow needs Python >= 3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+$(STAMP): $(RUNTIME_STAMP) pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
 broker:
 	@deploy/local/ensure-rabbitmq.sh
 
-run: install broker
+run: $(RUNTIME_STAMP) broker
 	$(BIN)/burrow run
 
 test: install broker

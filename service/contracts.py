@@ -359,6 +359,12 @@ def _rewrite(value: Any) -> Any:
 
 
 # -- breaking changes -------------------------------------------------------------------------
+#
+# A change breaks when a message valid under one side's schema is refused by the other side's
+# model. Who reads decides the direction: the service reads requests and the events it
+# subscribes to (the new model must accept everything the old one did), its peers read replies
+# and events it emits with the old model (they must accept everything the new one sends). A
+# `service.Model` forbids unknown fields, so a field the reader does not know is refused.
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +377,20 @@ class Change:
 
     def __str__(self) -> str:
         return f"{'BREAKING' if self.breaking else 'compatible'}: {self.where}: {self.what}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Side:
+    """Which way a message flows: `service_reads` (a request, a consumed event) or peers read."""
+
+    service_reads: bool
+    peers: str  # who is at the other end, for the messages: "callers", "subscribers", …
+
+
+_REQUEST = _Side(service_reads=True, peers="callers")
+_REPLY = _Side(service_reads=False, peers="callers")
+_EVENT = _Side(service_reads=False, peers="subscribers")
+_CONSUMED = _Side(service_reads=True, peers="publishers")
 
 
 def load_contract(ref: str, root: Path) -> dict[str, Any]:
@@ -393,7 +413,8 @@ def load_contract(ref: str, root: Path) -> dict[str, Any]:
 def compare(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     """Every change from `old` to `new` contracts, each marked breaking or compatible.
 
-    A breaking change is allowed when the service's major version went up.
+    Requests and subscribed events are read by the service, replies and emitted events by its
+    peers (see the comment above). A breaking change is allowed when the major version went up.
     """
     changes: list[Change] = []
     for service, before in old.items():
@@ -401,88 +422,176 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
         if after is None:
             changes.append(Change(service, "service removed", True))
             continue
-        bumped = _major(after["version"]) > _major(before["version"])
-        found: list[Change] = []
-        for route, op in before["operations"].items():
-            if route not in after["operations"]:
-                found.append(Change(route, "operation removed", True))
-                continue
-            now = after["operations"][route]
-            found += _diff(f"{route} request", op["request"], now["request"], reading=True)
-            found += _diff(f"{route} reply", op["reply"], now["reply"], reading=False)
-        for route in after["operations"].keys() - before["operations"].keys():
-            found.append(Change(route, "operation added", False))
-        for name, schema in before["events"].items():
-            if name not in after["events"]:
-                found.append(Change(name, "event removed", True))
-            else:
-                found += _diff(f"event {name}", schema, after["events"][name], reading=False)
-        for name in after["events"].keys() - before["events"].keys():
-            found.append(Change(name, "event added", False))
-        if bumped:
+        found = _operations(before["operations"], after["operations"])
+        found += _events(before["events"], after["events"])
+        found += _subscriptions(before.get("subscriptions", {}), after.get("subscriptions", {}))
+        if _major(after["version"]) > _major(before["version"]):
             found = [Change(c.where, c.what + " (major version bumped)", False) for c in found]
         changes += found
     return changes
+
+
+def _operations(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    found: list[Change] = []
+    for route, op in old.items():
+        if route not in new:
+            found.append(Change(route, "operation removed", True))
+            continue
+        found += _diff(f"{route} request", op["request"], new[route]["request"], _REQUEST)
+        found += _diff(f"{route} reply", op["reply"], new[route]["reply"], _REPLY)
+    found += [Change(route, "operation added", False) for route in sorted(new.keys() - old)]
+    return found
+
+
+def _events(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    found: list[Change] = []
+    for name, schema in old.items():
+        if name not in new:
+            found.append(Change(name, "event removed: subscribers no longer get it", True))
+        else:
+            found += _diff(f"event {name}", schema, new[name], _EVENT)
+    found += [Change(name, "event added", False) for name in sorted(new.keys() - old)]
+    return found
+
+
+def _subscriptions(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    """What the service consumes: publishers are not broken by a subscriber going or moving."""
+    found: list[Change] = []
+    for route, sub in old.items():
+        now = new.get(route)
+        if now is None:
+            found.append(Change(route, "subscription removed", False))
+            continue
+        if sub["pattern"] != now["pattern"]:
+            what = f"pattern changed from {sub['pattern']!r} to {now['pattern']!r}"
+            found.append(Change(route, what, False))
+        if sub["group"] != now["group"]:
+            what = f"group changed from {sub['group']!r} to {now['group']!r} (a new queue)"
+            found.append(Change(route, what, False))
+        found += _diff(f"{route} event", sub["event"], now["event"], _CONSUMED)
+    found += [Change(route, "subscription added", False) for route in sorted(new.keys() - old)]
+    return found
 
 
 def _major(version: str) -> int:
     return int(version.split(".", 1)[0])
 
 
-def _diff(where: str, old: dict[str, Any], new: dict[str, Any], *, reading: bool) -> list[Change]:
-    """Compare object schemas. `reading`: the service reads it (a request), else callers do."""
-    changes: list[Change] = []
+def _diff(where: str, old: dict[str, Any], new: dict[str, Any], side: _Side) -> list[Change]:
+    """Compare a model's schemas, and each nested model or enum both versions define."""
+    changes = _diff_object(where, old, new, side)
     old_defs, new_defs = old.get("$defs", {}), new.get("$defs", {})
-    changes += _diff_object(where, old, new, reading)
     for name, schema in old_defs.items():
-        if name in new_defs:
-            changes += _diff_object(f"{where} {name}", schema, new_defs[name], reading)
+        if name not in new_defs:
+            continue  # a field now refers elsewhere: its type change is reported there
+        if _is_object(schema) and _is_object(new_defs[name]):
+            changes += _diff_object(f"{where} {name}", schema, new_defs[name], side)
+        else:
+            changes += _diff_value(f"{where} {name}", schema, new_defs[name], side)
     return changes
 
 
-def _diff_object(
-    where: str, old: dict[str, Any], new: dict[str, Any], reading: bool
-) -> list[Change]:
+def _is_object(schema: dict[str, Any]) -> bool:
+    return "properties" in schema or schema.get("type") == "object"
+
+
+def _diff_object(where: str, old: dict[str, Any], new: dict[str, Any], side: _Side) -> list[Change]:
     changes: list[Change] = []
     old_props, new_props = old.get("properties", {}), new.get("properties", {})
     old_req, new_req = set(old.get("required", [])), set(new.get("required", []))
-    for field in old_props.keys() - new_props.keys():
-        # Requests forbid unknown fields, so callers still sending it break; readers of
-        # replies lose data they used.
-        changes.append(Change(f"{where}.{field}", "field removed", True))
-    for field in new_props.keys() - old_props.keys():
-        if reading and field in new_req:
-            changes.append(Change(f"{where}.{field}", "new required field", True))
+    # The reader's model decides whether an unknown field is refused: the new one when the
+    # service reads, the old one (still in the peers' code) when peers read.
+    closed = (new if side.service_reads else old).get("additionalProperties") is False
+    was_closed = old.get("additionalProperties") is False
+    if side.service_reads and closed != was_closed:
+        if closed:
+            what = f"unknown fields now refused: {side.peers} may send some"
         else:
-            changes.append(Change(f"{where}.{field}", "optional field added", False))
-    for field in old_props.keys() & new_props.keys():
+            what = "unknown fields now ignored"
+        changes.append(Change(where, what, closed))
+    for field in sorted(old_props.keys() - new_props.keys()):
+        changes.append(_removed(f"{where}.{field}", field in old_req, closed, side))
+    for field in sorted(new_props.keys() - old_props.keys()):
+        changes.append(_added(f"{where}.{field}", field in new_req, closed, side))
+    for field in sorted(old_props.keys() & new_props.keys()):
         spot = f"{where}.{field}"
-        if reading and field in new_req and field not in old_req:
-            changes.append(Change(spot, "field became required", True))
-        if not reading and field in old_req and field not in new_req:
-            changes.append(Change(spot, "field may now be missing", True))
-        before, after = _types(old_props[field]), _types(new_props[field])
-        if before == after:
-            if _strip(old_props[field]) != _strip(new_props[field]):
-                changes.append(Change(spot, "constraints changed", True))
-            continue
-        widened = before <= after
-        narrowed = after <= before
-        if reading:
-            changes.append(Change(spot, "type widened" if widened else "type changed", not widened))
-        else:
-            changes.append(
-                Change(spot, "type narrowed" if narrowed else "type changed", not narrowed)
-            )
+        if field in new_req and field not in old_req:
+            if side.service_reads:
+                changes.append(
+                    Change(spot, f"field became required: {side.peers} may omit it", True)
+                )
+            else:
+                changes.append(Change(spot, "field became required", False))
+        if field in old_req and field not in new_req:
+            # Burrow writes every field of a model, defaults included: it is still sent.
+            what = "field became optional" if side.service_reads else "field gained a default"
+            changes.append(Change(spot, what, False))
+        changes += _diff_value(spot, old_props[field], new_props[field], side)
     return changes
+
+
+def _removed(spot: str, required: bool, closed: bool, side: _Side) -> Change:
+    """A field gone: refused when the service reads it, missed by peers that required it."""
+    if side.service_reads:
+        if closed:
+            what = f"field removed: refused from {side.peers} still sending it"
+            what += " (unknown fields are forbidden)"
+            return Change(spot, what, True)
+        return Change(spot, "field removed (unknown fields are ignored)", False)
+    if required:
+        what = f"required field removed: {side.peers} on the old model refuse messages without it"
+        return Change(spot, what, True)
+    what = f"optional field removed: {side.peers} on the old model fill in its default"
+    return Change(spot, what, False)
+
+
+def _added(spot: str, required: bool, closed: bool, side: _Side) -> Change:
+    """A new field: missing from what peers send, or unknown to the peers' old models."""
+    if side.service_reads:
+        if required:
+            what = f"required field added: refused from {side.peers} that do not send it"
+            return Change(spot, what, True)
+        return Change(spot, "optional field added", False)
+    if closed:
+        what = (
+            f"field added: {side.peers} on the old model refuse it (unknown fields are forbidden)"
+        )
+        return Change(spot, what, True)
+    return Change(spot, "field added (unknown fields are ignored)", False)
+
+
+def _diff_value(where: str, old: dict[str, Any], new: dict[str, Any], side: _Side) -> list[Change]:
+    """Compare one value's schema: its types, then (types equal) its constraints."""
+    before, after = _types(old), _types(new)
+    if before != after:
+        move = "widened" if before <= after else "narrowed" if after <= before else "changed"
+        return [_moved(where, "type", move, "", side)]
+    was, now = _constraints(old), _constraints(new)
+    moves = {key: _move(key, was.get(key), now.get(key)) for key in was.keys() | now.keys()}
+    moves = {key: move for key, move in moves.items() if move}
+    if not moves:
+        return []
+    kinds = set(moves.values())
+    move = kinds.pop() if len(kinds) == 1 else "changed"
+    return [_moved(where, "constraints", move, f" ({', '.join(sorted(moves))})", side)]
+
+
+def _moved(where: str, subject: str, move: str, keys: str, side: _Side) -> Change:
+    """A change of what a value may hold: fine when only the writer's side became stricter."""
+    if side.service_reads:
+        if move == "widened":
+            return Change(where, f"{subject} widened{keys}", False)
+        return Change(where, f"{subject} {move}{keys}: {side.peers} may send refused values", True)
+    if move == "narrowed":
+        return Change(where, f"{subject} narrowed{keys}", False)
+    what = f"{subject} {move}{keys}: {side.peers} on the old model may refuse new values"
+    return Change(where, what, True)
 
 
 def _types(schema: dict[str, Any]) -> frozenset[str]:
     if "type" in schema:
         kinds = schema["type"]
         found = set(kinds if isinstance(kinds, list) else [kinds])
-        if "integer" in found:
-            found.add("integer")
         return frozenset(found | ({"integer"} if "number" in found else set()))
     options: Iterable[dict[str, Any]] = schema.get("anyOf", []) or schema.get("oneOf", [])
     found_any: set[str] = set()
@@ -493,5 +602,37 @@ def _types(schema: dict[str, Any]) -> frozenset[str]:
     return frozenset(found_any) or frozenset({"any"})
 
 
-def _strip(schema: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in schema.items() if k not in ("title", "description", "default")}
+# Keywords that do not restrict a value ("type" is compared by _types). Others not named in the
+# bounds below (pattern, format, items, anyOf…) count as changed whenever they differ.
+_NOT_CONSTRAINTS = frozenset(
+    {"title", "description", "default", "examples", "type", "$id", "$schema", "$defs"}
+)
+_LOWER_BOUNDS = frozenset({"minimum", "exclusiveMinimum", "minLength", "minItems"})
+_UPPER_BOUNDS = frozenset({"maximum", "exclusiveMaximum", "maxLength", "maxItems"})
+
+
+def _constraints(schema: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: v for k, v in schema.items() if k not in _NOT_CONSTRAINTS}
+    if "const" in kept:  # Literal["a"] is const, Literal["a", "b"] an enum: one keyword
+        kept["enum"] = [kept.pop("const")]
+    return kept
+
+
+def _move(key: str, old: Any, new: Any) -> str:
+    """How one keyword moved: "" (not at all), "widened", "narrowed" or "changed"."""
+    if old == new:
+        return ""
+    if old is None:
+        return "narrowed"  # a new restriction
+    if new is None:
+        return "widened"
+    if key == "enum":
+        before = {json.dumps(v, sort_keys=True) for v in old}
+        after = {json.dumps(v, sort_keys=True) for v in new}
+        return "widened" if before <= after else "narrowed" if after <= before else "changed"
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new))
+    if numbers and key in _LOWER_BOUNDS:
+        return "widened" if new < old else "narrowed"
+    if numbers and key in _UPPER_BOUNDS:
+        return "widened" if new > old else "narrowed"
+    return "changed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from pydantic import BaseModel, Field, create_model
 
 from service import Model, Service, contracts, load_settings
 from service.example import calc
@@ -94,7 +96,7 @@ class _Reply(Model):
     sum: int
 
 
-def _service(request: type[Model], reply: type[Model], version: str = "1.0.0") -> Service:
+def _service(request: type[BaseModel], reply: type[BaseModel], version: str = "1.0.0") -> Service:
     svc = Service("shop", version=version)
 
     async def add(req: Any) -> Any:
@@ -151,7 +153,7 @@ def test_new_required_field_and_narrowed_type_are_breaking() -> None:
 
 
 def test_removed_reply_field_and_operation_are_breaking() -> None:
-    """Readers of a reply lose a field; a removed operation breaks every caller."""
+    """Callers miss a required reply field that is gone; a removed operation breaks every caller."""
 
     class Thin(Model):
         total: int
@@ -161,6 +163,147 @@ def test_removed_reply_field_and_operation_are_breaking() -> None:
     gone = Service("shop")
     changes = _compare(old, gone)
     assert [c.what for c in changes if c.breaking] == ["operation removed"]
+
+
+def test_added_reply_field_is_breaking() -> None:
+    """A reply gaining a field, even an optional one, breaks callers whose model forbids extras."""
+
+    class Wider(Model):
+        sum: int
+        note: str | None = None
+
+    changes = _compare(_service(_Old, _Reply), _service(_Old, Wider))
+    assert [(c.where, c.breaking) for c in changes] == [("shop.add reply.note", True)]
+    assert "unknown fields are forbidden" in changes[0].what
+
+
+def test_added_reply_field_is_compatible_when_readers_ignore_extras() -> None:
+    """When the old reply model ignores unknown fields, adding one breaks nobody."""
+
+    class Open(BaseModel):
+        sum: int
+
+    class Wider(BaseModel):
+        sum: int
+        note: str | None = None
+
+    changes = _compare(_service(_Old, Open), _service(_Old, Wider))
+    assert [(c.where, c.breaking) for c in changes] == [("shop.add reply.note", False)]
+
+
+def test_removed_optional_reply_field_is_compatible() -> None:
+    """Callers fill in the default of an optional reply field that is no longer sent."""
+
+    class Full(Model):
+        sum: int
+        note: str | None = None
+
+    changes = _compare(_service(_Old, Full), _service(_Old, _Reply))
+    assert [(c.where, c.breaking) for c in changes] == [("shop.add reply.note", False)]
+
+
+def test_type_and_constraint_rules_follow_who_reads() -> None:
+    """Accepting more is fine where the service reads and breaks where it sends; less, reversed."""
+
+    class Small(Model):
+        n: int = Field(le=10)
+
+    class Large(Model):
+        n: int = Field(le=100)
+
+    class Nullable(Model):
+        n: int | None
+
+    class Plain(Model):
+        n: int
+
+    def broken(
+        request: type[Model], reply: type[Model], new_request: type[Model], new_reply: type[Model]
+    ) -> list[str]:
+        changes = _compare(_service(request, reply), _service(new_request, new_reply))
+        assert changes
+        return [c.where for c in changes if c.breaking]
+
+    assert broken(Small, Plain, Large, Plain) == []  # the service accepts more
+    assert broken(Plain, Small, Plain, Large) == ["shop.add reply.n"]  # it may send more
+    assert broken(Plain, Large, Plain, Small) == []  # it sends less
+    assert broken(Plain, Plain, Nullable, Plain) == []  # null now accepted
+    assert broken(Plain, Plain, Plain, Nullable) == ["shop.add reply.n"]  # null now sent
+
+
+def test_enum_values_follow_who_reads() -> None:
+    """A new enum value is fine in a request and breaks in a reply (checked in `$defs`)."""
+
+    def holder(*values: str) -> type[Model]:
+        kind = enum.Enum("Kind", {value.upper(): value for value in values})  # type: ignore[misc]
+        return create_model("Holder", kind=(kind, ...), __base__=Model)
+
+    two, three = holder("a", "b"), holder("a", "b", "c")
+    request = _compare(_service(two, _Reply), _service(three, _Reply))
+    assert [(c.where, c.breaking) for c in request] == [("shop.add request Kind", False)]
+    reply = _compare(_service(_Old, two), _service(_Old, three))
+    assert [(c.where, c.breaking) for c in reply] == [("shop.add reply Kind", True)]
+    assert reply[0].what.startswith("constraints widened (enum)")
+
+
+class _Sale(Model):
+    sku: str
+
+
+def _emitter(model: type[Model]) -> Service:
+    svc = Service("shop")
+    svc.event("shop.sold", model)
+    return svc
+
+
+def _subscriber(model: type[Model], pattern: str = "shop.sold") -> Service:
+    svc = Service("audit")
+
+    async def on_sale(event: Any) -> None:
+        raise NotImplementedError
+
+    on_sale.__annotations__ = {"event": model, "return": None}
+    svc.subscribe(pattern)(on_sale)
+    return svc
+
+
+def test_added_event_field_is_breaking() -> None:
+    """An emitted event gaining a field breaks subscribers whose model forbids extras."""
+
+    class Richer(Model):
+        sku: str
+        price: int | None = None
+
+    changes = _compare(_emitter(_Sale), _emitter(Richer))
+    assert [(c.where, c.breaking) for c in changes] == [("event shop.sold.price", True)]
+    assert changes[0].what.startswith("field added: subscribers on the old model refuse it")
+
+
+def test_subscription_event_model_is_checked_as_read_by_the_service() -> None:
+    """A subscription's model is read by the service: like a request, not like an event it emits."""
+
+    class Optional(Model):
+        sku: str
+        price: int | None = None
+
+    class Required(Model):
+        sku: str
+        price: int
+
+    class Renamed(Model):
+        item: str
+
+    def check(new: Service) -> list[tuple[str, bool]]:
+        return [(c.where, c.breaking) for c in _compare(_subscriber(_Sale), new)]
+
+    assert check(_subscriber(Optional)) == [("audit.on_sale event.price", False)]
+    assert check(_subscriber(Required)) == [("audit.on_sale event.price", True)]
+    assert sorted(check(_subscriber(Renamed))) == [
+        ("audit.on_sale event.item", True),  # publishers do not send it
+        ("audit.on_sale event.sku", True),  # publishers still send it: refused as unknown
+    ]
+    assert check(_subscriber(_Sale, pattern="shop.*")) == [("audit.on_sale", False)]
+    assert check(Service("audit")) == [("audit.on_sale", False)]  # publishers are unaffected
 
 
 def test_major_version_bump_allows_breaking_changes() -> None:
@@ -186,7 +329,10 @@ def test_cli_check_exits_non_zero_on_a_break(tmp_path: Path) -> None:
     )
     assert same.returncode == 0, same.stdout + same.stderr
     doc = json.loads((tmp_path / "contract.json").read_text(encoding="utf-8"))
-    doc["calc"]["operations"]["calc.add"]["reply"]["properties"]["extra"] = {"type": "string"}
+    # The published reply lacked `sum`: today's calc.add adds it, which old callers refuse.
+    reply = doc["calc"]["operations"]["calc.add"]["reply"]
+    del reply["properties"]["sum"]
+    reply["required"].remove("sum")
     (tmp_path / "contract.json").write_text(json.dumps(doc), encoding="utf-8")
     broken = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "burrow"), "schemas", "check", "--against", str(tmp_path)],
@@ -196,4 +342,9 @@ def test_cli_check_exits_non_zero_on_a_break(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert broken.returncode == 1
-    assert "BREAKING: calc.add reply.extra: field removed" in broken.stdout
+    lines = broken.stdout.splitlines()
+    assert (
+        "BREAKING: calc.add reply.sum: field added: callers on the old model refuse it "
+        "(unknown fields are forbidden)"
+    ) in lines
+    assert lines[-1] == "1 breaking, 0 compatible change(s)"
