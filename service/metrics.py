@@ -1,12 +1,14 @@
-"""Prometheus metrics, prefix `burrow_`: RED on the serving and the calling side, plus links.
+"""Prometheus metrics, prefix `burrow_`: RED on the serving and the calling side, links, build.
 
 Label values are bounded (service, operation, outcome, reason, link) — never ids.
 """
 
 from __future__ import annotations
 
+import platform
 import weakref
 from collections.abc import Iterable
+from importlib import metadata
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -16,6 +18,7 @@ from service.types import Outcome
 from service.vocabulary import DeadReason, PublishKind, Status
 
 __all__ = [
+    "BUILD_INFO",
     "MESSAGES_RECEIVED",
     "MESSAGES_HANDLED",
     "HANDLER_DURATION",
@@ -42,6 +45,11 @@ _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 
+BUILD_INFO = Gauge(
+    "burrow_build_info",
+    "Always 1; the labels say which Burrow, Python and aio-pika this process runs.",
+    ["version", "python_version", "aio_pika_version"],
+)
 MESSAGES_RECEIVED = Counter(
     "burrow_messages_received_total",
     "Messages delivered to a Burrow consumer.",
@@ -114,6 +122,25 @@ DEAD_LETTER_REASONS: tuple[str, ...] = tuple(DeadReason)
 # Label values of burrow_messages_published_total{kind}, all created at zero.
 PUBLISH_KINDS: tuple[str, ...] = tuple(PublishKind)
 
+
+def _build_labels() -> dict[str, str]:
+    """The label values of `burrow_build_info`, read from the installed packages' metadata."""
+    return {
+        "version": _installed_version("burrow"),
+        "python_version": platform.python_version(),
+        "aio_pika_version": _installed_version("aio-pika"),
+    }
+
+
+def _installed_version(distribution: str) -> str:
+    # A source tree run without installing has no metadata; the series must still exist.
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+BUILD_INFO.labels(**_build_labels()).set(1)
 for _kind in PUBLISH_KINDS:
     for _outcome in PUBLISH_OUTCOMES:
         MESSAGES_PUBLISHED.labels(_kind, _outcome)

@@ -27,7 +27,13 @@ from service import App, Client
 from service.errors import InvalidArgument, NotFound, ServiceError
 from service.example import calc
 from tests.conftest import AppFactory
-from tests.contract.test_deploy import DEPLOY, ROOT, alert_rules, dashboard_queries
+from tests.contract.test_deploy import (
+    DEPLOY,
+    ROOT,
+    alert_rules,
+    dashboard_queries,
+    resolve_variables,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -277,7 +283,7 @@ async def _render(prometheus: Prometheus, start: float, end: float) -> None:
         for target in panel["targets"]:
             data = await prometheus.api(
                 "query_range",
-                query=target["expr"].replace("$__rate_interval", "3s"),
+                query=resolve_variables(target["expr"]).replace("$__rate_interval", "3s"),
                 start=f"{start:.3f}",
                 end=f"{end:.3f}",
                 step="1",
