@@ -96,6 +96,7 @@ class App:
 
     async def stop(self) -> None:
         """Graceful shutdown: stop consuming, finish in-flight work (bounded), then close."""
+        _log.info("draining", grace_seconds=self.settings.shutdown_grace)
         self.health.draining = True
         await self.transport.consumer.cancel_consumers()
         busy = [server.idle.wait() for server in self.servers if not server.idle.is_set()]

@@ -1,29 +1,39 @@
-"""The `burrow` command: run a service, call its operations from a shell."""
+"""The `burrow` command: run a service, call its operations from a shell.
+
+Mistakes a first run makes (a module that is not found, a busy port, a broker that cannot be
+reached) end in one `error:` line and a non-zero exit code, not a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
 
 import orjson
 import pydantic_core
+import structlog
 
 from service import codec, contracts
 from service.app import App
 from service.client import Client
 from service.config import load_settings
 from service.dead_letters import DeadLetterTool, json_line, readable_body
-from service.errors import BurrowError, ConfigError, InvalidArgument, ServiceError
+from service.errors import BurrowError, ConfigError, InvalidArgument, ServiceError, Unavailable
 from service.events import tail
 from service.log import configure_logging
 from service.registry import Service
@@ -33,17 +43,59 @@ __all__ = ["main", "load_target"]
 
 DEFAULT_TARGET = "service.example:calc"
 
+_log = structlog.get_logger("burrow.cli")
+
 
 def load_target(target: str) -> list[Service]:
-    """Import `module:attr` and return the Service(s) it names."""
+    """Import `module:attr` and return the Service(s) it names.
+
+    The current directory comes first on `sys.path` (as with uvicorn and `python -m`), so
+    `burrow run greeter:svc` finds ./greeter.py.
+
+    Raises:
+        ConfigError: the target is malformed, its module is not found, the module has no such
+            attribute, or the attribute is not a Service or a list of Services. An error the
+            module's own code raises while it is imported propagates with its traceback.
+    """
     module_name, _, attr = target.partition(":")
-    if not attr:
-        raise ConfigError(f"target {target!r} must look like module:attribute")
-    value = getattr(importlib.import_module(module_name), attr)
-    services = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not services or not all(isinstance(svc, Service) for svc in services):
-        raise ConfigError(f"{target} is not a Service or a list of Services")
-    return services
+    if not module_name or not attr:
+        raise ConfigError(f"target {target!r} must look like module:attribute, e.g. greeter:svc")
+    _import_from_cwd()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not f"{module_name}.".startswith(f"{exc.name}."):
+            raise  # a module the target's code imports is missing: its traceback says where
+        raise _not_found(module_name, exc.name) from None
+    value = getattr(module, attr, None)
+    services = list(value) if isinstance(value, list | tuple) else [value]
+    if services and all(isinstance(svc, Service) for svc in services):
+        return cast(list[Service], services)
+    found = [f"{module_name}:{name}" for name, item in vars(module).items() if _is_service(item)]
+    hint = f"; it has {', '.join(found)}" if found else f"; {module_name} declares no Service"
+    if not hasattr(module, attr):
+        raise ConfigError(f"module {module_name!r} has no attribute {attr!r}{hint}")
+    kind = f"the class {value.__name__}" if isinstance(value, type) else type(value).__name__
+    raise ConfigError(f"{target} is not a Service or a list of Services but {kind}{hint}")
+
+
+def _import_from_cwd() -> None:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def _is_service(value: object) -> bool:
+    items = value if isinstance(value, list | tuple) and value else [value]
+    return all(isinstance(item, Service) for item in items)
+
+
+def _not_found(module_name: str, missing: str) -> ConfigError:
+    target = "" if missing == module_name else f" (for {module_name!r})"
+    return ConfigError(
+        f"no module named {missing!r}{target} in {os.getcwd()} or on sys.path: run burrow "
+        f"from the directory that holds {missing.replace('.', '/')}.py, or install it"
+    )
 
 
 def _run(coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
@@ -60,10 +112,62 @@ def _run(coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
+    if args.reload:
+        if args.workers > 1:
+            raise ConfigError("--reload runs one process: drop --workers")
+        return _run_reloading(args.target)
     services = load_target(args.target)
     if args.workers > 1:
         return _run_workers(args.target, args.workers, settings.http_port)
-    return _run(lambda: App(*services, settings=settings).run())
+    try:
+        return _run(lambda: App(*services, settings=settings).run())
+    except OSError as exc:
+        # The HTTP port is the only thing App binds; other OSErrors keep their traceback.
+        problem = _BIND_PROBLEMS.get(exc.errno or 0)
+        if problem is None or "bind" not in str(exc):
+            raise
+        where = f"{settings.http_host}:{settings.http_port}"
+        raise ConfigError(f"cannot serve HTTP on {where}: {problem}") from None
+
+
+_BIND_PROBLEMS = {
+    errno.EADDRINUSE: "the port is in use; set BURROW_HTTP_PORT to a free one (0 picks any)",
+    errno.EACCES: "not allowed to listen there; set BURROW_HTTP_PORT above 1023",
+    errno.EADDRNOTAVAIL: "BURROW_HTTP_HOST is not an address of this machine",
+}
+
+
+def _run_reloading(target: str) -> int:
+    """Serve `target` in a child process and restart it whenever a .py file under the current
+    directory changes (development only: in-flight work is cut after a few seconds)."""
+    try:
+        import watchfiles  # noqa: PLC0415 - optional: the `reload` extra
+    except ImportError:
+        raise ConfigError(
+            "--reload needs watchfiles: pip install 'burrow[reload]' (or pip install watchfiles)"
+        ) from None
+    # Fail now on a module that is not there; errors in its code show (and heal) in the child.
+    module_name = target.partition(":")[0]
+    _import_from_cwd()
+    top = module_name.partition(".")[0]
+    if top and importlib.util.find_spec(top) is None:
+        raise _not_found(module_name, top)
+    logging.getLogger("watchfiles").setLevel(logging.ERROR)  # its SIGTERM lines are warnings
+    root = Path.cwd()
+
+    def reloading(changes: set[tuple[Any, str]]) -> None:
+        changed = sorted(os.path.relpath(path, root) for _, path in changes)
+        _log.info("files changed; restarting", files=changed[:10])
+
+    _log.info("watching for changes", directory=str(root))
+    watchfiles.run_process(
+        root,
+        target=shlex.join([sys.executable, "-m", "service.cli", "run", target]),
+        target_type="command",
+        watch_filter=watchfiles.PythonFilter(),
+        callback=reloading,
+    )
+    return 0
 
 
 def _run_workers(target: str, workers: int, http_port: int) -> int:
@@ -128,14 +232,35 @@ def _print(value: Any) -> None:
 
 def _client_command(args: argparse.Namespace, action: Callable[[Client], Any]) -> int:
     settings = load_settings()
-    configure_logging(settings.log_format, "error")
+    _tool_logging(settings.log_format)
 
     async def run() -> int:
-        async with Client(settings) as client:
+        client = Client(settings)
+        try:
+            await _connect(client)
             await action(client)
+        finally:
+            await client.close()
         return 0
 
     return _run(run)
+
+
+async def _connect(client: Client) -> None:
+    """Start `client`; a broker it cannot reach raises `Unavailable` naming the cause."""
+    try:
+        await client.start()
+    except Unavailable:
+        settings = client.settings
+        problem = " ".join((client.link.last_error or "no answer").split())
+        for url in settings.amqp_urls():
+            secret = urlsplit(url).password
+            if secret:
+                problem = problem.replace(secret, "***")
+        raise Unavailable(
+            f"cannot reach the broker at {', '.join(settings.redacted_urls())} within "
+            f"{settings.connect_timeout:g}s: {problem}"
+        ) from None
 
 
 def _cmd_cast(args: argparse.Namespace) -> int:
@@ -198,7 +323,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 
 
 def _tool_logging(fmt: Any) -> None:
-    """`burrow dlq` and `burrow tail` report a failure as one `error:` line: the connection
+    """The commands other than `run` report a failure as one `error:` line: the connection
     attempts' own log lines (aiormq, the link) would only repeat it."""
     configure_logging(fmt, "error")
     for name in ("aiormq", "aio_pika", "burrow.transport"):
@@ -331,14 +456,33 @@ def _client_commands(commands: Any) -> None:
     tail_cmd.set_defaults(func=_cmd_tail)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("burrow")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a bare tree
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="burrow", description=__doc__)
+    parser = argparse.ArgumentParser(prog="burrow", description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run services until SIGTERM")
-    run.add_argument("target", nargs="?", default=DEFAULT_TARGET, help="module:attribute")
+    run.add_argument(
+        "target",
+        nargs="?",
+        default=DEFAULT_TARGET,
+        help="module:attribute, imported from the current directory first",
+    )
     run.add_argument(
         "--workers", type=int, default=1, help="processes sharing the queues (HTTP on port+i)"
+    )
+    run.add_argument(
+        "--reload",
+        action="store_true",
+        help="restart when a .py file under the current directory changes (development; "
+        "needs watchfiles: the reload extra)",
     )
     run.set_defaults(func=_cmd_run)
 
@@ -379,6 +523,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `burrow` command; returns the exit code."""
     args = _parser().parse_args(argv)
+    _early_logging()
     try:
         code: int = args.func(args)
     except ServiceError as exc:
@@ -392,6 +537,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _early_logging() -> None:
+    """What is logged before the settings are read (an unknown `BURROW_*` variable) comes out
+    on stderr in the format asked for; each command configures logging again once it has them."""
+    asked = os.environ.get("BURROW_LOG_FORMAT", "").lower()
+    fmt: Literal["auto", "json", "console"] = (
+        "json" if asked == "json" else "console" if asked == "console" else "auto"
+    )
+    configure_logging(fmt, "warning")
 
 
 if __name__ == "__main__":  # pragma: no cover

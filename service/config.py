@@ -1,12 +1,16 @@
 """Settings from `BURROW_*` environment variables, validated once at start.
 
 The AMQP URL holds a password: it is kept as a secret and only ever shown redacted. TLS files
-must exist at start; amqps:// always verifies the broker's certificate and hostname.
+must exist at start; amqps:// always verifies the broker's certificate and hostname. A
+`BURROW_*` variable that is no setting (a typo) is warned about, naming the closest one.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
@@ -15,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "redact_url"]
+__all__ = ["Settings", "load_settings", "redact_url", "unknown_variables"]
 
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 
@@ -239,13 +243,50 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
+_log = logging.getLogger("burrow.config")
+
+# BURROW_* variables Burrow reads outside `Settings`: the test suite's (BURROW_TEST_AMQP_URL…)
+# and deploy/local/ensure-rabbitmq.sh's (where `make run` looks for a local broker).
+_OTHER_PREFIXES = ("BURROW_TEST_",)
+_OTHER_VARIABLES = frozenset({"BURROW_AMQP_HOST", "BURROW_AMQP_PORT"})
+_warned: set[str] = set()  # each unknown variable is warned about once per process
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The `BURROW_*` variables of `environ` (default: the process's) that no setting reads,
+    each with the closest known variable (None when nothing is close)."""
+    known = {f"BURROW_{name.upper()}" for name in Settings.model_fields} | _OTHER_VARIABLES
+    unknown: dict[str, str | None] = {}
+    for name in sorted(os.environ if environ is None else environ):
+        upper = name.upper()  # pydantic-settings reads the variables case-insensitively
+        if not upper.startswith("BURROW_") or upper.startswith(_OTHER_PREFIXES) or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        unknown[name] = close[0] if close else None
+    return unknown
+
+
+def _warn_unknown_variables() -> None:
+    for name, closest in unknown_variables().items():
+        if name not in _warned:
+            _warned.add(name)
+            hint = f"did you mean {closest}?" if closest else "the README lists the settings"
+            _log.warning("%s is not a Burrow setting and is ignored; %s", name, hint)
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read settings from the environment; a bad value raises `ConfigError` naming the variable."""
+    """Read settings from the environment; a bad value raises `ConfigError` naming the variable.
+
+    An unknown `BURROW_*` variable is logged as a warning (once per process), with the closest
+    known name.
+    """
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
             f"BURROW_{str(err['loc'][0]).upper()}: {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors(include_input=False)
         )
         raise ConfigError(f"invalid configuration: {problems}") from None
+    _warn_unknown_variables()
+    return settings

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -423,7 +424,12 @@ class Dispatcher:
         except InvalidArgument as exc:
             return failure(request, exc, DeadReason.UNSUPPORTED_CONTENT, Outcome.REJECTED)
         if request.operation is None:
-            error = NotFound(f"unknown operation {request.route[:128]!r}")
+            route, svc = request.route[:128], self.service
+            # Names compared without the "svc." every route shares (it makes any name close).
+            close = difflib.get_close_matches(route.partition(".")[2], svc.operations, n=3)
+            hint = " or ".join(repr(f"{svc.name}.{name}") for name in close)
+            suggestion = f"; did you mean {hint}?" if hint else ""
+            error = NotFound(f"unknown operation {route!r}{suggestion}")
             return failure(request, error, DeadReason.UNKNOWN_OPERATION, Outcome.REJECTED)
         return None
 

@@ -47,7 +47,8 @@ async def publish_event(link: Link, message: Outgoing) -> bool:
     try:
         await link.publish(message, kind=PublishKind.EVENT, mandatory=True)
     except Unroutable:
-        _log.warning("event had no subscriber", routing_key=message.routing_key[:128])
+        # Normal for events (nobody has subscribed yet); the caller gets False to act on it.
+        _log.info("event had no subscriber", routing_key=message.routing_key[:128])
         return False
     return True
 

@@ -2,7 +2,8 @@
 
 Standard-library loggers (aio-pika, aiormq, aiohttp) are routed through the same pipeline.
 Every line passes `redact_secrets` last: a broker or Redis URL anywhere in it (a message, a
-field, an exception's text) is shown with its password masked (`config.redact_url`).
+field, an exception's text) is shown with its password masked (`config.redact_url`). Message ids
+are strings in every line: an absent `correlation_id` is `""`, never `null`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import structlog
 
 from service.config import redact_url
 
-__all__ = ["configure_logging", "redact_secrets"]
+__all__ = ["configure_logging", "empty_ids", "redact_secrets"]
 
 _URL = re.compile(r"\b(?:amqps?|rediss?)://\S+", re.IGNORECASE)
 
@@ -38,6 +39,28 @@ def redact_secrets(
             event_dict[key] = [_redact_text(i) if isinstance(i, str) else i for i in value]
     return event_dict
 
+
+def empty_ids(
+    _logger: Any, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Processor: an id field bound as None (a message without a correlation id) reads `""`,
+    as in the per-message `handled` line, so a query on the field needs one spelling."""
+    for key in _ID_FIELDS:
+        if key in event_dict and event_dict[key] is None:
+            event_dict[key] = ""
+    return event_dict
+
+
+_ID_FIELDS = ("message_id", "correlation_id")
+
+
+def _said_by_the_link(record: logging.LogRecord) -> bool:
+    """Filter: drop aiormq's "error when creating transport" line; the link logs the same
+    failure as one line with the URL and the cause (`broker connection failed`)."""
+    return not (record.name == "aiormq.connection" and record.msg == _AIORMQ_CONNECT_ERROR)
+
+
+_AIORMQ_CONNECT_ERROR = "error when creating transport: %r"
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
@@ -71,11 +94,13 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_said_by_the_link)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                empty_ids,
                 redact_secrets,
                 renderer,
             ],

@@ -15,6 +15,7 @@ import contextlib
 import random
 import re
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -102,6 +103,7 @@ class AmqpLink(LinkState):
         self._closing = False
         self._serving = False  # ready was set since the last loss (`ready` may be cleared early)
         self._connects = 0
+        self._failure_said: tuple[str, float] | None = None  # last warned cause, and when
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -165,10 +167,13 @@ class AmqpLink(LinkState):
                 aiormq.exceptions.ProbableAuthenticationError,
                 aiormq.exceptions.AuthenticationError,
                 TlsFailure,
+                VhostRefused,
             ) as exc:
                 fatal: ConfigError
                 if isinstance(exc, TlsFailure):
                     event, problem, fatal = "TLS failure", str(exc), exc
+                elif isinstance(exc, VhostRefused):
+                    event, problem, fatal = "broker refused the virtual host", str(exc), exc
                 else:
                     event = problem = "broker refused the login"
                     fatal = ConfigError(
@@ -200,12 +205,7 @@ class AmqpLink(LinkState):
             except Exception as exc:
                 reason = exc
                 self._last_error = _describe(exc)
-                _log.warning(
-                    "broker connection failed",
-                    link=self.name,
-                    url=redact_url(url),
-                    error=_describe(exc),
-                )
+                self._log_failure(url, self._last_error)
             self._lost(reason)
             if self._closing:
                 return
@@ -215,6 +215,18 @@ class AmqpLink(LinkState):
             )
             attempt += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _log_failure(self, url: str, problem: str) -> None:
+        """Warn of a failed connect once per cause, and again each minute it lasts: the retry
+        loop would otherwise repeat the same line several times a second; repeats go to debug."""
+        now = time.monotonic()
+        said = self._failure_said
+        repeated = said is not None and said[0] == problem and now - said[1] < _REPEAT_WARNING
+        if not repeated:
+            self._failure_said = (problem, now)
+        (_log.debug if repeated else _log.warning)(
+            "broker connection failed", link=self.name, url=redact_url(url), error=problem
+        )
 
     async def _connect(self, url: str) -> None:
         context = None
@@ -229,6 +241,12 @@ class AmqpLink(LinkState):
                 ssl_context=context,
             )
         except Exception as exc:
+            refusal = _vhost_refusal(exc)
+            if refusal is not None:
+                raise VhostRefused(
+                    f"the broker refused the virtual host of {redact_url(url)}: {refusal} "
+                    "(check the vhost in BURROW_AMQP_URL and the user's permissions on it)"
+                ) from None
             problem = _tls_problem(exc)
             if problem is None:
                 raise
@@ -248,6 +266,7 @@ class AmqpLink(LinkState):
         if self._attached != len(wanted):
             raise ConnectionLost(f"{self._attached} of {len(wanted)} consumers attached")
         self._last_error = None
+        self._failure_said = None
         self._connects += 1
         if self._connects > 1:
             metrics.AMQP_RECONNECTS.labels(self.name).inc()
@@ -396,7 +415,9 @@ class AmqpLink(LinkState):
             closer = asyncio.get_running_loop().create_task(_quiet_close(connection))
             self._closers.add(closer)
             closer.add_done_callback(self._closers.discard)
-        if was_ready:
+        if was_ready and self._closing:
+            _log.info("broker connection closed", link=self.name)  # asked for: not a loss
+        elif was_ready:
             _log.warning("broker connection lost", link=self.name, error=_describe(reason))
         self._notify_lost(reason)
 
@@ -618,6 +639,49 @@ class TlsFailure(ConfigError):
     """The TLS handshake failed (certificate, hostname, protocol): a configuration problem."""
 
 
+class VhostRefused(ConfigError):
+    """The broker refused the URL's virtual host (no such vhost, or no access to it)."""
+
+
+_REPEAT_WARNING = 60.0  # seconds before an unchanged connect failure is warned about again
+_NOT_ALLOWED = 530  # AMQP reply code RabbitMQ closes with when Connection.Open is refused
+
+
+def _broker_close(exc: BaseException) -> spec.Connection.Close | None:
+    """The Connection.Close the broker answered a handshake step with, if that is what `exc`
+    is. aiormq reports it as an InvalidFrameError whose text drops the reply code and reason;
+    the frame is still a local (`frame`) of the innermost call its traceback passed through."""
+    if not isinstance(exc, aiormq.exceptions.InvalidFrameError):
+        return None
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame.f_locals.get("frame")
+        if isinstance(frame, spec.Connection.Close):
+            found = frame
+        tb = tb.tb_next
+    return found
+
+
+def _vhost_refusal(exc: BaseException) -> str | None:
+    """The broker's reason when it refused the virtual host at Connection.Open, or None.
+
+    RabbitMQ answers 530 NOT_ALLOWED for a vhost that does not exist or that the user may not
+    use (fatal at start, like a refused login) and also for a connection limit reached, which
+    passes: that one is retried.
+    """
+    close = _broker_close(exc)
+    if isinstance(exc, aiormq.exceptions.ConnectionClosed) and len(exc.args) == 2:
+        code, text = exc.args  # should aiormq report the close itself one day
+    elif close is not None:
+        code, text = close.reply_code, close.reply_text
+    else:
+        return None
+    if code != _NOT_ALLOWED or "limit" in str(text):
+        return None
+    return str(text)[:300]
+
+
 def _tls_context(settings: Settings) -> ssl.SSLContext:
     """A client context that always verifies the broker's certificate and hostname."""
     try:
@@ -681,6 +745,9 @@ async def _quiet_close(connection: AbstractConnection) -> None:
 
 
 def _describe(exc: BaseException) -> str:
+    close = _broker_close(exc)
+    if close is not None:  # the broker's reason, not aiormq's "Expected ..., got <Connection...>"
+        return f"the broker closed the connection: {close.reply_code} {close.reply_text}"[:300]
     text = str(exc) or type(exc).__name__
     return text[:300]
 

@@ -5,15 +5,19 @@ The environment is cleared of BURROW_* first so the machine's own settings canno
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from pathlib import Path
 
+import aiormq
 import pytest
+from pamqp import commands as spec
 
-from service.config import Settings, load_settings, redact_url
+from service import config
+from service.config import Settings, load_settings, redact_url, unknown_variables
 from service.errors import ConfigError
-from service.transport import _tls_context, _tls_problem
+from service.transport import _describe, _tls_context, _tls_problem, _vhost_refusal
 
 __all__: list[str] = []
 
@@ -320,3 +324,75 @@ def test_tls_failures_described_and_transient_ones_not() -> None:
     assert _tls_problem(plain_port) == "TLS handshake failed: wrong version number"
     assert _tls_problem(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")) is None
     assert _tls_problem(ConnectionResetError(104, "reset")) is None
+
+
+def test_unknown_variable_names_the_closest_setting() -> None:
+    """A typo'd BURROW_* variable is reported with the setting it most resembles."""
+    found = unknown_variables({"BURROW_PREFECH": "10", "BURROW_AMQP_ULR": "amqp://x"})
+    assert found == {"BURROW_AMQP_ULR": "BURROW_AMQP_URL", "BURROW_PREFECH": "BURROW_PREFETCH"}
+
+
+def test_unknown_variable_without_a_close_setting() -> None:
+    """A BURROW_* variable resembling no setting is reported without a suggestion."""
+    assert unknown_variables({"BURROW_ZZZQQ": "1"}) == {"BURROW_ZZZQQ": None}
+
+
+def test_variables_burrow_reads_are_not_unknown() -> None:
+    """Settings (in any case), the test suite's BURROW_TEST_* and the local broker script's
+    BURROW_AMQP_HOST/PORT are known; other prefixes are not looked at."""
+    environ = {
+        "BURROW_PREFETCH": "1",
+        "burrow_namespace": "x",
+        "BURROW_TEST_AMQP_URL": "amqp://x",
+        "BURROW_TEST_ANYTHING_NEW": "1",
+        "BURROW_AMQP_HOST": "127.0.0.1",
+        "BURROW_AMQP_PORT": "5672",
+        "PATH": "/bin",
+        "XBURROW_PREFECH": "1",
+    }
+    assert unknown_variables(environ) == {}
+
+
+def test_load_settings_warns_once_per_unknown_variable(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """load_settings logs one warning per unknown variable per process, naming the closest."""
+    monkeypatch.setattr(config, "_warned", set())
+    monkeypatch.setenv("BURROW_PREFECH", "10")
+    with caplog.at_level(logging.WARNING, logger="burrow.config"):
+        settings = load_settings()
+        load_settings()
+    assert settings.prefetch == 64  # ignored, as the warning says
+    messages = [record.getMessage() for record in caplog.records if record.name == "burrow.config"]
+    assert len(messages) == 1
+    assert "BURROW_PREFECH" in messages[0]
+    assert "did you mean BURROW_PREFETCH?" in messages[0]
+
+
+def _open_refused(reply_code: int, reply_text: str) -> aiormq.exceptions.InvalidFrameError:
+    """The error aiormq raises when the broker answers Connection.Open with a close: the frame
+    is a local of the raising function, as in aiormq's `_rpc`."""
+    frame = spec.Connection.Close(reply_code, reply_text)
+    try:
+        raise aiormq.exceptions.InvalidFrameError(f"Expected one of ['Connection.OpenOk'], {frame}")
+    except aiormq.exceptions.InvalidFrameError as exc:
+        return exc
+
+
+def test_refused_vhost_reads_the_brokers_reason() -> None:
+    """A vhost the broker refuses (530 NOT_ALLOWED) yields its reason text; so does the
+    description of the failed connect."""
+    refused = _open_refused(530, "NOT_ALLOWED - vhost shop not found")
+    assert _vhost_refusal(refused) == "NOT_ALLOWED - vhost shop not found"
+    assert _describe(refused).endswith("530 NOT_ALLOWED - vhost shop not found")
+
+
+def test_vhost_connection_limit_is_not_a_refused_vhost() -> None:
+    """A connection limit (also 530) and other errors are not treated as a refused vhost:
+    they are retried."""
+    limit = (
+        "NOT_ALLOWED - access to vhost '/' refused for user 'u': connection limit (5) is reached"
+    )
+    assert _vhost_refusal(_open_refused(530, limit)) is None
+    assert _vhost_refusal(_open_refused(541, "INTERNAL_ERROR - vhost '/' is down")) is None
+    assert _vhost_refusal(ConnectionRefusedError(111, "Connection refused")) is None
