@@ -29,7 +29,9 @@ from service.errors import (
     Unavailable,
     Unroutable,
 )
-from service.registry import Context, Operation, Service
+from service.link import Outbound, Publishing, PublishNext
+from service.middleware import Middleware, Next, Request, Result
+from service.registry import Context, Lifespan, Operation, Service, State
 
 __all__ = [
     "App",
@@ -46,17 +48,26 @@ __all__ = [
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
+    "Lifespan",
     "MessageTooLarge",
+    "Middleware",
     "Model",
+    "Next",
     "NotFound",
     "Operation",
+    "Outbound",
     "PermissionDenied",
     "PublishFailed",
+    "PublishNext",
+    "Publishing",
     "QueueFull",
+    "Request",
     "ResourceExhausted",
+    "Result",
     "Service",
     "ServiceError",
     "Settings",
+    "State",
     "TopologyError",
     "Unavailable",
     "Unroutable",

@@ -9,18 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
 
+from service import tracing
 from service.config import Settings, load_settings
 from service.dispatcher import Dispatcher
 from service.errors import Unavailable
 from service.health import Health
 from service.http import HttpServer
 from service.idempotency import store_from_url
-from service.link import LinkFactory
-from service.registry import Service
+from service.link import LinkFactory, Outbound
+from service.middleware import Middleware
+from service.registry import Lifespan, Service, State
 from service.results import job_store_from_url
 from service.scheduler import Forwarder
 from service.topology import Topology, service_topology
@@ -37,6 +40,11 @@ class App:
     Args:
         http: serve `/metrics`, `/healthz` and `/readyz` on `settings.http_port`.
         link_factory: how AMQP links are made (the in-memory test broker passes its own).
+        middleware: inbound layers around every handled message of every service
+            (`service.middleware.Middleware`), outside each service's and operation's own.
+        outbound: layers around every publish the App makes (`service.link.Outbound`).
+        lifespan: opened before the first message, closed after the last in-flight one
+            finished; handlers reach what it put in `state` as `ctx.state`.
     """
 
     def __init__(
@@ -45,6 +53,9 @@ class App:
         settings: Settings | None = None,
         http: bool = True,
         link_factory: LinkFactory = AmqpLink,
+        middleware: Sequence[Middleware] = (),
+        outbound: Sequence[Outbound] = (),
+        lifespan: Lifespan | None = None,
     ) -> None:
         if not services:
             raise ValueError("App needs at least one Service")
@@ -55,11 +66,22 @@ class App:
             topology = topology.merge(service_topology(svc, self.settings))
         self.topology = topology
         self.transport = Transport(self.settings, topology, link_factory=link_factory)
+        for link in self.transport.links:
+            link.use(*outbound)
+        self.state = State()
+        self._lifespans = [lifespan, *(svc.lifespan for svc in services)]
+        self._opened = contextlib.AsyncExitStack()
         self.store = store_from_url(self.settings.idempotency_url)
         self.jobs = job_store_from_url(self.settings.job_store_url)
         self.servers = [
             Dispatcher(
-                svc, self.settings, self.transport.publisher, store=self.store, jobs=self.jobs
+                svc,
+                self.settings,
+                self.transport.publisher,
+                store=self.store,
+                jobs=self.jobs,
+                extra=middleware,
+                state=self.state,
             )
             for svc in services
         ]
@@ -79,9 +101,18 @@ class App:
         )
 
     async def start(self) -> None:
-        """Start the HTTP port and begin connecting; does not wait for the broker."""
-        if self.http is not None:
-            await self.http.start()
+        """Open the lifespans (the App's, then each service's), start the HTTP port and begin
+        connecting; does not wait for the broker."""
+        tracing.refresh()  # an SDK TracerProvider installed by now records spans
+        try:
+            for lifespan in self._lifespans:
+                if lifespan is not None:
+                    await self._opened.enter_async_context(lifespan(self.state))
+            if self.http is not None:
+                await self.http.start()
+        except BaseException:
+            await self._opened.aclose()  # a busy port (or a failing lifespan) closes what opened
+            raise
         self.transport.start()
         _log.info(
             "burrow starting",
@@ -108,6 +139,7 @@ class App:
                 # Unacked deliveries go back to the queue when the channel closes.
                 _log.warning("grace period over; unfinished work returns to the queue")
         await self.transport.close()
+        await self._opened.aclose()  # the lifespans, last opened first: nothing runs any more
         await self.store.close()
         await self.jobs.close()
         if self.http is not None:
@@ -116,7 +148,18 @@ class App:
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Serve until SIGTERM/SIGINT or `stop` is set (exit 0), or until a fatal broker error
-        or `BURROW_STARTUP_TIMEOUT` passing before the first ready (exit 1)."""
+        or `BURROW_STARTUP_TIMEOUT` passing before the first ready (exit 1).
+
+        Spans are exported as the `OTEL_*` variables say (`tracing.configure_from_env`), and
+        flushed before it returns."""
+        provider = tracing.configure_from_env(",".join(svc.name for svc in self.services))
+        try:
+            return await self._run(stop)
+        finally:
+            if provider is not None:
+                provider.shutdown()
+
+    async def _run(self, stop: asyncio.Event | None) -> int:
         await self.start()
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()

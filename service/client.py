@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -19,7 +20,7 @@ from service.config import Settings, load_settings
 from service.errors import NotFound, QueueFull
 from service.events import event_message, publish_event
 from service.jobs import Job, valid_callback
-from service.link import LinkFactory
+from service.link import LinkFactory, Outbound
 from service.registry import Operation
 from service.results import JobRecord, JobState, JobStore, job_store_from_url
 from service.rpc_client import RpcClient
@@ -50,6 +51,9 @@ class Client:
     Example:
         async with Client() as client:
             reply = await client.call("calc.add", {"a": 1, "b": 2})  # {"sum": 3}
+
+    Args:
+        outbound: layers around every publish this client makes (`service.link.Outbound`).
     """
 
     def __init__(
@@ -57,16 +61,19 @@ class Client:
         settings: Settings | None = None,
         *,
         link_factory: LinkFactory = AmqpLink,
+        outbound: Sequence[Outbound] = (),
         **overrides: Any,
     ) -> None:
         self.settings = settings or load_settings(**overrides)
         self.names = Names(self.settings.namespace)
         self.link = link_factory("client", self.settings, topology=client_topology(self.settings))
+        self.link.use(*outbound)
         self.rpc = RpcClient(self.link, self.settings)
         self._jobs: JobStore | None = None  # opened by the first `job(id)` without a route
 
     async def start(self, timeout: float | None = None) -> None:
         """Connect and attach the reply consumer; raise `Unavailable` if the broker is away."""
+        tracing.refresh()  # an SDK TracerProvider installed by now records spans
         self.link.start()
         await self.link.wait_ready(self.settings.connect_timeout if timeout is None else timeout)
 

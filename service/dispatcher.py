@@ -36,8 +36,17 @@ from service.errors import (
 from service.events import event_message, publish_event
 from service.idempotency import Claim, IdempotencyStore, MemoryStore
 from service.jobs import valid_callback, valid_job_id
-from service.middleware import DEFAULT_MIDDLEWARE, Middleware, Request, Result, compose, failure
-from service.registry import Context, Operation, Service, Subscription
+from service.middleware import (
+    DEFAULT_MIDDLEWARE,
+    Middleware,
+    Next,
+    Request,
+    Result,
+    compose,
+    error_middleware,
+    failure,
+)
+from service.registry import Context, Operation, Service, State, Subscription
 from service.results import JobRecord, JobState, JobStore, MemoryJobStore, owner_digest
 from service.retry import attempts
 from service.settlement import Plan, Publish, Role, plan
@@ -122,7 +131,11 @@ class Dispatcher:
 
     Args:
         publisher: the link replies, completions and dead letters go out on.
-        middleware: layers around the endpoint, outermost first.
+        middleware: the built-in layers around the endpoint, outermost first.
+        extra: the App's inbound middleware; with the service's and each operation's, they
+            run inside the built-in `error_middleware` (a raised `ServiceError` is answered)
+            and outside `deadline_middleware`, outermost first.
+        state: what the lifespans opened (`ctx.state`).
         store: where idempotent operations record completed keys (default: in memory).
         jobs: where submits record their jobs and results (default: in memory).
     """
@@ -136,6 +149,8 @@ class Dispatcher:
         middleware: Sequence[Middleware] = DEFAULT_MIDDLEWARE,
         store: IdempotencyStore | None = None,
         jobs: JobStore | None = None,
+        extra: Sequence[Middleware] = (),
+        state: State | None = None,
     ) -> None:
         self.service = service
         self.settings = settings
@@ -148,7 +163,15 @@ class Dispatcher:
         self.idle.set()
         # Deliveries being handled: the queue they came from and when the handler must be done.
         self._held: dict[Delivery, tuple[str, float]] = {}
-        self._chain = compose(middleware, self._endpoint)
+        self.state = state or State()
+        shared = [*extra, *service.middleware]
+        self._chain = compose(_with(middleware, shared), self._endpoint)
+        # An operation or subscription with layers of its own gets a chain of its own.
+        self._chains: dict[str, Next] = {
+            op.route: compose(_with(middleware, [*shared, *op.middleware]), self._endpoint)
+            for op in _handlers(service)
+            if op.middleware
+        }
         self._version = str(service.major)
         self._accepts = frozenset(str(major) for major in service.accepts)
         metrics.init_operation_labels(
@@ -194,12 +217,29 @@ class Dispatcher:
         self.idle.clear()
         due = time.monotonic() + request.handler_timeout + self.settings.publish_timeout
         self._held[delivery] = (delivery.queue, due)
-        token = tracing.activate(request.trace)
+        # A message that came without a trace starts one: its log lines and answers share it.
+        token = tracing.activate(request.trace or tracing.child(None))
+        span = tracing.start_consumer(
+            request.route,
+            delivery.headers,
+            kind=request.kind,
+            exchange=delivery.exchange,
+            routing_key=delivery.routing_key,
+            queue=delivery.queue,
+            message_id=delivery.message_id,
+            correlation_id=delivery.correlation_id,
+            body=delivery.body,
+            delivery_tag=delivery.delivery_tag,
+        )
+        outcome: str = Outcome.DEAD_LETTERED.value
+        code: str | None = "INTERNAL"  # unless it ends otherwise
         try:
-            result = await self._chain(request)  # stage 2
+            result = await self._chains.get(request.route, self._chain)(request)  # stage 2
             if request.kind == Kind.SUBMIT and request.job_id is not None:
                 result = await self._finish_job(request, result)
             await self._carry_out(delivery, self._plan(request, result))  # stage 3
+            outcome = result.outcome.value
+            code = None if result.error is None else result.error.code.value
         except Exception:
             # A bug, not the broker: requeueing would bring the same message back for ever.
             # Park it (reason internal) and keep serving; if even that fails, reject it to the
@@ -211,6 +251,8 @@ class Dispatcher:
             )
             await self._park_after_bug(delivery)
         finally:
+            if span is not None:
+                span.end(outcome, code)
             tracing.deactivate(token)
             del self._held[delivery]
             self.in_flight -= 1
@@ -450,9 +492,17 @@ class Dispatcher:
             deadline=request.deadline,
             redelivered=delivery.redelivered,
             headers=delivery.headers,
-            log=_log.bind(operation=request.route, correlation_id=delivery.correlation_id),
+            log=_log.bind(
+                service=self.service.name,
+                operation=request.route,
+                message_id=delivery.message_id or "",
+                correlation_id=delivery.correlation_id or "",
+                trace_id=tracing.trace_id(tracing.current()),
+                span_id=tracing.span_id(tracing.current()),
+            ),
             routing_key=delivery.routing_key,
             emit=self._emit,
+            state=self.state,
         )
 
     async def _emit(self, event: str, payload: BaseModel) -> None:
@@ -521,6 +571,18 @@ def _record_body(job_id: str, record: JobRecord) -> bytes:
         return head + b"}"
     field = b',"result":' if record.state is JobState.COMPLETED else b',"error":'
     return head + field + record.body + b"}"
+
+
+def _handlers(service: Service) -> list[Operation[Any, Any] | Subscription]:
+    return [*service.operations.values(), *service.subscriptions.values()]
+
+
+def _with(builtin: Sequence[Middleware], added: Sequence[Middleware]) -> list[Middleware]:
+    """`builtin` with `added` right inside `error_middleware` (at the end if it is absent)."""
+    layers = list(builtin)
+    at = layers.index(error_middleware) + 1 if error_middleware in layers else len(layers)
+    layers[at:at] = added
+    return layers
 
 
 def _pick(value: int | None, default: int) -> int:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Protocol
 
-from service import metrics
+from service import metrics, tracing
 from service.errors import (
     BurrowError,
     ConnectionLost,
@@ -40,13 +40,33 @@ __all__ = [
     "LinkFactory",
     "LinkState",
     "LostCallback",
+    "Outbound",
     "OutcomeRule",
+    "Publishing",
+    "PublishNext",
     "PublishOutcome",
     "check_body_size",
     "record_publish",
 ]
 
 LostCallback = Callable[[BaseException], None]
+
+
+@dataclass(slots=True)
+class Publishing:
+    """One publish on its way out, as outbound middleware sees it: change `message` (its
+    headers, say) or the whole object before passing it on."""
+
+    message: Outgoing
+    kind: str  # request, command, reply, completion, event, dead_letter, retry, scheduled
+    mandatory: bool
+    timeout: float | None = None
+    check_size: bool = True
+
+
+PublishNext = Callable[[Publishing], Awaitable[None]]
+# Outbound middleware: `async def layer(publishing, call_next)`, awaiting `call_next` to send.
+Outbound = Callable[[Publishing, PublishNext], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +176,10 @@ class Link(Protocol):
         check_size: bool = True,
     ) -> None:
         """Publish with a broker confirm; raise the `PUBLISH_OUTCOMES` error when it fails."""
+        ...
+
+    def use(self, *outbound: Outbound) -> None:
+        """Run every later publish through `outbound` (outermost first)."""
         ...
 
 
@@ -297,6 +321,8 @@ class LinkState(ABC):
         self._last_error: str | None = None
         self._attached = 0
         self._attached_gauge = metrics.CONSUMERS_ATTACHED.labels(name)
+        self._outbound: list[Outbound] = []
+        self._send_chain: PublishNext | None = None  # set once outbound middleware is added
         metrics.watch_link(self)
 
     @property
@@ -338,6 +364,69 @@ class LinkState(ABC):
     @abstractmethod
     def blocked(self) -> bool:
         """True while the broker holds publishes back (a resource alarm)."""
+
+    async def publish(
+        self,
+        message: Outgoing,
+        *,
+        kind: str,
+        mandatory: bool,
+        timeout: float | None = None,
+        check_size: bool = True,
+    ) -> None:
+        """Publish with a broker confirm (through the outbound middleware, if any); raise
+        what `PUBLISH_OUTCOMES` says when it fails. With spans recorded, the publish is a
+        PRODUCER span whose context the message carries."""
+        span = tracing.start_producer(
+            message.type or kind,
+            message.headers,
+            kind=kind,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            body=message.body,
+        )
+        try:
+            if self._send_chain is None:
+                await self._send(
+                    message, kind=kind, mandatory=mandatory, timeout=timeout, check_size=check_size
+                )
+            else:
+                await self._send_chain(Publishing(message, kind, mandatory, timeout, check_size))
+        except BaseException as exc:
+            tracing.end_producer(span, exc)
+            raise
+        tracing.end_producer(span)
+
+    def use(self, *outbound: Outbound) -> None:
+        """Run every later publish through `outbound` (outermost first)."""
+        self._outbound.extend(outbound)
+        chain: PublishNext = self._send_publishing
+        for layer in reversed(self._outbound):
+            chain = _bind_outbound(layer, chain)
+        self._send_chain = chain
+
+    async def _send_publishing(self, publishing: Publishing) -> None:
+        await self._send(
+            publishing.message,
+            kind=publishing.kind,
+            mandatory=publishing.mandatory,
+            timeout=publishing.timeout,
+            check_size=publishing.check_size,
+        )
+
+    @abstractmethod
+    async def _send(
+        self,
+        message: Outgoing,
+        *,
+        kind: str,
+        mandatory: bool,
+        timeout: float | None,
+        check_size: bool,
+    ) -> None:
+        """The link's own publish with a confirm."""
 
     def add_consumer(self, spec: ConsumerSpec) -> None:
         """Keep `spec` attached from the next connect on."""
@@ -392,3 +481,10 @@ class LinkState(ABC):
                 await self._ready.wait()
         except TimeoutError:
             raise Unavailable("not connected to the broker") from None
+
+
+def _bind_outbound(layer: Outbound, inner: PublishNext) -> PublishNext:
+    def call(publishing: Publishing) -> Awaitable[None]:
+        return layer(publishing, inner)
+
+    return call

@@ -151,7 +151,8 @@ async def log_middleware(request: Request, call_next: Next) -> Result:
         "duration_ms": round((time.perf_counter() - request.started) * 1000, 3),
         "message_id": (delivery.message_id or "")[:_MAX_ID],
         "correlation_id": (delivery.correlation_id or "")[:_MAX_ID],
-        "trace_id": tracing.trace_id(tracing.current()),
+        "trace_id": tracing.trace_id(trace := tracing.current()),
+        "span_id": tracing.span_id(trace),
     }
     if result.error is not None:
         fields["error_code"] = result.error.code.value

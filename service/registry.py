@@ -8,7 +8,8 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -22,8 +23,11 @@ __all__ = [
     "Emit",
     "Handler",
     "IdempotencyKey",
+    "Lifespan",
+    "Layer",
     "Operation",
     "Service",
+    "State",
     "Subscription",
 ]
 
@@ -36,6 +40,38 @@ Rep = TypeVar("Rep", bound=BaseModel)
 Handler = Callable[..., Awaitable[Any]]
 Emit = Callable[[str, BaseModel], Awaitable[None]]
 IdempotencyKey = Callable[[Any], str]
+# An inbound middleware, `service.middleware.Middleware` (typed there; this module is below it).
+Layer = Callable[[Any, Any], Awaitable[Any]]
+T = TypeVar("T")
+
+
+class State:
+    """What the lifespans opened, shared by every handler of an `App` (`ctx.state`).
+
+    Example:
+        @asynccontextmanager
+        async def lifespan(state: State) -> AsyncIterator[None]:
+            state.db = await open_pool()
+            yield
+            await state.db.close()
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(f"nothing opened {name!r}: set it in a lifespan (state.{name} = …)")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # declared so that type checkers allow it
+
+    def get(self, name: str, kind: type[T]) -> T:
+        """`state.<name>`, checked to be a `kind`: the typed way to reach a resource."""
+        value = getattr(self, name)
+        if not isinstance(value, kind):
+            raise TypeError(f"state.{name} is a {type(value).__name__}, not a {kind.__name__}")
+        return value
+
+
+# Opened at start (before the first message), closed at stop (after the in-flight ones).
+Lifespan = Callable[[State], AbstractAsyncContextManager[Any]]
 
 
 async def _no_emit(event: str, payload: BaseModel) -> None:
@@ -55,6 +91,7 @@ class Context:
     log: structlog.typing.FilteringBoundLogger
     routing_key: str = ""
     emit: Emit = _no_emit  # publish a domain event: await ctx.emit("orders.created", model)
+    state: State = field(default_factory=State)  # what the lifespans opened
 
 
 @dataclass(slots=True)
@@ -77,6 +114,7 @@ class Operation(Generic[Req, Rep]):
     retries: int | None = None  # None: settings.max_retries (casts and submits only)
     idempotent: bool = False
     idempotency_key: IdempotencyKey | None = None  # default: the message id
+    middleware: tuple[Layer, ...] = ()  # inbound, around this operation only (innermost)
 
     @property
     def route(self) -> str:
@@ -104,6 +142,7 @@ class Subscription:
     retries: int | None = None
     idempotent: bool = False
     idempotency_key: IdempotencyKey | None = None
+    middleware: tuple[Layer, ...] = ()  # inbound, around this subscription only (innermost)
 
     @property
     def route(self) -> str:
@@ -129,6 +168,8 @@ class Service:
     operations: dict[str, Operation[Any, Any]] = field(default_factory=dict)
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     events: dict[str, type[BaseModel]] = field(default_factory=dict)
+    middleware: Sequence[Layer] = ()  # inbound, around every message of this service
+    lifespan: Lifespan | None = None  # opened after the App's, closed before it
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -159,6 +200,7 @@ class Service:
         retries: int | None = None,
         idempotent: bool = False,
         idempotency_key: IdempotencyKey | None = None,
+        middleware: Sequence[Layer] = (),
     ) -> Callable[[Handler], Handler]:
         """Declare the decorated coroutine as an operation; models come from its annotations.
 
@@ -167,6 +209,7 @@ class Service:
             retries: retries of a retryable failure for casts and submits (calls answer at once).
             idempotent: run the handler once per key; duplicates get the stored reply.
             idempotency_key: derive the key from the request (default: the message id).
+            middleware: inbound layers around this operation only (`service.middleware`).
         """
 
         def register(handler: Handler) -> Handler:
@@ -177,6 +220,7 @@ class Service:
                 retries=retries,
                 idempotent=idempotent or idempotency_key is not None,
                 idempotency_key=idempotency_key,
+                middleware=middleware,
             )
             return handler
 
@@ -191,6 +235,7 @@ class Service:
         retries: int | None = None,
         idempotent: bool = False,
         idempotency_key: IdempotencyKey | None = None,
+        middleware: Sequence[Layer] = (),
     ) -> Operation[Any, Any]:
         """Declare `handler` as an operation (the non-decorator form)."""
         op_name = name or handler.__name__
@@ -210,6 +255,7 @@ class Service:
             retries=retries,
             idempotent=idempotent,
             idempotency_key=idempotency_key,
+            middleware=tuple(middleware),
         )
         self.operations[op_name] = op
         return op
@@ -224,6 +270,7 @@ class Service:
         retries: int | None = None,
         idempotent: bool = False,
         idempotency_key: IdempotencyKey | None = None,
+        middleware: Sequence[Layer] = (),
     ) -> Callable[[Handler], Handler]:
         """Handle events matching `pattern` (`orders.*.created`, `#`); the model is annotated.
 
@@ -232,6 +279,7 @@ class Service:
             name: the subscription's name (default: the function name).
             retries: retries of a retryable failure before dead-lettering.
             idempotent: handle each event once per key (default key: the message id).
+            middleware: inbound layers around this subscription only (`service.middleware`).
         """
 
         def register(handler: Handler) -> Handler:
@@ -256,6 +304,7 @@ class Service:
                 retries=retries,
                 idempotent=idempotent or idempotency_key is not None,
                 idempotency_key=idempotency_key,
+                middleware=tuple(middleware),
             )
             return handler
 

@@ -96,6 +96,7 @@ class RpcClient:
         self._unsent.add(correlation_id)
         metrics.RPC_CLIENT_PENDING.inc()
         outcome = "ok"
+        span = tracing.start_call(label)
         try:
             async with asyncio.timeout(timeout):
                 await self.link.publish(
@@ -132,6 +133,8 @@ class RpcClient:
             outcome = exc.code.value
             raise
         finally:
+            if span is not None:
+                span.end(outcome, None if outcome == "ok" else outcome)
             self._unsent.discard(correlation_id)
             if self.pending.pop(correlation_id, None) is not None:
                 metrics.RPC_CLIENT_PENDING.dec()

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import structlog
 
+from service import tracing
 from service.config import Settings
 from service.dead_letters import DeadLetterQueue
 from service.envelope import text, undecodable_fields
@@ -141,6 +142,7 @@ class Forwarder:
             # The broker's TTLs run to the millisecond; the promise is "never early".
             await asyncio.sleep(early)
         message = forward(delivery, exchange=exchange, routing_key=key, drop=_STRIP)
+        resumed = tracing.resume(delivery.headers)  # the forward is a hop of the sender's trace
         try:
             await self.publisher.publish(
                 message, kind=PublishKind.SCHEDULED, mandatory=True, check_size=False
@@ -152,6 +154,8 @@ class Forwarder:
             _log.warning("scheduled message not deliverable", route=key[:128], error=exc.message)
             await delivery.reject()  # dead-letters to the scheduler's DLQ
             return
+        finally:
+            tracing.leave(resumed)
         await delivery.ack()
 
 

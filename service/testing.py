@@ -35,7 +35,7 @@ import itertools
 import os
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -51,13 +51,17 @@ from service.errors import ConnectionLost, DeadlineExceeded, NotFound, TopologyE
 from service.link import (
     PUBLISH_OUTCOMES,
     ConsumerSpec,
+    LinkFactory,
     LinkState,
+    Outbound,
     PublishOutcome,
     check_body_size,
     record_publish,
 )
-from service.registry import Service
+from service.middleware import Middleware
+from service.registry import Lifespan, Service
 from service.topology import DIRECT_REPLY_TO, QueueDecl, Topology
+from service.transport import AmqpLink
 from service.types import Delivery, Outgoing, Settle
 from service.vocabulary import (
     ARG_DEAD_LETTER_EXCHANGE,
@@ -694,14 +698,14 @@ class MemoryLink(LinkState):
 
     # -- publishing --------------------------------------------------------------------------
 
-    async def publish(
+    async def _send(
         self,
         message: Outgoing,
         *,
         kind: str,
         mandatory: bool,
-        timeout: float | None = None,
-        check_size: bool = True,
+        timeout: float | None,
+        check_size: bool,
     ) -> None:
         """Publish with a confirm; fail exactly as `AmqpLink.publish` (`link.PUBLISH_OUTCOMES`)."""
         if check_size:
@@ -1128,7 +1132,12 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serve(
-    *services: Service, backend: str | None = None, **settings: Any
+    *services: Service,
+    backend: str | None = None,
+    middleware: Sequence[Middleware] = (),
+    outbound: Sequence[Outbound] = (),
+    lifespan: Lifespan | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Served]:
     """Run `services` with a connected `Client`; stop both (and clean up) afterwards.
 
@@ -1136,6 +1145,7 @@ async def serve(
         backend: `memory` (a fresh `InMemoryBroker`, the default) or `rabbitmq` (the broker of
             `BURROW_AMQP_URL`, in a namespace of its own whose queues and exchanges are deleted
             afterwards). Unset: `BURROW_TEST_BACKEND`, else `memory`. The same test runs on both.
+        middleware, outbound, lifespan: as for `App`.
         settings: `Settings` fields, over the `BURROW_*` variables (`http=False` always).
 
     Example:
@@ -1150,9 +1160,17 @@ async def serve(
         base = load_settings().namespace
         settings["namespace"] = f"{base}-t{uuid.uuid4().hex[:10]}"
     config = load_settings(**settings)
-    factory = {} if broker is None else {"link_factory": broker.link_factory}
-    app = App(*services, settings=config, http=False, **factory)
-    client = Client(config, **factory)
+    factory: LinkFactory = AmqpLink if broker is None else broker.link_factory
+    app = App(
+        *services,
+        settings=config,
+        http=False,
+        link_factory=factory,
+        middleware=middleware,
+        outbound=outbound,
+        lifespan=lifespan,
+    )
+    client = Client(config, link_factory=factory)
     try:
         await app.start()
         await app.wait_ready(config.connect_timeout + 5)

@@ -485,14 +485,14 @@ class AmqpLink(LinkState):
 
     # -- publishing --------------------------------------------------------------------------
 
-    async def publish(
+    async def _send(
         self,
         message: Outgoing,
         *,
         kind: str,
         mandatory: bool,
-        timeout: float | None = None,
-        check_size: bool = True,
+        timeout: float | None,
+        check_size: bool,
     ) -> None:
         """Publish with a broker confirm; raise what `link.PUBLISH_OUTCOMES` says on failure.
 

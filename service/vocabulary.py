@@ -18,6 +18,7 @@ __all__ = [
     "H_JOB_ID",
     "H_CALLBACK",
     "H_TRACEPARENT",
+    "H_TRACESTATE",
     "H_DEAD_REASON",
     "H_DEAD_ERROR",
     "H_ORIGINAL_EXCHANGE",
@@ -75,6 +76,7 @@ H_STATUS = "x-status"  # on replies and completions: a `Status`
 H_JOB_ID = "x-job-id"
 H_CALLBACK = "x-callback-route"  # routing key on the events exchange for the completion
 H_TRACEPARENT = "traceparent"  # W3C trace context
+H_TRACESTATE = "tracestate"  # W3C trace state, written and read by OpenTelemetry's propagator
 # Dead letters (§8).
 H_DEAD_REASON = "x-burrow-dead-reason"  # a `DeadReason`
 H_DEAD_ERROR = "x-burrow-dead-error"  # the error body as JSON, or ""
