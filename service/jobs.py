@@ -138,7 +138,8 @@ class Job:
         deadline = time.monotonic() + timeout
         push = self._push
         if push is not None:
-            await asyncio.wait([push], timeout=max(0.0, timeout))
+            if not push.done():  # (most results are awaited after they arrived: no timer then)
+                await asyncio.wait([push], timeout=max(0.0, timeout))
             if push.done() and not push.cancelled():
                 return push.result()
             if not push.done():

@@ -102,8 +102,9 @@ def compose(middleware: Sequence[Middleware], endpoint: Next) -> Next:
 
 
 def _bind(layer: Middleware, inner: Next) -> Next:
-    async def call(request: Request) -> Result:
-        return await layer(request, inner)
+    # A plain function handing back the layer's coroutine: one coroutine frame per layer.
+    def call(request: Request) -> Awaitable[Result]:
+        return layer(request, inner)
 
     return call
 

@@ -1,4 +1,5 @@
-"""What Burrow changes in the AMQP libraries under it: pamqp's decoders made tolerant.
+"""What Burrow changes in the AMQP libraries under it: pamqp's decoders made tolerant, and
+aiormq's frame writer made to coalesce.
 
 pamqp raises on a non-UTF-8 short string, recurses without bound into nested tables and
 overflows on far-away timestamps; any of these in one delivery kills aiormq's connection, and
@@ -6,6 +7,12 @@ the broker redelivers the message for ever. `install()` swaps those decoders for
 return an `Undecodable` marker instead, so the envelope reader can refuse the message. It also
 makes pamqp write header floats as doubles (`d`): it writes single precision (`f`), which loses
 a Java client's double and cannot hold one beyond 3.4e38 at all.
+
+aiormq writes each queued frame with its own socket write (a system call each). `install()`
+makes its writer take every frame already queued for the connection, up to `MAX_BATCH_BYTES`,
+and write them in one call, in order: under load one write carries many publishes and acks.
+Frames that asked to be drained are drained together after that write; a connection-close
+frame ends a batch.
 """
 
 from __future__ import annotations
@@ -16,12 +23,14 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
-from aiormq.abc import TaskType, TaskWrapper
+from aiormq import connection as aiormq_connection
+from aiormq.abc import ChannelFrame, TaskType, TaskWrapper
 from pamqp import base, decode, encode
 
 from service.vocabulary import H_UNDECODABLE
 
 __all__ = [
+    "MAX_BATCH_BYTES",
     "MAX_DEPTH",
     "UNDECODABLE_HEADER",
     "Undecodable",
@@ -34,6 +43,7 @@ __all__ = [
 ]
 
 MAX_DEPTH = 32  # tables and arrays nested deeper than this are not decoded
+MAX_BATCH_BYTES = 256 * 1024  # a coalesced write stops growing past this
 UNDECODABLE_HEADER = H_UNDECODABLE  # set when the properties as a whole failed
 
 _Decoder = Callable[[bytes], tuple[int, Any]]
@@ -164,10 +174,63 @@ def silent_for(connection: object) -> float | None:
     return float(loop.time() - last)
 
 
+class _Batch:
+    """Frames taken from a connection's write queue together: what aiormq's writer reads of
+    a `ChannelFrame` (payload, should_close, should_drain, drain), for all of them."""
+
+    __slots__ = ("_frames", "payload", "should_close")
+
+    def __init__(self, frames: list[ChannelFrame]) -> None:
+        self._frames = frames
+        self.payload = b"".join([frame.payload for frame in frames])
+        self.should_close = frames[-1].should_close  # a close frame ends its batch
+
+    @property
+    def should_drain(self) -> bool:
+        return any(frame.should_drain for frame in self._frames)
+
+    def drain(self) -> None:
+        for frame in self._frames:
+            frame.drain()
+
+
+async def _next_frames(self: Any) -> ChannelFrame | _Batch:
+    """`FrameGenerator.__anext__`, taking every frame queued by now (see the module doc)."""
+    if self.close_event.is_set():
+        raise StopAsyncIteration
+    queue: asyncio.Queue[ChannelFrame] = self.queue
+    frame = await queue.get()
+    queue.task_done()
+    if frame.should_close:
+        return frame
+    if queue.empty():
+        await asyncio.sleep(0)  # let the tasks that are ready queue their frames too
+        if queue.empty():
+            return frame
+    frames, size = [frame], len(frame.payload)
+    while size < MAX_BATCH_BYTES and not queue.empty():
+        frame = queue.get_nowait()
+        queue.task_done()
+        frames.append(frame)
+        size += len(frame.payload)
+        if frame.should_close:
+            break
+    return _Batch(frames)
+
+
 def install() -> None:
-    """Make pamqp's decoding tolerant (idempotent; process-wide, as pamqp's tables are)."""
+    """Make pamqp's decoding tolerant and aiormq's writer coalesce (idempotent; process-wide,
+    as pamqp's tables and aiormq's classes are)."""
     if _original:
         return
+    generator = getattr(aiormq_connection, "FrameGenerator", None)
+    if generator is None or "__anext__" not in vars(generator):
+        raise RuntimeError("aiormq.connection.FrameGenerator.__anext__ is gone: aiormq changed")
+    for name in ("queue", "close_event"):
+        if name not in generator.__init__.__code__.co_names:
+            raise RuntimeError(f"aiormq's FrameGenerator has no {name!r}: aiormq changed")
+    _original["frames"] = generator.__anext__
+    generator.__anext__ = _next_frames
     _original["timestamp"] = decode.timestamp
     _original["properties"] = base.BasicProperties.unmarshal
     _original["table_value"] = encode.encode_table_value
@@ -201,6 +264,7 @@ def installed() -> bool:
         and decode.TABLE_MAPPING.get(b"F") is _field_table
         and base.BasicProperties.unmarshal is _properties_unmarshal
         and encode.encode_table_value is _table_value
+        and vars(aiormq_connection.FrameGenerator).get("__anext__") is _next_frames
     )
 
 

@@ -524,6 +524,8 @@ class AmqpLink(LinkState):
         )
         detail = ""
         try:
+            # wait=False: the frames join the connection's write queue (coalesced, shim.py) and
+            # the channel is free for the next publish at once; the confirm is what we await.
             result = await raw.basic_publish(
                 message.body,
                 exchange=message.exchange,
@@ -531,6 +533,7 @@ class AmqpLink(LinkState):
                 properties=properties,
                 mandatory=mandatory,
                 timeout=timeout,
+                wait=False,
             )
         except _PUBLISH_ERRORS as exc:
             outcome, detail = _publish_outcome(exc), _describe(exc)
@@ -625,10 +628,14 @@ def _settler(raw: aiormq.Channel) -> Callable[[Delivery, Settle], Any]:
             _log.info("stale delivery not settled; broker will redeliver", how=how.value)
             return
         try:
+            # wait=False: queued for the connection's writer, which sends every frame queued
+            # by then in one write (shim.py); nothing to wait for, an ack has no answer.
             if how is Settle.ACK:
-                await raw.basic_ack(delivery.delivery_tag)
+                await raw.basic_ack(delivery.delivery_tag, wait=False)
             else:
-                await raw.basic_reject(delivery.delivery_tag, requeue=how is Settle.REQUEUE)
+                await raw.basic_reject(
+                    delivery.delivery_tag, requeue=how is Settle.REQUEUE, wait=False
+                )
         except _CONNECTION_ERRORS as exc:
             _log.info("settle failed; broker will redeliver", how=how.value, error=_describe(exc))
 

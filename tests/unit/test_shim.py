@@ -1,4 +1,5 @@
-"""The pamqp shim: frames pamqp alone would choke on decode to marked values instead."""
+"""The shim: frames pamqp alone would choke on decode to marked values instead, and aiormq's
+writer coalesces the frames queued together."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any, cast
 
 import aiormq
 import pytest
+from aiormq.abc import ChannelFrame
+from aiormq.connection import FrameGenerator
 from pamqp import commands, decode, frame, header
 
 from service import shim
@@ -178,3 +181,51 @@ async def test_expire_heartbeat_grace_writes_aiormq_grace() -> None:
     assert "__heartbeat_grace_timeout" in inspect.getsource(aiormq.Connection)
     with pytest.raises(RuntimeError, match="library changed"):
         shim.expire_heartbeat_grace(object())
+
+
+# -- the coalescing writer ---------------------------------------------------------------------
+
+
+def _queued(*frames: ChannelFrame) -> FrameGenerator:
+    queue: asyncio.Queue[ChannelFrame] = asyncio.Queue()
+    for queued in frames:
+        queue.put_nowait(queued)
+    return FrameGenerator(queue)
+
+
+async def test_frames_queued_together_are_written_in_one_call() -> None:
+    """Every frame queued by the time the writer wakes comes out as one payload, in order, and
+    draining it resolves each frame's drain future."""
+    loop = asyncio.get_running_loop()
+    waits = [loop.create_future(), None, loop.create_future()]
+    frames = [
+        ChannelFrame(payload=bytes([n]) * 3, should_close=False, drain_future=wait)
+        for n, wait in enumerate(waits)
+    ]
+    generator = _queued(*frames)
+    batch = await generator.__anext__()
+    assert batch.payload == b"\x00\x00\x00\x01\x01\x01\x02\x02\x02"
+    assert batch.should_drain
+    assert not batch.should_close
+    batch.drain()
+    assert all(wait.done() for wait in waits if wait is not None)
+    assert generator.queue.empty()
+
+
+async def test_a_close_frame_ends_its_batch_and_one_frame_stays_itself() -> None:
+    """Frames after a connection-close frame are left queued; a lone frame is not wrapped."""
+    first = ChannelFrame(payload=b"a", should_close=False)
+    close = ChannelFrame(payload=b"c", should_close=True)
+    after = ChannelFrame(payload=b"z", should_close=False)
+    generator = _queued(first, close, after)
+    batch = await generator.__anext__()
+    assert (batch.payload, batch.should_close) == (b"ac", True)
+    assert await generator.__anext__() is after
+
+
+async def test_a_batch_stops_growing_at_the_size_bound() -> None:
+    """No write carries much more than MAX_BATCH_BYTES: the rest waits for the next one."""
+    half = ChannelFrame(payload=b"x" * (shim.MAX_BATCH_BYTES // 2 + 1), should_close=False)
+    generator = _queued(half, half, half)
+    assert len((await generator.__anext__()).payload) == 2 * len(half.payload)
+    assert (await generator.__anext__()) is half
