@@ -12,13 +12,16 @@ import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import aio_pika
 import pytest
 import structlog
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service import App, Client, Service, Settings, load_settings
+from service import App, Client, Service, Settings, load_settings, tracing
 from service.topology import Topology
 
 AMQP_URL = os.environ.get("BURROW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -161,3 +164,22 @@ def _delete_run_entities() -> Iterator[None]:
     yield
     queues, exchanges = _rabbitmqctl_names("list_queues"), _rabbitmqctl_names("list_exchanges")
     asyncio.run(asyncio.wait_for(delete_entities(queues, exchanges, AMQP_URL), 120))
+
+
+class Recorded(NamedTuple):
+    """Where this test's spans go, and the provider that records them."""
+
+    exporter: InMemorySpanExporter
+    provider: TracerProvider
+
+
+@pytest.fixture
+def otel() -> Iterator[Recorded]:
+    """Burrow's spans recorded in memory for this test only (the global provider untouched)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use(provider)
+    yield Recorded(exporter, provider)
+    tracing.use(None)
+    provider.shutdown()

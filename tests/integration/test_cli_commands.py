@@ -47,10 +47,16 @@ def burrow_env(namespace: str) -> dict[str, str]:
 
 async def burrow(namespace: str, *args: str) -> Run:
     """Run `burrow <args>` to completion without blocking the loop the App serves on."""
+    return await run_burrow(*args, env=burrow_env(namespace))
+
+
+async def run_burrow(*args: str, env: dict[str, str], cwd: Path | None = None) -> Run:
+    """Run `burrow <args>` with `env` (in `cwd`) to completion, bounded by RUN_TIMEOUT."""
     process = await asyncio.create_subprocess_exec(
         BURROW,
         *args,
-        env=burrow_env(namespace),
+        cwd=cwd,
+        env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

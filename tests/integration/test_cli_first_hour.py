@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from service import Client, Service, load_settings
 from service.topology import client_topology, service_topology
 from tests.conftest import AMQP_URL, delete_topology
-from tests.integration.test_cli_commands import BURROW, RUN_TIMEOUT, Run
+from tests.integration.test_cli_commands import BURROW, RUN_TIMEOUT, Run, run_burrow
 
 __all__: list[str] = []
 
@@ -85,23 +85,7 @@ def environment(namespace: str, **variables: str) -> dict[str, str]:
 
 async def burrow(cwd: Path, env: dict[str, str], *args: str) -> Run:
     """Run `burrow <args>` in `cwd` to completion."""
-    process = await asyncio.create_subprocess_exec(
-        BURROW,
-        *args,
-        cwd=cwd,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(RUN_TIMEOUT):
-            stdout, stderr = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return Run(process.returncode, stdout.decode(), stderr.decode())
+    return await run_burrow(*args, env=env, cwd=cwd)
 
 
 def error_line(run: Run) -> str:

@@ -9,31 +9,14 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
 
-import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service import Client, Settings, tracing
-from tests.conftest import AMQP_URL
+from service import Client, Settings
+from tests.conftest import AMQP_URL, Recorded
 
 __all__: list[str] = []
-
-
-@pytest.fixture
-def caller_spans() -> Iterator[InMemorySpanExporter]:
-    """The test process records its own (caller) spans in memory."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.use(provider)
-    yield exporter
-    tracing.use(None)
-    provider.shutdown()
 
 
 async def _receiver() -> tuple[web.AppRunner, int, list[ExportTraceServiceRequest]]:
@@ -56,7 +39,7 @@ async def _receiver() -> tuple[web.AppRunner, int, list[ExportTraceServiceReques
 
 
 async def test_burrow_run_exports_consumer_spans_parented_by_the_caller(
-    settings: Settings, caller_spans: InMemorySpanExporter
+    settings: Settings, otel: Recorded
 ) -> None:
     """OTEL_TRACES_EXPORTER=console,otlp: stdout and the OTLP receiver both get the span
     `process calc.add` (CONSUMER) whose parent is this process's `send calc.add` span."""
@@ -89,13 +72,13 @@ async def test_burrow_run_exports_consumer_spans_parented_by_the_caller(
                     break
                 except Exception:
                     await asyncio.sleep(0.1)
-            caller_spans.clear()
+            otel.exporter.clear()
             assert await client.call("calc.add", {"a": 2, "b": 3}) == {"sum": 5}
     finally:
         process.send_signal(signal.SIGTERM)
         stdout, _ = await asyncio.wait_for(process.communicate(), 30)
         await runner.cleanup()
-    [send] = [s for s in caller_spans.get_finished_spans() if s.name == "send calc.add"]
+    [send] = [s for s in otel.exporter.get_finished_spans() if s.name == "send calc.add"]
     assert send.context is not None
     producer_id = f"0x{send.context.span_id:016x}"
     printed = _console_spans(stdout.decode())

@@ -4,41 +4,19 @@ status, and a trace continued from an instrumented HTTP request."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple
-
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry import propagate
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from service import InvalidArgument, Model, Service, tracing
 from service.testing import serve
+from tests.conftest import Recorded
 
 __all__: list[str] = []
-
-
-class Recorded(NamedTuple):
-    """Where this test's spans go, and the provider that records them."""
-
-    exporter: InMemorySpanExporter
-    provider: TracerProvider
-
-
-@pytest.fixture
-def otel() -> Iterator[Recorded]:
-    """Burrow's spans recorded in memory for this test only (the global provider untouched)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.use(provider)
-    yield Recorded(exporter, provider)
-    tracing.use(None)
-    provider.shutdown()
 
 
 class Num(Model):
