@@ -36,6 +36,7 @@ from service.errors import (
 from service.events import event_message, publish_event
 from service.idempotency import Claim, IdempotencyStore, MemoryStore
 from service.jobs import valid_callback, valid_job_id
+from service.link import OUTBOUND_SCOPE
 from service.middleware import (
     DEFAULT_MIDDLEWARE,
     Middleware,
@@ -166,6 +167,11 @@ class Dispatcher:
         self.state = state or State()
         shared = [*extra, *service.middleware]
         self._chain = compose(_with(middleware, shared), self._endpoint)
+        # Outbound layers of the service and each operation, for what handling them publishes.
+        self._outbound = tuple(service.outbound)
+        self._outbounds = {
+            op.route: (*self._outbound, *op.outbound) for op in _handlers(service) if op.outbound
+        }
         # An operation or subscription with layers of its own gets a chain of its own.
         self._chains: dict[str, Next] = {
             op.route: compose(_with(middleware, [*shared, *op.middleware]), self._endpoint)
@@ -233,6 +239,8 @@ class Dispatcher:
         )
         outcome: str = Outcome.DEAD_LETTERED.value
         code: str | None = "INTERNAL"  # unless it ends otherwise
+        scoped = self._outbounds.get(request.route, self._outbound)
+        scope = OUTBOUND_SCOPE.set(scoped) if scoped else None
         try:
             result = await self._chains.get(request.route, self._chain)(request)  # stage 2
             if request.kind == Kind.SUBMIT and request.job_id is not None:
@@ -251,6 +259,8 @@ class Dispatcher:
             )
             await self._park_after_bug(delivery)
         finally:
+            if scope is not None:
+                OUTBOUND_SCOPE.reset(scope)
             if span is not None:
                 span.end(outcome, code)
             tracing.deactivate(token)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
@@ -40,6 +41,7 @@ __all__ = [
     "LinkFactory",
     "LinkState",
     "LostCallback",
+    "OUTBOUND_SCOPE",
     "Outbound",
     "OutcomeRule",
     "Publishing",
@@ -67,6 +69,9 @@ class Publishing:
 PublishNext = Callable[[Publishing], Awaitable[None]]
 # Outbound middleware: `async def layer(publishing, call_next)`, awaiting `call_next` to send.
 Outbound = Callable[[Publishing, PublishNext], Awaitable[None]]
+# Outbound layers of what is being handled (its Service's and operation's), inside the link's
+# own: set by the dispatcher for the length of one message.
+OUTBOUND_SCOPE: ContextVar[tuple[Outbound, ...]] = ContextVar("burrow_outbound", default=())
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +328,8 @@ class LinkState(ABC):
         self._attached_gauge = metrics.CONSUMERS_ATTACHED.labels(name)
         self._outbound: list[Outbound] = []
         self._send_chain: PublishNext | None = None  # set once outbound middleware is added
+        # With OUTBOUND_SCOPE's layers inside the link's own, built once per scope.
+        self._scoped_chains: dict[tuple[Outbound, ...], PublishNext] = {}
         metrics.watch_link(self)
 
     @property
@@ -387,13 +394,19 @@ class LinkState(ABC):
             correlation_id=message.correlation_id,
             body=message.body,
         )
+        chain = self._send_chain
+        scoped = OUTBOUND_SCOPE.get()
+        if scoped:
+            chain = self._scoped_chains.get(scoped)
+            if chain is None:
+                chain = self._scoped_chains[scoped] = _chain([*self._outbound, *scoped], self)
         try:
-            if self._send_chain is None:
+            if chain is None:
                 await self._send(
                     message, kind=kind, mandatory=mandatory, timeout=timeout, check_size=check_size
                 )
             else:
-                await self._send_chain(Publishing(message, kind, mandatory, timeout, check_size))
+                await chain(Publishing(message, kind, mandatory, timeout, check_size))
         except BaseException as exc:
             tracing.end_producer(span, exc)
             raise
@@ -402,10 +415,8 @@ class LinkState(ABC):
     def use(self, *outbound: Outbound) -> None:
         """Run every later publish through `outbound` (outermost first)."""
         self._outbound.extend(outbound)
-        chain: PublishNext = self._send_publishing
-        for layer in reversed(self._outbound):
-            chain = _bind_outbound(layer, chain)
-        self._send_chain = chain
+        self._send_chain = _chain(self._outbound, self)
+        self._scoped_chains.clear()
 
     async def _send_publishing(self, publishing: Publishing) -> None:
         await self._send(
@@ -481,6 +492,13 @@ class LinkState(ABC):
                 await self._ready.wait()
         except TimeoutError:
             raise Unavailable("not connected to the broker") from None
+
+
+def _chain(layers: Sequence[Outbound], link: LinkState) -> PublishNext:
+    chain: PublishNext = link._send_publishing
+    for layer in reversed(layers):
+        chain = _bind_outbound(layer, chain)
+    return chain
 
 
 def _bind_outbound(layer: Outbound, inner: PublishNext) -> PublishNext:

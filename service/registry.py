@@ -115,6 +115,7 @@ class Operation(Generic[Req, Rep]):
     idempotent: bool = False
     idempotency_key: IdempotencyKey | None = None  # default: the message id
     middleware: tuple[Layer, ...] = ()  # inbound, around this operation only (innermost)
+    outbound: tuple[Layer, ...] = ()  # around what is published while handling it (innermost)
 
     @property
     def route(self) -> str:
@@ -143,6 +144,7 @@ class Subscription:
     idempotent: bool = False
     idempotency_key: IdempotencyKey | None = None
     middleware: tuple[Layer, ...] = ()  # inbound, around this subscription only (innermost)
+    outbound: tuple[Layer, ...] = ()  # around what is published while handling it (innermost)
 
     @property
     def route(self) -> str:
@@ -169,6 +171,7 @@ class Service:
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     events: dict[str, type[BaseModel]] = field(default_factory=dict)
     middleware: Sequence[Layer] = ()  # inbound, around every message of this service
+    outbound: Sequence[Layer] = ()  # around what it publishes while handling (`link.Outbound`)
     lifespan: Lifespan | None = None  # opened after the App's, closed before it
 
     def __post_init__(self) -> None:
@@ -201,6 +204,7 @@ class Service:
         idempotent: bool = False,
         idempotency_key: IdempotencyKey | None = None,
         middleware: Sequence[Layer] = (),
+        outbound: Sequence[Layer] = (),
     ) -> Callable[[Handler], Handler]:
         """Declare the decorated coroutine as an operation; models come from its annotations.
 
@@ -210,6 +214,7 @@ class Service:
             idempotent: run the handler once per key; duplicates get the stored reply.
             idempotency_key: derive the key from the request (default: the message id).
             middleware: inbound layers around this operation only (`service.middleware`).
+            outbound: layers around what is published while it is handled (`service.link`).
         """
 
         def register(handler: Handler) -> Handler:
@@ -221,6 +226,7 @@ class Service:
                 idempotent=idempotent or idempotency_key is not None,
                 idempotency_key=idempotency_key,
                 middleware=middleware,
+                outbound=outbound,
             )
             return handler
 
@@ -236,6 +242,7 @@ class Service:
         idempotent: bool = False,
         idempotency_key: IdempotencyKey | None = None,
         middleware: Sequence[Layer] = (),
+        outbound: Sequence[Layer] = (),
     ) -> Operation[Any, Any]:
         """Declare `handler` as an operation (the non-decorator form)."""
         op_name = name or handler.__name__
@@ -256,6 +263,7 @@ class Service:
             idempotent=idempotent,
             idempotency_key=idempotency_key,
             middleware=tuple(middleware),
+            outbound=tuple(outbound),
         )
         self.operations[op_name] = op
         return op
@@ -271,6 +279,7 @@ class Service:
         idempotent: bool = False,
         idempotency_key: IdempotencyKey | None = None,
         middleware: Sequence[Layer] = (),
+        outbound: Sequence[Layer] = (),
     ) -> Callable[[Handler], Handler]:
         """Handle events matching `pattern` (`orders.*.created`, `#`); the model is annotated.
 
@@ -280,6 +289,7 @@ class Service:
             retries: retries of a retryable failure before dead-lettering.
             idempotent: handle each event once per key (default key: the message id).
             middleware: inbound layers around this subscription only (`service.middleware`).
+            outbound: layers around what is published while it is handled (`service.link`).
         """
 
         def register(handler: Handler) -> Handler:
@@ -305,6 +315,7 @@ class Service:
                 idempotent=idempotent or idempotency_key is not None,
                 idempotency_key=idempotency_key,
                 middleware=tuple(middleware),
+                outbound=tuple(outbound),
             )
             return handler
 

@@ -14,6 +14,7 @@ from service import (
     Middleware,
     Model,
     Next,
+    Outbound,
     PermissionDenied,
     Publishing,
     PublishNext,
@@ -198,3 +199,44 @@ def test_state_says_what_is_missing_and_checks_types() -> None:
         _ = state.db
     with pytest.raises(TypeError, match="not a list"):
         state.get("pool", list)
+
+
+async def test_service_and_operation_outbound_wrap_what_handling_publishes() -> None:
+    """A Service's outbound layers see what handling its messages publishes (the reply here),
+    inside the App's; an operation's own layer runs for that operation only, innermost."""
+    order: list[str] = []
+
+    def stamping(name: str) -> Outbound:
+        async def layer(publishing: Publishing, call_next: PublishNext) -> None:
+            if publishing.kind == "reply":
+                order.append(name)
+                publishing.message.headers[f"x-{name}"] = "1"
+            await call_next(publishing)
+
+        return layer
+
+    svc = Service("desk", outbound=[stamping("service")])
+
+    @svc.operation(outbound=[stamping("operation")])
+    async def sign(req: Hello) -> Greeting:
+        """With a layer of its own."""
+        return Greeting(text=req.name)
+
+    @svc.operation()
+    async def stamp(req: Hello) -> Greeting:
+        """Without."""
+        return Greeting(text=req.name)
+
+    async with serve(svc, outbound=[stamping("app")]) as (client, broker):
+        await client.call("desk.sign", {"name": "a"})
+        await client.call("desk.stamp", {"name": "b"})
+        await client.cast("desk.stamp", {"name": "c"})  # answered by nothing: no reply stamped
+    assert order == ["app", "service", "operation", "app", "service"]
+    assert broker is not None
+    replies = [m.headers for m in broker.published if m.kind == "reply"]
+    assert [
+        sorted(k for k in h if k in ("x-app", "x-service", "x-operation")) for h in replies
+    ] == [
+        ["x-app", "x-operation", "x-service"],
+        ["x-app", "x-service"],
+    ]
