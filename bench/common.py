@@ -45,6 +45,7 @@ class Sizes:
     w3_window: int
     w3_prefetch: int
     limit_messages: int
+    limit_window: int
     w6_jobs: int
     w6_window: int
 
@@ -56,9 +57,10 @@ FULL = Sizes(
     w2_calls=20_000,
     w2_inflight=64,
     w3_events=50_000,
-    w3_window=256,
+    w3_window=64,
     w3_prefetch=256,
     limit_messages=50_000,
+    limit_window=256,
     w6_jobs=2000,
     w6_window=64,
 )
@@ -69,9 +71,10 @@ QUICK = Sizes(
     w2_calls=2_000,
     w2_inflight=64,
     w3_events=5_000,
-    w3_window=256,
+    w3_window=64,
     w3_prefetch=256,
     limit_messages=5_000,
+    limit_window=256,
     w6_jobs=200,
     w6_window=64,
 )

@@ -41,28 +41,55 @@ __all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-RPC_TOOLS = ["burrow", "aio-pika-raw", "aio-pika-patterns", "faststream", "burrow-quorum"]
-EVENT_TOOLS = ["burrow", "aio-pika-raw", "faststream", "burrow-quorum"]
-SUBMIT_TOOLS = ["burrow", "celery-rpc", "celery-redis"]
-PEERS = [
+RPC_TOOLS = [
+    "burrow",
     "aio-pika-raw",
+    "aio-pika-raw-confirmed",
     "aio-pika-patterns",
     "faststream",
     "burrow-quorum",
+]
+EVENT_TOOLS = [
+    "burrow",
+    "aio-pika-raw",
+    "aio-pika-raw-confirmed",
+    "faststream",
+    "burrow-link",
+    "burrow-quorum",
+]
+SUBMIT_TOOLS = ["burrow", "celery-rpc", "celery-redis"]
+# Every row Burrow is divided by, in table order; burrow-quorum and burrow-link are Burrow
+# itself (quorum queues; the transport alone) and show what HA costs and what the API adds.
+PEERS = [
+    "aio-pika-raw",
+    "aio-pika-raw-confirmed",
+    "aio-pika-patterns",
+    "faststream",
+    "burrow-quorum",
+    "burrow-link",
     "celery-rpc",
     "celery-redis",
 ]
 SHORT = {
     "burrow": "bw",
     "burrow-quorum": "bq",
+    "burrow-link": "bl",
     "aio-pika-raw": "raw",
+    "aio-pika-raw-confirmed": "rawc",
     "aio-pika-patterns": "pat",
     "faststream": "fs",
     "aiormq-loop": "mq",
     "celery-rpc": "crpc",
     "celery-redis": "credis",
 }
-LOWER_IS_BETTER = {"p50_us", "p99_us", "server_cpu_s_per_10k"}
+# W5: CPU seconds per 10,000 W2 calls, per process (client, server, broker) and their sum.
+CPU_METRICS = (
+    "client_cpu_s_per_10k",
+    "server_cpu_s_per_10k",
+    "broker_cpu_s_per_10k",
+    "total_cpu_s_per_10k",
+)
+LOWER_IS_BETTER = {"p50_us", "p99_us", *CPU_METRICS}
 W4_WORKERS = (1, 2, 4)
 JAVA_CP = ["/usr/share/java/amqp-client.jar", "/usr/share/java/slf4j-api.jar"]
 JAVA_NOP = "/usr/share/java/slf4j-nop.jar"
@@ -178,7 +205,12 @@ class Bench:
     # -- workloads ---------------------------------------------------------------------------
 
     def rpc_round(self, tool: str) -> None:
-        """W1 then W2 (with W5's CPU reading) against one fresh server process."""
+        """W1 then W2 (with W5's CPU readings) against one fresh server process.
+
+        W5: the client measures its own CPU over the measured calls (`time.process_time`);
+        the server's and the broker's (`beam.smp`) are read from /proc/<pid>/stat from the
+        client's READY to its RESULT. The broker is shared with whatever else runs on it.
+        """
         s = self.sizes
         server = self.spawn(tool, "serve", prefetch=s.w2_inflight)
         try:
@@ -192,26 +224,40 @@ class Bench:
                 self.add("W1", tool, metric, r1[metric])
             w2 = self.spawn(tool, "w2", warmup=s.w2_inflight, calls=s.w2_calls,
                             inflight=s.w2_inflight)  # fmt: skip
+            beam = broker_pid()
             try:
                 w2.expect("READY", self.timeout)
                 cpu0 = proc_cpu_seconds(server.pid)
+                b0 = proc_cpu_seconds(beam) if beam else 0.0
                 r2 = w2.result(self.timeout)
                 cpu1 = proc_cpu_seconds(server.pid)
+                b1 = proc_cpu_seconds(beam) if beam else 0.0
             finally:
                 w2.close()
             for metric in ("calls_per_s", "p50_us", "p99_us"):
                 self.add("W2", tool, metric, r2[metric])
-            self.add("W5", tool, "server_cpu_s_per_10k", (cpu1 - cpu0) / r2["calls"] * 10_000)
+            per_10k = 10_000 / r2["calls"]
+            cpu = {"client": r2["cpu_s"] * per_10k, "server": (cpu1 - cpu0) * per_10k}
+            if beam:
+                cpu["broker"] = (b1 - b0) * per_10k
+            for who, seconds in cpu.items():
+                self.add("W5", tool, f"{who}_cpu_s_per_10k", seconds)
+            if beam:
+                self.add("W5", tool, "total_cpu_s_per_10k", sum(cpu.values()))
         finally:
             server.close()
 
     def event_round(self, tool: str) -> None:
-        """W3: a consumer process, then a producer process; first publish to last consumed."""
+        """W3: a consumer process, then a producer process; first publish to last consumed.
+
+        The producer keeps `w3_window` confirms in flight (the LIMIT loop `limit_window`).
+        """
         s = self.sizes
+        window = s.limit_window if tool == "aiormq-loop" else s.w3_window
         consumer = self.spawn(tool, "consume", prefetch=s.w3_prefetch, events=s.w3_events)
         try:
             consumer.expect("READY", self.timeout)
-            producer = self.spawn(tool, "produce", events=s.w3_events, window=s.w3_window)
+            producer = self.spawn(tool, "produce", events=s.w3_events, window=window)
             try:
                 produced = producer.result(self.timeout)
             finally:
@@ -505,23 +551,24 @@ def table(doc: dict[str, Any]) -> str:
         f"machine: {doc['machine']}",
         f"rabbitmq {doc['rabbitmq']}, python {doc['python']}",
         "",
-        f"{'workload':<8} {'tool':<20} {'metric':<22} {'median':>10} {'min..max':>21} reps",
+        f"{'workload':<8} {'tool':<22} {'metric':<22} {'median':>10} {'min..max':>21} reps",
     ]
     for r in doc["results"]:
         spread = f"{_fmt(r['min'])}..{_fmt(r['max'])}"
         lines.append(
-            f"{r['workload']:<8} {r['tool']:<20} {r['metric']:<22} {_fmt(r['median']):>10} "
+            f"{r['workload']:<8} {r['tool']:<22} {r['metric']:<22} {_fmt(r['median']):>10} "
             f"{spread:>21} {r['reps']}"
         )
     lines += [
         "",
         "ratios: burrow_over_peer, above 1 = Burrow better (latency/CPU: peer's over Burrow's;",
-        "        W4-Nw: N workers over 1; peer burrow-quorum: classic Burrow over quorum Burrow)",
-        f"{'workload':<8} {'metric':<22} {'peer':<20} {'burrow_over_peer':>16}",
+        "        W4-Nw: N workers over 1; peer burrow-quorum: classic Burrow over quorum Burrow;",
+        "        peer burrow-link: the public API over the transport alone)",
+        f"{'workload':<8} {'metric':<22} {'peer':<22} {'burrow_over_peer':>16}",
     ]
     for r in doc["ratios"]:
         lines.append(
-            f"{r['workload']:<8} {r['metric']:<22} {r['peer']:<20} {r['burrow_over_peer']:>16.2f}"
+            f"{r['workload']:<8} {r['metric']:<22} {r['peer']:<22} {r['burrow_over_peer']:>16.2f}"
         )
     return "\n".join(lines)
 
@@ -532,7 +579,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="every workload once at 1/10 size")
     parser.add_argument("--only", nargs="*", help="workloads to run (W1 W2 W3 W4 W5 W6 LIMIT)")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
-    parser.add_argument("--out", default=None, help="results file (default bench/results/...)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results file (default bench/results/...); the plot goes beside it as .png",
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     bench = Bench(sizes=sizes, loop=args.loop, timeout=60 if args.quick else 600)
@@ -559,7 +610,8 @@ def main() -> int:
         try:
             from bench.plot import plot  # noqa: PLC0415
 
-            print(f"wrote {plot(doc, RESULTS / 'bench.png')}")
+            figure = out.with_suffix(".png") if args.out else RESULTS / "bench.png"
+            print(f"wrote {plot(doc, figure)}")
         except Exception as exc:
             bench.errors.append(f"plot: {exc}")
     if bench.errors:

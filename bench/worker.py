@@ -101,15 +101,18 @@ async def _rpc(tool: ModuleType, args: dict[str, Any], inflight: int) -> None:
                 raise AssertionError("wrong sum")
 
     _say("READY")
+    cpu = time.process_time()  # this client process's own CPU (W5), all threads
     started = time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(inflight)))
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     await close()
     us = [ns / 1000 for ns in latencies]
     _result(
         {
             "calls": len(us),
             "elapsed": elapsed,
+            "cpu_s": cpu,
             "calls_per_s": len(us) / elapsed,
             "p50_us": median(us),
             "p99_us": percentile(us, 99),

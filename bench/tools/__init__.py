@@ -22,7 +22,9 @@ Submitter = Callable[[int, int], Awaitable[Waiter]]
 TOOLS = {
     "burrow": "burrow_tool",
     "burrow-quorum": "burrow_tool",
+    "burrow-link": "burrow_link_tool",
     "aio-pika-raw": "raw_tool",
+    "aio-pika-raw-confirmed": "raw_confirmed_tool",
     "aio-pika-patterns": "patterns_tool",
     "faststream": "faststream_tool",
     "aiormq-loop": "aiormq_tool",

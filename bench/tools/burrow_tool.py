@@ -1,26 +1,31 @@
 """Burrow as its users run it: `App` serving `service.example:calc`, `Client.call` calling it.
 
-Events use `Client.emit`/`Service.subscribe` when they exist, else Burrow's transport `AmqpLink`.
+Events (W3) go through the public API too: `Client.emit` on the producer, and on the consumer an
+`App` serving a `Service` whose `subscribe` handler takes a pydantic model. W6 uses
+`Client.submit` and `Job.result`. The transport-only events row is `burrow_link_tool`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import AMQP_URL, EVENT_EXCHANGE, EVENT_KEY, EVENT_PATTERN, EVENT_QUEUE
+from bench.common import AMQP_URL, EVENT_KEY, EVENT_PATTERN, event_payload
 from bench.tools import Caller, Closer, Publisher, Submitter, Waiter
-from service import App, Client, Settings, load_settings
-from service.codec import Model, decode_model, encode
+from service import App, Client, Model, Service, Settings, load_settings
 from service.example import calc
 from service.log import configure_logging
-from service.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
-from service.transport import AmqpLink, ConsumerSpec
-from service.types import Delivery, Outgoing
 
-__all__ = ["serve", "open_caller", "open_submitter", "consume", "open_publisher"]
+__all__ = [
+    "OrderEvent",
+    "settings_for",
+    "serve",
+    "open_caller",
+    "open_submitter",
+    "consume",
+    "open_publisher",
+]
 
 RESULT_TIMEOUT = 120.0
 
@@ -34,7 +39,8 @@ class OrderEvent(Model):
     note: str
 
 
-def _settings(ns: str, queue_type: str, prefetch: int = 64) -> Settings:
+def settings_for(ns: str, queue_type: str, prefetch: int = 64) -> Settings:
+    """The settings of every Burrow row: the tool's namespace, warning level, no HTTP port."""
     return load_settings(
         amqp_url=AMQP_URL,
         namespace=ns,
@@ -46,13 +52,7 @@ def _settings(ns: str, queue_type: str, prefetch: int = 64) -> Settings:
     )
 
 
-async def serve(
-    ns: str, queue_type: str, prefetch: int, stop: asyncio.Event, ready: Callable[[], None]
-) -> None:
-    """Serve calc until `stop` is set."""
-    settings = _settings(ns, queue_type, prefetch)
-    configure_logging(settings.log_format, settings.log_level)
-    app = App(calc, settings=settings)
+async def _serve_app(app: App, stop: asyncio.Event, ready: Callable[[], None]) -> None:
     await app.start()
     await app.wait_ready(30)
     ready()
@@ -60,12 +60,26 @@ async def serve(
     await app.stop()
 
 
-async def open_caller(ns: str, queue_type: str) -> tuple[Caller, Closer]:
-    """A connected Client and a call that adds two integers."""
-    settings = _settings(ns, queue_type)
+async def _client(ns: str, queue_type: str) -> Client:
+    settings = settings_for(ns, queue_type)
     configure_logging(settings.log_format, settings.log_level)
     client = Client(settings)
     await client.start(timeout=30)
+    return client
+
+
+async def serve(
+    ns: str, queue_type: str, prefetch: int, stop: asyncio.Event, ready: Callable[[], None]
+) -> None:
+    """Serve calc until `stop` is set."""
+    settings = settings_for(ns, queue_type, prefetch)
+    configure_logging(settings.log_format, settings.log_level)
+    await _serve_app(App(calc, settings=settings), stop, ready)
+
+
+async def open_caller(ns: str, queue_type: str) -> tuple[Caller, Closer]:
+    """A connected Client and a call that adds two integers."""
+    client = await _client(ns, queue_type)
 
     async def call(a: int, b: int) -> int:
         reply: dict[str, Any] = await client.call("calc.add", {"a": a, "b": b})
@@ -76,10 +90,7 @@ async def open_caller(ns: str, queue_type: str) -> tuple[Caller, Closer]:
 
 async def open_submitter(ns: str, queue_type: str) -> tuple[Submitter, Closer]:
     """A connected Client: `submit` returns once the broker confirmed the job (a `Job`)."""
-    settings = _settings(ns, queue_type)
-    configure_logging(settings.log_format, settings.log_level)
-    client = Client(settings)
-    await client.start(timeout=30)
+    client = await _client(ns, queue_type)
 
     async def submit(a: int, b: int) -> Waiter:
         job = await client.submit("calc.add", {"a": a, "b": b})
@@ -93,18 +104,6 @@ async def open_submitter(ns: str, queue_type: str) -> tuple[Submitter, Closer]:
     return submit, client.close
 
 
-def _event_topology(ns: str, queue_type: str, *, with_queue: bool) -> Topology:
-    exchange = f"{ns}.{EVENT_EXCHANGE}"
-    queue = f"{ns}.{EVENT_QUEUE}"
-    if not with_queue:
-        return Topology(exchanges=[ExchangeDecl(exchange, "topic")])
-    return Topology(
-        exchanges=[ExchangeDecl(exchange, "topic")],
-        queues=[QueueDecl(queue, {"x-queue-type": queue_type})],
-        bindings=[BindingDecl(exchange, queue, EVENT_PATTERN)],
-    )
-
-
 async def consume(
     ns: str,
     queue_type: str,
@@ -114,54 +113,25 @@ async def consume(
     stop: asyncio.Event,
     ready: Callable[[], None],
 ) -> None:
-    """Consume order events with manual acks until `stop` is set."""
-    settings = _settings(ns, queue_type, prefetch)
+    """An App serving a service that subscribes to order events, until `stop` is set."""
+    settings = settings_for(ns, queue_type, prefetch)
     configure_logging(settings.log_format, settings.log_level)
-    link = AmqpLink(
-        "consumer",
-        settings,
-        topology=_event_topology(ns, queue_type, with_queue=True),
-        prefetch=prefetch,
-    )
+    audit = Service("audit", description="Audits every order event (the W3 consumer).")
 
-    async def handle(delivery: Delivery) -> None:
-        decode_model(OrderEvent, delivery.body)
-        await delivery.ack()
+    @audit.subscribe(EVENT_PATTERN)
+    async def orders(event: OrderEvent) -> None:
+        """Count the event (acked by Burrow once this returns)."""
         on_event()
 
-    link.add_consumer(ConsumerSpec(f"{ns}.{EVENT_QUEUE}", handle))
-    link.start()
-    await link.wait_ready(30)
-    ready()
-    await stop.wait()
-    await link.close()
+    await _serve_app(App(audit, settings=settings), stop, ready)
 
 
 async def open_publisher(ns: str, queue_type: str) -> tuple[Publisher, Closer]:
-    """A confirm-mode link publishing persistent events to the topic exchange."""
-    from bench.common import event_payload  # noqa: PLC0415
-
-    settings = _settings(ns, queue_type)
-    configure_logging(settings.log_format, settings.log_level)
-    link = AmqpLink(
-        "publisher", settings, topology=_event_topology(ns, queue_type, with_queue=False)
-    )
-    link.start()
-    await link.wait_ready(30)
-    exchange = f"{ns}.{EVENT_EXCHANGE}"
+    """A connected Client emitting order events (each returns at its confirm)."""
+    client = await _client(ns, queue_type)
 
     async def publish(seq: int) -> None:
-        body = encode(OrderEvent.model_validate(event_payload(seq)))
-        await link.publish(
-            Outgoing(
-                exchange=exchange,
-                routing_key=EVENT_KEY,
-                body=body,
-                message_id=uuid.uuid4().hex,
-                persistent=True,
-            ),
-            kind="event",
-            mandatory=True,
-        )
+        if not await client.emit(EVENT_KEY, OrderEvent.model_validate(event_payload(seq))):
+            raise AssertionError(f"{EVENT_KEY} reached no subscriber queue")
 
-    return publish, link.close
+    return publish, client.close
