@@ -75,7 +75,7 @@ def child(parent: str | None) -> str:
     """A traceparent for an outgoing message: same trace, new span (a new trace if none)."""
     span = f"{random.getrandbits(64) or 1:016x}"  # ids, not secrets: no syscall per message
     if parent is None:
-        return f"00-{os.urandom(16).hex()}-{span}-01"
+        return f"00-{random.getrandbits(128) or 1:032x}-{span}-01"
     return f"{parent[:36]}{span}{parent[52:]}"
 
 
