@@ -35,7 +35,7 @@ import itertools
 import os
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -93,6 +93,8 @@ __all__ = [
     "serve",
     "Served",
     "BACKEND_VARIABLE",
+    "delete_topology",
+    "delete_entities",
 ]
 
 _log = structlog.get_logger("burrow.testing")
@@ -1180,28 +1182,35 @@ async def serve(
         await client.close()
         await app.stop()
         if broker is None:
-            await _delete_topology(app.topology, config)
+            await delete_topology(app.topology, url=config.login_url(config.amqp_urls()[0]))
 
 
-async def _delete_topology(topology: Topology, settings: Settings) -> None:
-    """Delete every queue and exchange `topology` declared (best effort, one connection)."""
+async def delete_topology(*topologies: Topology, url: str) -> None:
+    """Delete every queue and exchange these topologies declare, on the broker at `url`."""
+    queues = {queue.name for topology in topologies for queue in topology.queues}
+    exchanges = {exchange.name for topology in topologies for exchange in topology.exchanges}
+    await delete_entities(queues, exchanges, url)
+
+
+async def delete_entities(queues: Iterable[str], exchanges: Iterable[str], url: str) -> None:
+    """Delete these queues and exchanges, best effort, on one connection: a refused delete (the
+    node holding the queue is down, say) closes only its channel and the rest is deleted."""
     import aio_pika  # noqa: PLC0415 - only the real backend needs it
 
-    connection = await aio_pika.connect(settings.login_url(settings.amqp_urls()[0]), timeout=10)
+    work = [*(("queue", name) for name in queues), *(("exchange", name) for name in exchanges)]
+    if not work:
+        return
+    connection = await aio_pika.connect(url, timeout=10)
     try:
-        for kind, names in (
-            ("queue", [queue.name for queue in topology.queues]),
-            ("exchange", [exchange.name for exchange in topology.exchanges]),
-        ):
-            for name in names:
+        channel = await connection.channel()
+        for kind, name in work:
+            if channel.is_closed:
                 channel = await connection.channel()
-                raw = await channel.get_underlay_channel()
-                with contextlib.suppress(Exception):  # already gone, or refused: move on
-                    if kind == "queue":
-                        await raw.queue_delete(name, timeout=5)
-                    else:
-                        await raw.exchange_delete(name, timeout=5)
-                with contextlib.suppress(Exception):
-                    await channel.close()
+            raw = await channel.get_underlay_channel()
+            with contextlib.suppress(Exception):  # already gone, or refused: move on
+                if kind == "queue":
+                    await raw.queue_delete(name, timeout=5)
+                else:
+                    await raw.exchange_delete(name, timeout=5)
     finally:
         await connection.close()

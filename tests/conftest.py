@@ -11,7 +11,7 @@ import itertools
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NamedTuple
 
 import aio_pika
@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service import App, Client, Service, Settings, load_settings, tracing
+from service import App, Client, Service, Settings, load_settings, testing, tracing
 from service.topology import Topology
 
 AMQP_URL = os.environ.get("BURROW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -84,33 +84,7 @@ async def start_app(settings: Settings) -> AsyncIterator[AppFactory]:
 
 async def delete_topology(*topologies: Topology, url: str = AMQP_URL) -> None:
     """Delete what a test's apps declared, so the broker does not pile up queues."""
-    queues = {queue.name for topology in topologies for queue in topology.queues}
-    exchanges = {exchange.name for topology in topologies for exchange in topology.exchanges}
-    await delete_entities(queues, exchanges, url)
-
-
-async def delete_entities(queues: Iterable[str], exchanges: Iterable[str], url: str) -> None:
-    """Delete these queues and exchanges, best effort: a refused delete (e.g. the node holding
-    the queue is down) closes only its own channel and the rest is still deleted."""
-    work = [*(("queue", name) for name in queues), *(("exchange", name) for name in exchanges)]
-    if not work:
-        return
-    connection = await aio_pika.connect(url, timeout=10)
-    try:
-        channel = await connection.channel()
-        for kind, name in work:
-            if channel.is_closed:
-                channel = await connection.channel()
-            raw = await channel.get_underlay_channel()
-            try:
-                if kind == "queue":
-                    await raw.queue_delete(name, timeout=5)
-                else:
-                    await raw.exchange_delete(name, timeout=5)
-            except Exception:  # cleanup is best effort
-                continue
-    finally:
-        await connection.close()
+    await testing.delete_topology(*topologies, url=url)
 
 
 @pytest.fixture
@@ -163,7 +137,7 @@ def _delete_run_entities() -> Iterator[None]:
     """After the run, delete every queue and exchange this run declared."""
     yield
     queues, exchanges = _rabbitmqctl_names("list_queues"), _rabbitmqctl_names("list_exchanges")
-    asyncio.run(asyncio.wait_for(delete_entities(queues, exchanges, AMQP_URL), 120))
+    asyncio.run(asyncio.wait_for(testing.delete_entities(queues, exchanges, AMQP_URL), 120))
 
 
 class Recorded(NamedTuple):

@@ -34,9 +34,10 @@ from service.jobs import Job
 from service.middleware import Request, Result
 from service.results import JobState, SqliteJobStore
 from service.settlement import Publish
+from service.testing import delete_entities
 from service.topology import Names, service_topology
 from service.vocabulary import PublishKind
-from tests.conftest import delete_entities, delete_topology
+from tests.conftest import delete_topology
 from tests.faults.conftest import MakeClient, RunApp, make_settings
 from tests.faults.harness import Ledger, PrivateBroker, wait_until, watch_loss
 

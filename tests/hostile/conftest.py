@@ -54,10 +54,11 @@ from service.codec import H_KIND, decode_json
 from service.dead_letters import DeadLetter
 from service.jobs import H_CALLBACK, H_JOB_ID
 from service.scheduler import H_TARGET_EXCHANGE, H_TARGET_KEY, LEVELS, delay_route
+from service.testing import delete_entities
 from service.topology import DIRECT_REPLY_TO, Names
 from service.transport import ConsumerSpec
 from service.types import Delivery, Settle
-from tests.conftest import AMQP_URL, delete_entities, delete_topology
+from tests.conftest import AMQP_URL, delete_topology
 from tests.faults.harness import sample, wait_until
 from tests.hostile import rawamqp
 from tests.hostile.rawamqp import (

@@ -40,9 +40,10 @@ from service.codec import (
 from service.dead_letters import DeadLetter, DeadLetterTool, json_line
 from service.events import tail
 from service.shim import Undecodable
+from service.testing import delete_entities
 from service.topology import Names, service_topology
 from service.types import Delivery
-from tests.conftest import AMQP_URL, AppFactory, delete_entities
+from tests.conftest import AMQP_URL, AppFactory
 from tests.hostile.rawamqp import Props, RawAmqp, S, ShortStr, T, nested_table, x
 
 __all__: list[str] = []
