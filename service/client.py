@@ -19,10 +19,10 @@ from service import codec, tracing
 from service.config import Settings, load_settings
 from service.errors import NotFound, QueueFull
 from service.events import event_message, publish_event
-from service.jobs import Job, valid_callback
+from service.jobs import Job, JobStatus, valid_callback
 from service.link import LinkFactory, Outbound
 from service.registry import Operation
-from service.results import JobRecord, JobState, JobStore, job_store_from_url
+from service.results import JobState, JobStore, job_store_from_url
 from service.rpc_client import RpcClient
 from service.scheduler import schedule
 from service.topology import client_topology
@@ -229,22 +229,24 @@ class Client:
         """
         return Job(job_id, route, self._read_job)
 
-    async def _read_job(self, job_id: str, route: str) -> JobRecord | None:
+    async def _read_job(self, job_id: str, route: str) -> JobStatus | None:
         if not route:
             if self._jobs is None:
                 self._jobs = job_store_from_url(self.settings.job_store_url)
-            return await self._jobs.get(self.names.job_key(job_id))
+            record = await self._jobs.get(self.names.job_key(job_id))
+            return None if record is None else JobStatus.of(job_id, record)
         try:
             answer = await self.rpc.call_raw(
                 route, b"{}", headers={H_KIND: Kind.RESULT, H_JOB_ID: job_id}
             )
         except NotFound:
             return None
-        record = codec.decode_json(answer)
-        state = JobState(record["state"])
-        value = record.get("error" if state is JobState.FAILED else "result")
-        body = b"" if state is JobState.RUNNING else codec.encode(value)
-        return JobRecord(state, b"", route, body)
+        found = codec.decode_json(answer)  # the record as `schemas/job-status.json` says
+        state = JobState(found["state"])
+        if state is JobState.RUNNING:
+            return JobStatus(job_id, state)
+        failed = state is JobState.FAILED
+        return JobStatus.ended(job_id, found["error" if failed else "result"], failed=failed)
 
     async def emit(
         self,

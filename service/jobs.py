@@ -34,8 +34,8 @@ _JOB_ID = re.compile(JOB_ID_PATTERN)
 _ROUTE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,15}$")
 _FIRST_PAUSE, _MAX_PAUSE = 0.05, 1.0  # seconds between reads of the record while waiting
 
-# How a handle reads a job's record: (job id, route) → the record, or None when unknown.
-Reader = Callable[[str, str], Awaitable[JobRecord | None]]
+# How a handle reads a job's record: (job id, route) → its status, or None when unknown.
+Reader = Callable[[str, str], Awaitable["JobStatus | None"]]
 
 
 def valid_job_id(value: object) -> str | None:
@@ -65,11 +65,18 @@ class JobStatus:
     @classmethod
     def of(cls, job_id: str, record: JobRecord) -> JobStatus:
         """The status a store record says."""
-        if record.state is JobState.COMPLETED:
-            return cls(job_id, record.state, result=codec.decode_json(record.body))
-        if record.state is JobState.FAILED:
-            return cls(job_id, record.state, error=error_from_wire(codec.decode_json(record.body)))
-        return cls(job_id, record.state)
+        if record.state is JobState.RUNNING:
+            return cls(job_id, record.state)
+        return cls.ended(
+            job_id, codec.decode_json(record.body), failed=record.state is JobState.FAILED
+        )
+
+    @classmethod
+    def ended(cls, job_id: str, value: Any, *, failed: bool) -> JobStatus:
+        """A finished job: its result, or (failed) its error body."""
+        if failed:
+            return cls(job_id, JobState.FAILED, error=error_from_wire(value))
+        return cls(job_id, JobState.COMPLETED, result=value)
 
 
 class Job:
@@ -99,11 +106,9 @@ class Job:
         if self._push is None or self._push.done():
             return
         failed = delivery.headers.get(H_STATUS) == Status.ERROR
-        record = JobRecord(
-            JobState.FAILED if failed else JobState.COMPLETED, b"", "", delivery.body
-        )
         try:
-            self._push.set_result(JobStatus.of(self.id, record))
+            status = JobStatus.ended(self.id, codec.decode_json(delivery.body), failed=failed)
+            self._push.set_result(status)
         except ServiceError as exc:  # not JSON: say so where the result is awaited
             self._push.set_exception(exc)
 
@@ -120,10 +125,10 @@ class Job:
         """
         if self._push is not None and self._push.done() and not self._push.cancelled():
             return self._push.result()
-        record = await self._reader(self.id, self.route)
-        if record is None:
+        found = await self._reader(self.id, self.route)
+        if found is None:
             raise NotFound(f"job {self.id!r}: not received by a service yet, or expired")
-        return JobStatus.of(self.id, record)
+        return found
 
     async def finished(self, timeout: float = 30.0) -> JobStatus:
         """Wait at most `timeout` seconds for the job to end; its final status.
@@ -148,15 +153,15 @@ class Job:
         answered: ServiceError | None = None  # a retryable failure of the last read, if any
         while True:
             try:
-                record = await self._reader(self.id, self.route)
+                found = await self._reader(self.id, self.route)
                 answered = None
             except ServiceError as exc:
                 if not exc.retryable:
                     raise
-                record, answered = None, exc  # the store or service is away, or overloaded
-            if record is not None and record.finished:
-                return JobStatus.of(self.id, record)
-            seen = seen or record is not None
+                found, answered = None, exc  # the store or service is away, or overloaded
+            if found is not None and found.finished:
+                return found
+            seen = seen or found is not None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if seen:
