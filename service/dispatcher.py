@@ -495,6 +495,7 @@ class Dispatcher:
 
     def _context(self, request: Request) -> Context:
         delivery = request.delivery
+        trace = tracing.current()
         return Context(
             operation=request.route,
             message_id=delivery.message_id,
@@ -507,8 +508,8 @@ class Dispatcher:
                 operation=request.route,
                 message_id=delivery.message_id or "",
                 correlation_id=delivery.correlation_id or "",
-                trace_id=tracing.trace_id(tracing.current()),
-                span_id=tracing.span_id(tracing.current()),
+                trace_id=tracing.trace_id(trace),
+                span_id=tracing.span_id(trace),
             ),
             routing_key=delivery.routing_key,
             emit=self._emit,
