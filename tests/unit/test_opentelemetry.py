@@ -192,3 +192,42 @@ async def test_without_an_sdk_every_message_still_carries_a_trace() -> None:
     assert parent is not None
     assert answer is not None
     assert tracing.trace_id(parent) == tracing.trace_id(answer)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01", {"t": 1}, [1, 2], 1.5, 7, b"\xff\xfe", None],
+    ids=["bytes", "table", "array", "float", "int", "undecodable-bytes", "void"],
+)
+async def test_trace_headers_of_any_type_are_answered_with_spans_on(
+    otel: Recorded, value: object
+) -> None:
+    """With an SDK recording, a call carrying a tracestate of any AMQP type is answered (the
+    caller's producer span writes its own traceparent); a consumer span started from a
+    traceparent and tracestate of any type continues a usable one and starts a trace otherwise."""
+    async with serve(shop([])) as (client, _):
+        headers = {"traceparent": value, "tracestate": value}
+        reply = await client.rpc.call_raw("shop.double", b'{"n": 2}', headers=headers)
+    assert reply == b'{"n":4}'
+    span = tracing.start_consumer(
+        "shop.double",
+        {"traceparent": value, "tracestate": value},
+        kind="call",
+        exchange="",
+        routing_key="shop.double",
+        queue="q",
+        message_id=None,
+        correlation_id=None,
+        body=b"",
+        delivery_tag=1,
+    )
+    assert span is not None
+    span.end("ok", None)
+    [direct] = [
+        found
+        for found in otel.exporter.get_finished_spans()
+        if dict(found.attributes or {}).get("messaging.destination.subscription.name") == "q"
+    ]
+    assert direct.context is not None
+    continued = direct.parent is not None and direct.context.trace_id == int("a" * 32, 16)
+    assert continued is (isinstance(value, bytes) and value.startswith(b"00-"))
