@@ -35,7 +35,7 @@ from service.errors import (
 )
 from service.events import event_message, publish_event
 from service.idempotency import Claim, IdempotencyStore, MemoryStore
-from service.jobs import valid_callback, valid_job_id
+from service.jobs import valid_callback, valid_callback_data, valid_job_id
 from service.link import OUTBOUND_SCOPE
 from service.middleware import (
     DEFAULT_MIDDLEWARE,
@@ -106,6 +106,7 @@ def read_request(
     if refusal is not None and not refusal.answerable:
         reply_to = None  # the reply address itself came undecodable: nobody to answer
     job_id = valid_job_id(fields.job_id) if kind in _WITH_JOB else None
+    callback = valid_callback(fields.callback) if job_id and kind == Kind.SUBMIT else None
     operation = service.get(route)
     timeout = (operation.timeout if operation else None) or settings.handler_timeout
     return Request(
@@ -117,7 +118,8 @@ def read_request(
         deadline=fields.deadline,
         reply_to=reply_to,
         job_id=job_id,
-        callback=valid_callback(fields.callback) if job_id and kind == Kind.SUBMIT else None,
+        callback=callback,
+        callback_data=valid_callback_data(fields.callback_data) if callback else None,
         handler_timeout=timeout,
         attempt=attempts(delivery.headers, names) if kind in ASYNC_KINDS else 0,
         max_retries=_pick(operation.retries if operation else None, settings.max_retries),
@@ -556,13 +558,15 @@ _CALLED = frozenset({Kind.CALL, Kind.RESULT})  # must name a reply address
 def _owner(request: Request) -> bytes:
     """H8: the digest that makes a delivery the job id's own submit (or a copy of it)."""
     delivery = request.delivery
-    return owner_digest(request.route, request.callback, delivery.message_id, delivery.body)
+    return owner_digest(
+        request.route, request.callback, delivery.message_id, delivery.body, request.callback_data
+    )
 
 
 def _in_use(request: Request) -> Result:
     """H8: another submit holds this job id; its record must not be touched. Nobody is
     answered (the first submitter is told, not this one); the copy is parked."""
-    request.job_id = request.callback = request.reply_to = None
+    request.job_id = request.callback = request.callback_data = request.reply_to = None
     error = FailedPrecondition("the job id is already in use by another submit")
     return Result(Outcome.DEAD_LETTERED, error=error, dead_reason=DeadReason.JOB_ID_IN_USE)
 

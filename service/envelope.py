@@ -17,6 +17,7 @@ from service.shim import Undecodable
 from service.types import Delivery
 from service.vocabulary import (
     H_CALLBACK,
+    H_CALLBACK_DATA,
     H_DEADLINE,
     H_JOB_ID,
     H_KIND,
@@ -65,6 +66,7 @@ class Fields:
     version: str | None
     job_id: str | None  # as sent (text); validity is the jobs module's to judge
     callback: str | None
+    callback_data: str | None
     traceparent: str | None
     refusal: Refusal | None
 
@@ -105,6 +107,7 @@ def read(delivery: Delivery) -> Fields:
         version=version,
         job_id=text(headers.get(H_JOB_ID)),
         callback=text(headers.get(H_CALLBACK)),
+        callback_data=text(headers.get(H_CALLBACK_DATA)),
         traceparent=text(headers.get(H_TRACEPARENT)),
         refusal=refusal,
     )

@@ -26,9 +26,24 @@ from service.errors import (
 )
 from service.results import JobRecord, JobState
 from service.types import Delivery
-from service.vocabulary import H_CALLBACK, H_JOB_ID, H_STATUS, JOB_ID_PATTERN, Status
+from service.vocabulary import (
+    H_CALLBACK,
+    H_JOB_ID,
+    H_STATUS,
+    JOB_ID_PATTERN,
+    MAX_CALLBACK_DATA,
+    Status,
+)
 
-__all__ = ["H_JOB_ID", "H_CALLBACK", "valid_job_id", "valid_callback", "JobStatus", "Job"]
+__all__ = [
+    "H_JOB_ID",
+    "H_CALLBACK",
+    "valid_job_id",
+    "valid_callback",
+    "valid_callback_data",
+    "JobStatus",
+    "Job",
+]
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 _ROUTE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,15}$")
@@ -46,6 +61,11 @@ def valid_job_id(value: object) -> str | None:
 def valid_callback(value: object) -> str | None:
     """The callback routing key if well-formed (plain words, no wildcards), else None."""
     return value if isinstance(value, str) and len(value) <= 255 and _ROUTE.match(value) else None
+
+
+def valid_callback_data(value: object) -> str | None:
+    """The callback's data if it is text of at most `MAX_CALLBACK_DATA` characters, else None."""
+    return value if isinstance(value, str) and len(value) <= MAX_CALLBACK_DATA else None
 
 
 @dataclass(frozen=True, slots=True)

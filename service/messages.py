@@ -20,6 +20,7 @@ from service.errors import ServiceError
 from service.shim import Undecodable
 from service.types import Delivery, Headers, Outgoing, new_id
 from service.vocabulary import (
+    H_CALLBACK_DATA,
     H_DEAD_AT,
     H_DEAD_ERROR,
     H_DEAD_REASON,
@@ -86,10 +87,11 @@ def completions(
     callback: str | None,
     version: str,
     trace: str | None,
+    callback_data: str | None = None,
 ) -> list[Outgoing]:
     """The messages announcing that job `job_id` of `route` finished: to the submitter's reply
     address (or, without one, to the job queue a pre-0.2 submitter declared), as the
-    `<route>.completed|failed` event, and to the callback."""
+    `<route>.completed|failed` event, and to the callback (with the submit's callback data)."""
     suffix = "completed" if ok else "failed"
     headers = stamp(
         {H_JOB_ID: job_id, H_STATUS: Status.OK if ok else Status.ERROR},
@@ -100,9 +102,7 @@ def completions(
         ("", reply_to or names.job_queue(job_id)),
         (names.events_exchange, f"{route}.{suffix}"),
     ]
-    if callback is not None:
-        targets.append((names.events_exchange, callback))
-    return [
+    sent = [
         Outgoing(
             exchange=exchange,
             routing_key=key,
@@ -115,6 +115,21 @@ def completions(
         )
         for exchange, key in targets
     ]
+    if callback is not None:
+        extra = {H_CALLBACK_DATA: callback_data} if callback_data is not None else {}
+        sent.append(
+            Outgoing(
+                exchange=names.events_exchange,
+                routing_key=callback,
+                body=body,
+                message_id=new_id(),
+                type=f"{route}.{suffix}",
+                correlation_id=job_id,
+                headers={**headers, **extra},
+                persistent=True,
+            )
+        )
+    return sent
 
 
 def dead_letter(

@@ -57,6 +57,7 @@ class Request:
     handler_timeout: float
     job_id: str | None = None  # validated job id of a submit or result
     callback: str | None = None  # validated callback routing key of a submit
+    callback_data: str | None = None  # what goes with the callback (x-callback-data)
     attempt: int = 0  # retries already made (from x-death)
     max_retries: int = 0
     version: str | None = None  # x-contract-version as sent, coerced to text

@@ -88,10 +88,20 @@ class JobRecord:
         return cls(state, value[1 : 1 + _OWNER], route.decode("utf-8", "replace"), body)
 
 
-def owner_digest(route: str, callback: str | None, message_id: str | None, body: bytes) -> bytes:
-    """What makes two deliveries the same submit: route, callback, message id and body."""
+def owner_digest(
+    route: str,
+    callback: str | None,
+    message_id: str | None,
+    body: bytes,
+    callback_data: str | None = None,
+) -> bytes:
+    """What makes two deliveries the same submit: route, callback (and its data), message id
+    and body."""
     digest = hashlib.sha256()
-    for part in (route, callback or "", message_id or ""):
+    parts = [route, callback or "", message_id or ""]
+    if callback_data is not None:  # absent: the same digest as before callback data existed
+        parts.append(callback_data)
+    for part in parts:
         digest.update(part.encode("utf-8", "backslashreplace") + b"\0")
     digest.update(body)
     return digest.digest()

@@ -125,6 +125,7 @@ def _completions(
             ok=ok,
             reply_to=request.reply_to,
             callback=request.callback,
+            callback_data=request.callback_data,
             version=version,
             trace=trace,
         )

@@ -17,6 +17,8 @@ __all__ = [
     "H_STATUS",
     "H_JOB_ID",
     "H_CALLBACK",
+    "H_CALLBACK_DATA",
+    "MAX_CALLBACK_DATA",
     "H_TRACEPARENT",
     "H_TRACESTATE",
     "H_DEAD_REASON",
@@ -75,6 +77,10 @@ H_VERSION = "x-contract-version"  # major version of the service contract
 H_STATUS = "x-status"  # on replies and completions: a `Status`
 H_JOB_ID = "x-job-id"
 H_CALLBACK = "x-callback-route"  # routing key on the events exchange for the completion
+# Opaque text a submitter attaches for the callback route's consumer; copied onto that
+# completion only (the gateway's webhook URL travels so: no store holds it).
+H_CALLBACK_DATA = "x-callback-data"
+MAX_CALLBACK_DATA = 4096  # characters; longer is treated as absent
 H_TRACEPARENT = "traceparent"  # W3C trace context
 H_TRACESTATE = "tracestate"  # W3C trace state, written and read by OpenTelemetry's propagator
 # Dead letters (§8).

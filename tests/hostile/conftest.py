@@ -58,6 +58,7 @@ from service.testing import delete_entities
 from service.topology import DIRECT_REPLY_TO, Names
 from service.transport import ConsumerSpec
 from service.types import Delivery, Settle
+from service.vocabulary import H_CALLBACK_DATA
 from tests.conftest import AMQP_URL, delete_topology
 from tests.faults.harness import sample, wait_until
 from tests.hostile import rawamqp
@@ -118,6 +119,7 @@ TOKEN = re.compile(rb"tok-[0-9a-f]{16}")
 SERVICE = "calc"
 EVENT = "hprobe.fired"  # matched by the `on_probe` subscription (`hprobe.#`)
 CALLBACK_PREFIX = "hcb"  # callback routes of submits, collected with the completions
+CALLBACK_DATA = "hcb-data: https://example.test/hook?a=1"  # x-callback-data, when a case sends it
 _PAD = "p" * 40  # what a log's 32-byte body prefix may show; the token comes after it
 _QUEUE_SETTLE = 12.0  # seconds: more than RabbitMQ's 5 s statistics interval
 _WAIT = 20.0  # upper bound on one wait; never reached when the service behaves
@@ -614,7 +616,8 @@ class Hostile:
 
     def outcome(self, sent: Sent) -> frozenset[str]:
         """Every ending observed for one message, as atoms: `ran` (the handler ran),
-        `reply:<ok|CODE>`, `completed:<ok|CODE>`, `callback`, `parked:<reason>` (service DLQ),
+        `reply:<ok|CODE>`, `completed:<ok|CODE>`, `callback`, `callback+data` (it carried
+        `CALLBACK_DATA`), `parked:<reason>` (service DLQ),
         `sched:<reason>` (scheduler DLQ), `broker:<code>` (refused at publish), `returned`."""
         atoms: set[str] = set() if self.accounted(sent) else {"unsettled"}
         published = sent.published
@@ -637,6 +640,12 @@ class Hostile:
         finished = [m for m in completions if m.routing_key != sent.callback]
         if len(finished) < len(completions):
             atoms.add("callback")
+        if any(
+            (m.headers or {}).get(H_CALLBACK_DATA) == CALLBACK_DATA
+            for m in completions
+            if m.routing_key == sent.callback
+        ):
+            atoms.add("callback+data")
         for message in finished:
             atoms.add(f"completed:{_status(message.headers or {}, message.body)}")
         if len(finished) > 1:

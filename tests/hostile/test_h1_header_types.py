@@ -24,7 +24,9 @@ from pamqp import decode
 
 from service.codec import H_DEADLINE, H_KIND, H_VERSION
 from service.tracing import HEADER as TRACEPARENT
+from service.vocabulary import H_CALLBACK_DATA, MAX_CALLBACK_DATA
 from tests.hostile.conftest import (
+    CALLBACK_DATA,
     EVENT,
     NORMAL,
     NOT_UTF8,
@@ -220,6 +222,26 @@ def callback_cases() -> list[Case]:
     ]
 
 
+def callback_data_cases() -> list[Case]:
+    """x-callback-data on submits (with a callback route): text of at most 4,096 characters
+    rides on the callback's completion, anything else is absent (the callback still goes)."""
+    carried = [frozenset({"ran", "completed:ok", "callback", "callback+data"})]
+    plain = [frozenset({"ran", "completed:ok", "callback"})]
+    typed: list[tuple[str, Field, Sequence[Outcome]]] = [
+        ("S", S(CALLBACK_DATA), carried),
+        ("x", x(CALLBACK_DATA.encode()), carried),
+        ("S-not-utf8", S(NOT_UTF8 + CALLBACK_DATA.encode()), plain),
+        ("S-too-long", S(CALLBACK_DATA + "x" * MAX_CALLBACK_DATA), plain),
+        *((label, value, plain) for label, value in non_text()),
+        ("V", V(), plain),
+    ]
+    return [
+        Case(path, label, {**_SUBMIT[path], H_CALLBACK_DATA: value}, expect, job=True, callback=S)
+        for path in ("submit", "forward")
+        for label, value, expect in typed
+    ]
+
+
 _SUBMIT: dict[str, dict[str | bytes, Any]] = {"submit": {}, "forward": {H_KIND: S("submit")}}
 
 
@@ -237,6 +259,12 @@ async def test_h1_callback_route_header_of_every_type(hostile: MakeHostile) -> N
     """H1: x-callback-route as a string or UTF-8 bytes also routes the completion there; any
     other type is absent (the completion still goes to the job)."""
     await run(await hostile(), callback_cases())
+
+
+async def test_h1_callback_data_header_of_every_type(hostile: MakeHostile) -> None:
+    """H1: x-callback-data as text of at most 4,096 characters is copied onto the callback's
+    completion; any other type, undecodable text or longer text is absent there."""
+    await run(await hostile(), callback_data_cases())
 
 
 # -- traceparent ------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ def test_dead_reasons_are_the_reasons_of_the_protocol() -> None:
 def test_the_headers_of_the_protocol_are_the_vocabularys() -> None:
     """The header tables of docs/protocol.md §3 name exactly the headers Burrow reads and writes."""
     ours = {v.H_KIND, v.H_DEADLINE, v.H_VERSION, v.H_STATUS, v.H_JOB_ID, v.H_CALLBACK}
+    ours.add(v.H_CALLBACK_DATA)
     ours |= {v.H_TRACEPARENT, v.H_TRACESTATE, *v.DEAD_LETTER_HEADERS}
     ours |= {v.H_TARGET_EXCHANGE, v.H_TARGET_KEY}
     assert _first_column(_section(3)) == {*ours, v.H_DUE, v.H_DEATH}
