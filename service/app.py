@@ -21,7 +21,7 @@ from service.errors import Unavailable
 from service.health import Health
 from service.http import HttpServer
 from service.idempotency import store_from_url
-from service.link import LinkFactory, Outbound
+from service.link import Link, LinkFactory, Outbound
 from service.middleware import Middleware
 from service.registry import Lifespan, Service, State
 from service.results import job_store_from_url
@@ -45,6 +45,7 @@ class App:
         outbound: layers around every publish the App makes (`service.link.Outbound`).
         lifespan: opened before the first message, closed after the last in-flight one
             finished; handlers reach what it put in `state` as `ctx.state`.
+        links: other links the process depends on (a `Client`'s): `/readyz` includes them.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class App:
         middleware: Sequence[Middleware] = (),
         outbound: Sequence[Outbound] = (),
         lifespan: Lifespan | None = None,
+        links: Sequence[Link] = (),
     ) -> None:
         if not services:
             raise ValueError("App needs at least one Service")
@@ -92,7 +94,9 @@ class App:
                 consumer.add_consumer(spec)
         consumer.add_consumer(self.forwarder.consumer())
         self.health = Health(
-            links=self.transport.links, consumers=self.servers, prefetch=self.settings.prefetch
+            links=[*self.transport.links, *links],
+            consumers=self.servers,
+            prefetch=self.settings.prefetch,
         )
         self.http = (
             HttpServer(self.health, self.settings.http_host, self.settings.http_port)

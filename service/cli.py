@@ -130,6 +130,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot serve HTTP on {where}: {problem}") from None
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from service.gateway import Gateway  # noqa: PLC0415 - only this command needs it
+
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    services = [svc for target in args.targets or [DEFAULT_TARGET] for svc in load_target(target)]
+    gateway = Gateway(*services, settings=settings)
+    try:
+        return _run(gateway.run)
+    except OSError as exc:
+        problem = _BIND_PROBLEMS.get(exc.errno or 0)
+        if problem is None or "bind" not in str(exc):
+            raise
+        raise ConfigError(
+            f"cannot serve HTTP on {settings.http_port} or {settings.gateway_port}: "
+            + problem.replace("BURROW_HTTP_PORT", "BURROW_HTTP_PORT / BURROW_GATEWAY_PORT")
+        ) from None
+
+
 _BIND_PROBLEMS = {
     errno.EADDRINUSE: "the port is in use; set BURROW_HTTP_PORT to a free one (0 picks any)",
     errno.EACCES: "not allowed to listen there; set BURROW_HTTP_PORT above 1023",
@@ -485,6 +504,17 @@ def _parser() -> argparse.ArgumentParser:
         "needs watchfiles: the reload extra)",
     )
     run.set_defaults(func=_cmd_run)
+
+    gateway = commands.add_parser(
+        "gateway", help="serve the services' operations as an HTTP API (calls them over AMQP)"
+    )
+    gateway.add_argument(
+        "targets",
+        nargs="*",
+        metavar="target",
+        help=f"module:attribute of each service to expose (default {DEFAULT_TARGET})",
+    )
+    gateway.set_defaults(func=_cmd_gateway)
 
     _client_commands(commands)
 

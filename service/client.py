@@ -19,7 +19,7 @@ from service import codec, tracing
 from service.config import Settings, load_settings
 from service.errors import NotFound, QueueFull
 from service.events import event_message, publish_event
-from service.jobs import Job, JobStatus, valid_callback
+from service.jobs import Job, JobStatus, valid_callback, valid_callback_data
 from service.link import LinkFactory, Outbound
 from service.registry import Operation
 from service.results import JobState, JobStore, job_store_from_url
@@ -31,6 +31,7 @@ from service.types import Outgoing
 from service.vocabulary import (
     DIRECT_REPLY_TO,
     H_CALLBACK,
+    H_CALLBACK_DATA,
     H_JOB_ID,
     H_KIND,
     H_VERSION,
@@ -198,6 +199,7 @@ class Client:
         payload: Any,
         *,
         callback: str | None = None,
+        callback_data: str | None = None,
         delay: float | None = None,
         at: datetime | None = None,
     ) -> Job:
@@ -209,6 +211,8 @@ class Client:
 
         Args:
             callback: also publish the completion on the events exchange with this key.
+            callback_data: text (at most 4,096 characters) the service copies onto that
+                completion only, for the callback's consumer (`x-callback-data`).
             delay: start the job this many seconds from now.
             at: start the job at this (timezone-aware) time.
         """
@@ -216,6 +220,7 @@ class Client:
             _route(operation),
             codec.encode(payload),
             callback=callback,
+            callback_data=callback_data,
             due_at=_due(delay, at),
             headers=_version_header(operation),
         )
@@ -284,6 +289,7 @@ class Client:
         callback: str | None,
         due_at: float | None,
         headers: dict[str, Any] | None = None,
+        callback_data: str | None = None,
     ) -> Job:
         message = self._command(route, body, Kind.SUBMIT)
         message.headers.update(headers or {})
@@ -291,6 +297,10 @@ class Client:
             if valid_callback(callback) is None:
                 raise ValueError(f"{callback!r} is not a routing key (dot-separated words)")
             message.headers[H_CALLBACK] = callback
+        if callback_data is not None:
+            if callback is None or valid_callback_data(callback_data) is None:
+                raise ValueError("callback_data needs a callback and at most 4,096 characters")
+            message.headers[H_CALLBACK_DATA] = callback_data
         job = Job(message.message_id, route, self._read_job, pushed=True)
         message.headers[H_JOB_ID] = job.id
         message.reply_to, message.correlation_id = DIRECT_REPLY_TO, job.id

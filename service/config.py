@@ -105,6 +105,43 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8000, ge=0, le=65535)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    gateway_host: str = "0.0.0.0"
+    gateway_port: int = Field(
+        default=8080, ge=0, le=65535, description="`burrow gateway`'s HTTP API port."
+    )
+    gateway_auth: Literal["api-key", "none"] = Field(
+        default="api-key",
+        description=(
+            "api-key: every API request needs `Authorization: Bearer <key>` or `X-API-Key`; "
+            "none: no check (only when said)."
+        ),
+    )
+    gateway_api_keys: SecretStr = Field(
+        default=SecretStr(""), description="Accepted API keys or bearer tokens, comma-separated."
+    )
+    gateway_api_keys_file: str | None = Field(
+        default=None, description="File of accepted keys, one per line (a mounted secret)."
+    )
+    gateway_cors_origins: str = Field(
+        default="", description="Origins allowed by CORS, comma-separated (empty: no CORS)."
+    )
+    gateway_max_wait: float = Field(
+        default=300.0, gt=0, le=3600, description="Longest `Prefer: wait=N` honoured, seconds."
+    )
+    gateway_callback_hosts: str = Field(
+        default="",
+        description=(
+            "Hosts a callback URL may name, comma-separated; `*.example.com` for subdomains "
+            "(empty: callbacks refused)."
+        ),
+    )
+    gateway_webhook_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="Standard Webhooks signing secret (`whsec_<base64>`); needed for callbacks.",
+    )
+    gateway_webhook_timeout: float = Field(
+        default=10.0, gt=0, le=300, description="Seconds one webhook POST may take."
+    )
 
     @field_validator("amqp_url")
     @classmethod

@@ -32,6 +32,11 @@ __all__ = [
     "AMQP_RECONNECTS",
     "AMQP_CONNECTION_BLOCKED",
     "CONSUMERS_ATTACHED",
+    "GATEWAY_REQUESTS",
+    "GATEWAY_DURATION",
+    "GATEWAY_IN_PROGRESS",
+    "WEBHOOK_DELIVERIES",
+    "WEBHOOK_OUTCOMES",
     "PUBLISH_KINDS",
     "PUBLISH_OUTCOMES",
     "CALL_OUTCOMES",
@@ -116,11 +121,36 @@ CONSUMERS_ATTACHED = Gauge(
     ["link"],
 )
 
+GATEWAY_REQUESTS = Counter(
+    "burrow_gateway_requests_total",
+    "HTTP requests the gateway answered, by route (`POST /v1/calc/add`) and status code.",
+    ["route", "code"],
+)
+GATEWAY_DURATION = Histogram(
+    "burrow_gateway_request_duration_seconds",
+    "Time from an HTTP request's arrival to its answer, per route.",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+GATEWAY_IN_PROGRESS = Gauge(
+    "burrow_gateway_requests_in_progress",
+    "HTTP requests the gateway is answering right now.",
+    ["route"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "burrow_gateway_webhooks_total",
+    "Webhook POSTs of job completions, by outcome (delivered, failed, refused).",
+    ["outcome"],
+)
+
 PUBLISH_OUTCOMES = ("confirmed", "returned", "nacked", "timeout", "lost")  # link.PUBLISH_OUTCOMES
 CALL_OUTCOMES: tuple[str, ...] = (Status.OK, *ErrorCode)  # ok, or the error code of the reply
 DEAD_LETTER_REASONS: tuple[str, ...] = tuple(DeadReason)
 # Label values of burrow_messages_published_total{kind}, all created at zero.
 PUBLISH_KINDS: tuple[str, ...] = tuple(PublishKind)
+# delivered: the receiver answered 2xx; failed: an error or another status (retried);
+# refused: the URL is no longer allowed, or the completion is unusable (parked, not retried).
+WEBHOOK_OUTCOMES = ("delivered", "failed", "refused")
 
 
 def _build_labels() -> dict[str, str]:
@@ -145,6 +175,8 @@ for _kind in PUBLISH_KINDS:
     for _outcome in PUBLISH_OUTCOMES:
         MESSAGES_PUBLISHED.labels(_kind, _outcome)
 RPC_LATE_REPLIES.inc(0)
+for _outcome in WEBHOOK_OUTCOMES:
+    WEBHOOK_DELIVERIES.labels(_outcome)
 
 
 def init_operation_labels(service: str, operations: Iterable[str]) -> None:

@@ -22,6 +22,7 @@ from service.types import Delivery, Outgoing, new_id
 from service.vocabulary import (
     DIRECT_REPLY_TO,
     H_DEADLINE,
+    H_JOB_ID,
     H_KIND,
     H_STATUS,
     Kind,
@@ -149,6 +150,8 @@ class RpcClient:
             if waiter is not None:
                 waiter.deliver(delivery)
                 return
+            if H_JOB_ID in delivery.headers:
+                return  # the completion of a job nobody here awaits any more: expected
         if future is None or future.done():
             metrics.RPC_LATE_REPLIES.inc()
             _log.info(
