@@ -12,7 +12,19 @@ from typing import Any
 import yaml
 
 from tests.contract.deploy_files import ALERTS, PROMETHEUS_RULE, render_prometheus_rule
-from tests.contract.test_deploy import DEPLOY, ROOT, alert_rules, k8s_objects, yaml_documents
+from tests.contract.test_deploy import (
+    COMPOSE_GATEWAY,
+    COMPOSE_IMAGE,
+    DEPLOY,
+    GATEWAY_DEPLOYMENT,
+    ROOT,
+    SERVICE_DEPLOYMENT,
+    alert_rules,
+    compose_services,
+    k8s_object,
+    k8s_objects,
+    yaml_documents,
+)
 from tests.contract.tools import find_tool, run_tool
 
 ALERT_TESTS = DEPLOY / "prometheus/alerts.test.yml"
@@ -39,14 +51,12 @@ def _unit_tests() -> list[dict[str, Any]]:
     return tests
 
 
-def _servicemonitor_target() -> tuple[str, dict[str, Any]]:
-    """The job label the ServiceMonitor gives (its Service's name) and its one endpoint."""
-    objects = list(k8s_objects())
-    (monitor,) = [obj for obj in objects if obj["kind"] == "ServiceMonitor"]
+def _servicemonitor_target(monitor: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The job label a ServiceMonitor gives (its Service's name) and its one endpoint."""
     selector = monitor["spec"]["selector"]["matchLabels"]
     (service,) = [
         obj
-        for obj in objects
+        for obj in k8s_objects()
         if obj["kind"] == "Service"
         and selector.items() <= obj["metadata"].get("labels", {}).items()
     ]
@@ -56,10 +66,28 @@ def _servicemonitor_target() -> tuple[str, dict[str, Any]]:
     return service["metadata"]["name"], endpoint
 
 
-def _compose_job() -> dict[str, Any]:
+def _servicemonitor_targets() -> dict[str, dict[str, Any]]:
+    """Job label → endpoint of every ServiceMonitor (the service's and the gateway's)."""
+    monitors = [obj for obj in k8s_objects() if obj["kind"] == "ServiceMonitor"]
+    targets = dict(_servicemonitor_target(monitor) for monitor in monitors)
+    assert len(targets) == len(monitors), "two ServiceMonitors give the same job label"
+    return targets
+
+
+def _compose_jobs() -> dict[str, dict[str, Any]]:
+    """Compose service → the prometheus.yml job scraping it, for each service of Burrow's image."""
     (config,) = yaml_documents(DEPLOY / "prometheus/prometheus.yml")
-    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "burrow"]
-    return dict(job)
+    jobs = {}
+    for name, service in compose_services().items():
+        if service.get("image") == COMPOSE_IMAGE:
+            target = f"{name}:{service['environment']['BURROW_HTTP_PORT']}"
+            (job,) = [
+                job
+                for job in config["scrape_configs"]
+                if any(target in static["targets"] for static in job["static_configs"])
+            ]
+            jobs[name] = dict(job)
+    return jobs
 
 
 def test_alerts_pass_promtool() -> None:
@@ -91,12 +119,18 @@ def test_every_alert_has_a_firing_unit_test() -> None:
 
 
 def test_both_scrape_configs_set_the_label_the_rules_select_by() -> None:
-    """The ServiceMonitor and prometheus.yml add app_kubernetes_io_name="burrow" to the target."""
+    """Each ServiceMonitor and prometheus.yml job of a Burrow process (service and gateway) adds
+    app_kubernetes_io_name="burrow" to the target."""
     name, value = TARGET_LABEL
-    _, endpoint = _servicemonitor_target()
-    assert {"targetLabel": name, "replacement": value} in endpoint["relabelings"]
-    assert endpoint["honorLabels"] is True  # Burrow's `service` label is kept (see the file)
-    assert {"target_label": name, "replacement": value} in _compose_job()["relabel_configs"]
+    monitors = _servicemonitor_targets()
+    assert set(monitors) == {SERVICE_DEPLOYMENT, GATEWAY_DEPLOYMENT}
+    for endpoint in monitors.values():
+        assert {"targetLabel": name, "replacement": value} in endpoint["relabelings"]
+        assert endpoint["honorLabels"] is True  # Burrow's `service` label is kept (see the file)
+    jobs = _compose_jobs()
+    assert set(jobs) == {"burrow", COMPOSE_GATEWAY}
+    for job in jobs.values():
+        assert {"target_label": name, "replacement": value} in job["relabel_configs"]
 
 
 def test_no_rule_depends_on_a_job_name() -> None:
@@ -110,9 +144,13 @@ def test_no_rule_depends_on_a_job_name() -> None:
 
 
 def test_unit_tests_use_the_labels_of_real_scrapes() -> None:
-    """ServiceMonitor cases carry its job (the Service's name); compose cases prometheus.yml's."""
-    job, _ = _servicemonitor_target()
-    compose_job = _compose_job()["job_name"]
+    """ServiceMonitor cases carry one's job (its Service's name), compose cases prometheus.yml's;
+    the gateway's series carry a gateway job."""
+    job, _ = _servicemonitor_target(k8s_object("ServiceMonitor", SERVICE_DEPLOYMENT))
+    monitor_jobs = set(_servicemonitor_targets())
+    compose = _compose_jobs()
+    compose_jobs = {scrape["job_name"] for scrape in compose.values()}
+    gateway_jobs = {GATEWAY_DEPLOYMENT, compose[COMPOSE_GATEWAY]["job_name"]}
     name, value = TARGET_LABEL
     tests = _unit_tests()
     by_setup = {
@@ -121,7 +159,7 @@ def test_unit_tests_use_the_labels_of_real_scrapes() -> None:
     }
     assert by_setup["ServiceMonitor"]
     assert by_setup["compose"]
-    for setup, expected_job in (("ServiceMonitor", job), ("compose", compose_job)):
+    for setup, expected_jobs in (("ServiceMonitor", monitor_jobs), ("compose", compose_jobs)):
         for test in by_setup[setup]:
             burrow_series = [
                 _labels(series["series"])
@@ -129,7 +167,16 @@ def test_unit_tests_use_the_labels_of_real_scrapes() -> None:
                 if not series["series"].startswith("rabbitmq_")
             ]
             jobs = {labels.get("job") for labels in burrow_series if labels.get(name) == value}
-            assert expected_job in jobs, test["name"]
+            assert expected_jobs & jobs, test["name"]
+    gateway_series = [
+        series["series"]
+        for test in tests
+        for series in test["input_series"]
+        if series["series"].startswith("burrow_gateway_")
+    ]
+    assert gateway_series
+    for series in gateway_series:
+        assert _labels(series).get("job") in gateway_jobs, series
     (down,) = [test for test in by_setup["ServiceMonitor"] if test["name"].startswith("BurrowDown")]
     fired = [case for case in down["alert_rule_test"] if case["alertname"] == "BurrowDown"]
     assert any(alert["exp_labels"]["job"] == job for case in fired for alert in case["exp_alerts"])
@@ -146,6 +193,8 @@ def test_alert_rules_are_well_formed() -> None:
         "BurrowDeadLettersGrowing",
         "BurrowConsumersMissing",
         "BurrowConnectionBlocked",
+        "BurrowGatewayErrors",
+        "BurrowWebhooksFailing",
     } <= {rule["alert"] for rule in rules}
     docs = (ROOT / "docs/operations.md").read_text(encoding="utf-8")
     bases = set()

@@ -6,6 +6,7 @@ pins and hadolint in test_image.py.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import tomllib
@@ -17,8 +18,10 @@ import jsonschema
 import pytest
 import yaml
 from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
 
 from service import metrics
+from service.cli import DEFAULT_TARGET
 from service.config import Settings, load_settings
 from service.example import calc
 from service.health import Health
@@ -27,6 +30,21 @@ from service.topology import Names, service_topology, to_definitions
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
+
+# The Deployments of deploy/k8s: the calc service (`burrow run`) and the HTTP gateway.
+SERVICE_DEPLOYMENT = "burrow-calc"
+GATEWAY_DEPLOYMENT = "burrow-gateway"
+# What the compose file names its Burrow services, and the image the Dockerfile builds for them.
+COMPOSE_SERVICE, COMPOSE_GATEWAY, COMPOSE_IMAGE = "burrow", "gateway", "burrow:dev"
+# The dashboard row whose panels show the gateway's own metrics.
+GATEWAY_ROW = "Gateway"
+# The gateway's own metric families (service/metrics.py), per route or outcome.
+GATEWAY_METRICS: tuple[MetricWrapperBase, ...] = (
+    metrics.GATEWAY_REQUESTS,
+    metrics.GATEWAY_DURATION,
+    metrics.GATEWAY_IN_PROGRESS,
+    metrics.WEBHOOK_DELIVERIES,
+)
 
 # RabbitMQ's own metrics (rabbitmq_prometheus plugin) that dashboard and alerts may use.
 RABBITMQ_METRICS = frozenset(
@@ -55,9 +73,29 @@ def _dashboard() -> dict[str, Any]:
     return dashboard
 
 
+def dashboard_rows() -> dict[str, list[dict[str, Any]]]:
+    """The dashboard's graph panels by the title of the row they sit under ("" above the first)."""
+    rows: dict[str, list[dict[str, Any]]] = {"": []}
+    current = ""
+    for panel in _dashboard()["panels"]:
+        if panel["type"] == "row":
+            current = panel["title"]
+            assert current not in rows, f"two rows titled {current!r}"
+            assert not panel.get("collapsed"), "a collapsed row hides its panels from this list"
+            rows[current] = []
+        else:
+            rows[current].append(panel)
+    return rows
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    """Every graph panel of the Grafana dashboard (rows left out), in order."""
+    return [panel for panels in dashboard_rows().values() for panel in panels]
+
+
 def raw_dashboard_queries() -> list[str]:
     """Every PromQL expression of the Grafana dashboard as written, in panel order."""
-    return [target["expr"] for panel in _dashboard()["panels"] for target in panel["targets"]]
+    return [target["expr"] for panel in dashboard_panels() for target in panel["targets"]]
 
 
 def resolve_variables(expr: str) -> str:
@@ -114,6 +152,42 @@ def k8s_objects() -> Iterator[dict[str, Any]]:
         yield from yaml_documents(DEPLOY / "k8s" / resource)
 
 
+def k8s_object(kind: str, name: str) -> dict[str, Any]:
+    """The one object of the kustomization with this kind and name."""
+    found: list[dict[str, Any]] = [
+        obj for obj in k8s_objects() if obj["kind"] == kind and obj["metadata"]["name"] == name
+    ]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} objects"
+    return found[0]
+
+
+def container_of(deployment: str) -> dict[str, Any]:
+    """The one container of a Deployment of deploy/k8s."""
+    pod = k8s_object("Deployment", deployment)["spec"]["template"]["spec"]
+    containers: list[dict[str, Any]] = pod["containers"]
+    (container,) = containers
+    return container
+
+
+def compose_services() -> dict[str, dict[str, Any]]:
+    """The services of deploy/compose.yaml by name."""
+    (compose,) = yaml_documents(DEPLOY / "compose.yaml")
+    services: dict[str, dict[str, Any]] = compose["services"]
+    return services
+
+
+def _env_values(container: dict[str, Any]) -> dict[str, str | None]:
+    """A container's environment as name → literal value (None when taken from a reference)."""
+    return {item["name"]: item.get("value") for item in container.get("env", [])}
+
+
+def _assert_burrow_settings(names: Iterator[str] | list[str], where: str) -> None:
+    """Each BURROW_* name is a Settings field: a misspelt setting would be silently ignored."""
+    for name in names:
+        if name.startswith("BURROW_"):
+            assert name.removeprefix("BURROW_").lower() in Settings.model_fields, (where, name)
+
+
 def _default_settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
     import os
 
@@ -152,6 +226,10 @@ def test_dashboard_and_alerts_name_only_real_metrics() -> None:
         "burrow_amqp_reconnects_total",
         "burrow_rpc_client_calls_total",
         "rabbitmq_detailed_queue_messages_ready",
+        "burrow_gateway_requests_total",
+        "burrow_gateway_request_duration_seconds_bucket",
+        "burrow_gateway_requests_in_progress",
+        "burrow_gateway_webhooks_total",
     ):
         assert name in dashboard, name
 
@@ -198,23 +276,92 @@ def test_dashboard_has_datasource_and_service_variables() -> None:
     assert 'job=~"$job"' in variables["service"]["definition"]
 
 
+def gateway_sample_names() -> set[str]:
+    """The sample names of the gateway's own metric families (`…_total`, `…_bucket`…)."""
+    families = {family.name for metric in GATEWAY_METRICS for family in metric.describe()}
+    return {
+        name
+        for name in registry_sample_names()
+        if any(name == family or name.startswith(f"{family}_") for family in families)
+    }
+
+
+def test_gateway_metrics_have_no_service_label() -> None:
+    """The gateway's families are the burrow_gateway_ ones, labelled by route/code/outcome only."""
+    families = {family.name for metric in GATEWAY_METRICS for family in metric.describe()}
+    registered = {f.name for f in REGISTRY.collect() if f.name.startswith("burrow_gateway_")}
+    assert families == registered
+    for metric in GATEWAY_METRICS:
+        # prometheus_client keeps a family's label names only in this attribute.
+        labels = set(metric._labelnames)
+        assert labels <= {"route", "code", "outcome"}, labels
+        assert "service" not in labels
+
+
 def test_every_panel_query_uses_the_variables() -> None:
-    """Each panel and target reads ${datasource}; each selector filters by the chosen service."""
-    for panel in _dashboard()["panels"]:
+    """Each panel reads ${datasource}; each selector filters by namespace, job and, where it has
+    Burrow's `service` label, the chosen service."""
+    for panel in dashboard_panels():
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         for target in panel["targets"]:
             assert target["datasource"] == panel["datasource"], panel["title"]
-    for expr in raw_dashboard_queries():
-        selectors = re.findall(r"\b((?:burrow|rabbitmq)_[a-z0-9_]+)(\{[^}]*\})?", expr)
-        assert selectors, expr
-        for name, labels in selectors:
-            if name.startswith("rabbitmq_"):
-                # The broker's own series: its queues of the chosen services.
-                assert r"\\.($service)\\." in labels, expr
-                continue
-            assert 'namespace=~"$namespace"' in labels, expr
-            assert 'job=~"$job"' in labels, expr
-            assert ('service=~"$service"' in labels) == (name in _SERVING_METRICS), expr
+    gateway_metrics = gateway_sample_names()
+    for row, panels in dashboard_rows().items():
+        for expr in (target["expr"] for panel in panels for target in panel["targets"]):
+            selectors = re.findall(r"\b((?:burrow|rabbitmq)_[a-z0-9_]+)(\{[^}]*\})?", expr)
+            assert selectors, expr
+            for name, labels in selectors:
+                if name.startswith("rabbitmq_"):
+                    # The broker's own series: its queues of the chosen services.
+                    assert r"\\.($service)\\." in labels, expr
+                    continue
+                assert 'namespace=~"$namespace"' in labels, expr
+                assert 'job=~"$job"' in labels, expr
+                if row == GATEWAY_ROW:
+                    # The gateway row shows the gateway's own metrics only; they carry no
+                    # `service` label (test above), so $service cannot apply: $job picks them.
+                    assert name in gateway_metrics, expr
+                    assert "service" not in labels, expr
+                else:
+                    assert name not in gateway_metrics, f"{expr}: belongs in the {GATEWAY_ROW} row"
+                    assert ('service=~"$service"' in labels) == (name in _SERVING_METRICS), expr
+
+
+def test_dashboard_has_a_gateway_row() -> None:
+    """The Gateway row shows rate per route, 5xx ratio, p95 per route, in-progress, webhooks."""
+    rows = dashboard_rows()
+    assert list(rows)[-1] == GATEWAY_ROW, "the gateway's row comes last"
+    exprs = [" ".join(target["expr"] for target in panel["targets"]) for panel in rows[GATEWAY_ROW]]
+
+    def panel_starting(prefix: str) -> None:
+        assert len([expr for expr in exprs if expr.startswith(prefix)]) == 1, prefix
+
+    panel_starting("sum by (route) (rate(burrow_gateway_requests_total{")
+    panel_starting(
+        '(sum by (route) (rate(burrow_gateway_requests_total{namespace=~"$namespace", '
+        'job=~"$job", code=~"5.."}'
+    )
+    panel_starting(
+        "histogram_quantile(0.95, sum by (route, le) "
+        "(rate(burrow_gateway_request_duration_seconds_bucket{"
+    )
+    panel_starting("sum by (route) (burrow_gateway_requests_in_progress{")
+    panel_starting("sum by (outcome) (rate(burrow_gateway_webhooks_total{")
+
+
+def test_dashboard_panels_do_not_overlap() -> None:
+    """Every panel fits the 24-column grid and no two panels (rows included) share a cell."""
+    taken: dict[tuple[int, int], str] = {}
+    ids = [panel["id"] for panel in _dashboard()["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    for panel in _dashboard()["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0, panel["title"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in taken, f"{panel['title']} overlaps {taken[x, y]}"
+                taken[x, y] = panel["title"]
 
 
 def test_resolved_queries_select_everything() -> None:
@@ -238,7 +385,7 @@ def test_compose_file_validates_against_the_compose_spec() -> None:
     validator = jsonschema.Draft201909Validator(schema)
     errors = [f"{list(err.absolute_path)}: {err.message}" for err in validator.iter_errors(compose)]
     assert errors == []
-    assert set(compose["services"]) == {"rabbitmq", "burrow", "prometheus", "grafana"}
+    assert set(compose["services"]) == {"rabbitmq", "burrow", "gateway", "prometheus", "grafana"}
     for service in compose["services"].values():
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
@@ -275,9 +422,8 @@ def test_broker_caps_message_size_for_the_memory_bound() -> None:
     """rabbitmq.conf sets max_message_size ≥ the body limit; the bound fits the pod's memory."""
     cap = int(_rabbitmq_conf()["max_message_size"])
     assert Settings.model_fields["max_body_bytes"].default <= cap < 128 * 1024 * 1024
-    deployment = next(obj for obj in k8s_objects() if obj["kind"] == "Deployment")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    env = {item["name"]: item.get("value") for item in container["env"]}
+    container = container_of(SERVICE_DEPLOYMENT)  # the consumer of the queues, by prefetch
+    env = _env_values(container)
     prefetch = int(env.get("BURROW_PREFETCH") or Settings.model_fields["prefetch"].default)
     resources = container["resources"]
     idle = _mebibytes(resources["requests"]["memory"])  # what an idle process is given
@@ -313,22 +459,116 @@ def test_probe_and_metrics_paths_are_served() -> None:
     app = HttpServer(Health(), "127.0.0.1", 0).make_app()
     routes = {resource.canonical for resource in app.router.resources()}
     assert routes == {METRICS_PATH, LIVENESS_PATH, READINESS_PATH}
-    objects = {obj["kind"]: obj for obj in k8s_objects()}
     assert {
         "Deployment",
         "Service",
         "PodDisruptionBudget",
         "ScaledObject",
+        "HorizontalPodAutoscaler",
         "ServiceMonitor",
-    } <= set(objects)
-    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    } <= {obj["kind"] for obj in k8s_objects()}
+    container = container_of(SERVICE_DEPLOYMENT)
+    assert container["args"] == ["burrow", "run", DEFAULT_TARGET]
     assert container["livenessProbe"]["httpGet"]["path"] == LIVENESS_PATH
     assert container["readinessProbe"]["httpGet"]["path"] == READINESS_PATH
     (port,) = container["ports"]
     assert port["containerPort"] == Settings.model_fields["http_port"].default
-    (endpoint,) = objects["ServiceMonitor"]["spec"]["endpoints"]
+    (endpoint,) = k8s_object("ServiceMonitor", SERVICE_DEPLOYMENT)["spec"]["endpoints"]
     assert endpoint["path"] == METRICS_PATH
     assert endpoint["port"] == port["name"]
+
+
+def test_gateway_deployment_agrees_with_the_code() -> None:
+    """`burrow gateway` of calc; API and metrics ports and probe paths are the code's defaults."""
+    service = container_of(SERVICE_DEPLOYMENT)
+    gateway = container_of(GATEWAY_DEPLOYMENT)
+    assert gateway["args"] == ["burrow", "gateway", DEFAULT_TARGET]
+    module, attribute = DEFAULT_TARGET.split(":")
+    assert getattr(importlib.import_module(module), attribute) is calc
+    ports = {port["name"]: port["containerPort"] for port in gateway["ports"]}
+    assert ports == {
+        "api": Settings.model_fields["gateway_port"].default,
+        "http": Settings.model_fields["http_port"].default,
+    }
+    env = _env_values(gateway)
+    assert int(env["BURROW_GATEWAY_PORT"] or 0) == ports["api"]
+    assert int(env["BURROW_HTTP_PORT"] or 0) == ports["http"]
+    for probe, path in (
+        ("livenessProbe", LIVENESS_PATH),
+        ("readinessProbe", READINESS_PATH),
+        ("startupProbe", LIVENESS_PATH),
+    ):
+        assert gateway[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+    (endpoint,) = k8s_object("ServiceMonitor", GATEWAY_DEPLOYMENT)["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", METRICS_PATH)
+    # Built and hardened as the service's: same image, user, seccomp and container context.
+    assert gateway["image"] == service["image"]
+    assert gateway["securityContext"] == service["securityContext"]
+    pods = [
+        k8s_object("Deployment", name)["spec"]["template"]["spec"]
+        for name in (SERVICE_DEPLOYMENT, GATEWAY_DEPLOYMENT)
+    ]
+    assert pods[0]["securityContext"] == pods[1]["securityContext"]
+    assert pods[0]["terminationGracePeriodSeconds"] == pods[1]["terminationGracePeriodSeconds"]
+    assert gateway["resources"]["requests"]["cpu"], "the HPA's utilization is of this request"
+    assert gateway["resources"]["limits"]["memory"]
+    _assert_burrow_settings(list(env), GATEWAY_DEPLOYMENT)
+    _assert_burrow_settings(list(_env_values(service)), SERVICE_DEPLOYMENT)
+
+
+def test_gateway_deployment_takes_its_secrets_from_secrets() -> None:
+    """API keys are a file from a Secret, the webhook secret a Secret key; auth stays on."""
+    gateway = container_of(GATEWAY_DEPLOYMENT)
+    pod = k8s_object("Deployment", GATEWAY_DEPLOYMENT)["spec"]["template"]["spec"]
+    env = {item["name"]: item for item in gateway["env"]}
+    assert "BURROW_GATEWAY_API_KEYS" not in env, "keys in a manifest leak: use the _FILE"
+    assert env.get("BURROW_GATEWAY_AUTH", {}).get("value", "api-key") == "api-key"
+    keys_file = Path(env["BURROW_GATEWAY_API_KEYS_FILE"]["value"])
+    (mount,) = [m for m in gateway["volumeMounts"] if keys_file.parent == Path(m["mountPath"])]
+    assert mount.get("readOnly") is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    items = {item["path"]: item["key"] for item in volume["secret"].get("items", [])}
+    assert keys_file.name in items or not items, "the file is a key of the Secret"
+    assert "secretKeyRef" in env["BURROW_GATEWAY_WEBHOOK_SECRET"]["valueFrom"]
+    assert env["BURROW_GATEWAY_CALLBACK_HOSTS"]["value"], "an empty allow-list refuses callbacks"
+
+
+def test_gateway_compose_service_agrees_with_the_code() -> None:
+    """compose's gateway runs `burrow gateway` of calc on the default ports, after its broker."""
+    services = compose_services()
+    gateway, service = services[COMPOSE_GATEWAY], services[COMPOSE_SERVICE]
+    assert gateway["image"] == service["image"] == COMPOSE_IMAGE
+    assert gateway["build"] == service["build"]  # whichever is built first, the image is one
+    assert gateway["command"] == ["burrow", "gateway", DEFAULT_TARGET]
+    env = gateway["environment"]
+    api_port = Settings.model_fields["gateway_port"].default
+    http_port = Settings.model_fields["http_port"].default
+    assert int(env["BURROW_GATEWAY_PORT"]) == api_port
+    assert int(env["BURROW_HTTP_PORT"]) == http_port
+    published = [str(port).rsplit(":", 2)[-2:] for port in gateway["ports"]]
+    assert published == [[str(api_port), str(api_port)]], "only the API, on the host's 8080"
+    assert env["BURROW_GATEWAY_API_KEYS"].startswith("${BURROW_GATEWAY_API_KEYS"), "from the env"
+    assert env["BURROW_AMQP_URL"] == service["environment"]["BURROW_AMQP_URL"]
+    assert gateway["depends_on"]["rabbitmq"] == {"condition": "service_healthy"}
+    assert COMPOSE_SERVICE in gateway["depends_on"]
+    for name in (COMPOSE_SERVICE, COMPOSE_GATEWAY):
+        _assert_burrow_settings(list(services[name]["environment"]), name)
+
+
+def test_prometheus_scrapes_every_compose_burrow_process() -> None:
+    """prometheus.yml scrapes each compose service of the Burrow image on its HTTP port."""
+    (config,) = yaml_documents(DEPLOY / "prometheus/prometheus.yml")
+    targets = {
+        target: job
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    burrow = {name: s for name, s in compose_services().items() if s.get("image") == COMPOSE_IMAGE}
+    assert set(burrow) == {COMPOSE_SERVICE, COMPOSE_GATEWAY}
+    for name, service in burrow.items():
+        job = targets[f"{name}:{service['environment']['BURROW_HTTP_PORT']}"]
+        assert job.get("metrics_path", METRICS_PATH) == METRICS_PATH, name
 
 
 def test_keda_scales_on_the_request_queue(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,8 +579,7 @@ def test_keda_scales_on_the_request_queue(monkeypatch: pytest.MonkeyPatch) -> No
     queues = [trigger["metadata"]["queueName"] for trigger in scaled["spec"]["triggers"]]
     assert Names(settings.namespace).request_queue(calc.name) in queues
     assert set(queues) <= declared
-    deployment = next(obj for obj in k8s_objects() if obj["kind"] == "Deployment")
-    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == SERVICE_DEPLOYMENT
 
 
 def test_metrics_module_lists_the_documented_label_values() -> None:

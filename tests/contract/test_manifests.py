@@ -12,7 +12,15 @@ import jsonschema
 import yaml
 
 from tests.contract.crds import CRD_SCHEMAS
-from tests.contract.test_deploy import DEPLOY, k8s_objects, yaml_documents
+from tests.contract.test_deploy import (
+    DEPLOY,
+    GATEWAY_DEPLOYMENT,
+    SERVICE_DEPLOYMENT,
+    container_of,
+    k8s_object,
+    k8s_objects,
+    yaml_documents,
+)
 from tests.contract.tools import find_tool, run_tool
 
 K8S = DEPLOY / "k8s"
@@ -42,7 +50,15 @@ def test_builtin_kinds_pass_kubernetes_validate() -> None:
         for resource in _resources()
         if not all(_is_custom(obj) for obj in yaml_documents(K8S / resource))
     ]
-    assert {"deployment.yaml", "service.yaml", "pdb.yaml"} <= set(builtin)
+    assert {
+        "deployment.yaml",
+        "service.yaml",
+        "pdb.yaml",
+        "gateway-deployment.yaml",
+        "gateway-service.yaml",
+        "gateway-pdb.yaml",
+        "gateway-hpa.yaml",
+    } <= set(builtin)
     done = run_tool(program, "--strict", *(str(K8S / resource) for resource in builtin))
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
@@ -65,11 +81,11 @@ def test_custom_resources_match_their_crd_schemas() -> None:
 
 def test_crd_schemas_reject_a_misplaced_field() -> None:
     """The CRD schemas are closed: an unknown key in a rule or an endpoint is an error."""
-    for kind, path in (
-        ("PrometheusRule", ("groups", 0, "rules", 0)),
-        ("ServiceMonitor", ("endpoints", 0)),
+    for kind, name, path in (
+        ("PrometheusRule", "burrow", ("groups", 0, "rules", 0)),
+        ("ServiceMonitor", SERVICE_DEPLOYMENT, ("endpoints", 0)),
     ):
-        (obj,) = [obj for obj in k8s_objects() if obj["kind"] == kind]
+        obj = k8s_object(kind, name)
         node: Any = obj["spec"]
         for step in path:
             node = node[step]
@@ -96,16 +112,86 @@ def test_keda_reads_its_own_secret_key() -> None:
     objects = list(k8s_objects())
     (auth,) = [obj for obj in objects if obj["kind"] == "TriggerAuthentication"]
     (host,) = [ref for ref in auth["spec"]["secretTargetRef"] if ref["parameter"] == "host"]
-    deployment = next(obj for obj in objects if obj["kind"] == "Deployment")
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    burrow_keys = {
-        (item["valueFrom"]["secretKeyRef"]["name"], item["valueFrom"]["secretKeyRef"]["key"])
-        for item in container["env"]
-        if "secretKeyRef" in item.get("valueFrom", {})
-    }
-    assert ("burrow-amqp", "url") in burrow_keys
-    assert (host["name"], host["key"]) not in burrow_keys
+    for deployment in (SERVICE_DEPLOYMENT, GATEWAY_DEPLOYMENT):
+        burrow_keys = {
+            (item["valueFrom"]["secretKeyRef"]["name"], item["valueFrom"]["secretKeyRef"]["key"])
+            for item in container_of(deployment)["env"]
+            if "secretKeyRef" in item.get("valueFrom", {})
+        }
+        assert ("burrow-amqp", "url") in burrow_keys, deployment
+        assert (host["name"], host["key"]) not in burrow_keys, deployment
     (scaled,) = [obj for obj in objects if obj["kind"] == "ScaledObject"]
     for trigger in scaled["spec"]["triggers"]:
         assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
         assert not {"host", "hostFromEnv"} & set(trigger["metadata"]), "the host is a secret"
+
+
+def _pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def test_selectors_reach_exactly_their_pods() -> None:
+    """Each Service and PodDisruptionBudget selects one Deployment's pods, each ServiceMonitor
+    one Service, and every port they name exists there."""
+    objects = list(k8s_objects())
+    deployments = [obj for obj in objects if obj["kind"] == "Deployment"]
+    services = [obj for obj in objects if obj["kind"] == "Service"]
+    for deployment in deployments:
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= _pod_labels(deployment).items(), deployment["metadata"]["name"]
+
+    def selected(selector: dict[str, str]) -> dict[str, Any]:
+        (deployment,) = [d for d in deployments if selector.items() <= _pod_labels(d).items()]
+        return deployment
+
+    for obj in objects:
+        name = f"{obj['kind']} {obj['metadata']['name']}"
+        if obj["kind"] == "Service":
+            (container,) = selected(obj["spec"]["selector"])["spec"]["template"]["spec"][
+                "containers"
+            ]
+            names = {port["name"] for port in container["ports"]}
+            assert {port["targetPort"] for port in obj["spec"]["ports"]} <= names, name
+        elif obj["kind"] == "PodDisruptionBudget":
+            selected(obj["spec"]["selector"]["matchLabels"])
+        elif obj["kind"] == "ServiceMonitor":
+            match = obj["spec"]["selector"]["matchLabels"]
+            (service,) = [s for s in services if match.items() <= s["metadata"]["labels"].items()]
+            ports = {port["name"] for port in service["spec"]["ports"]}
+            assert {endpoint["port"] for endpoint in obj["spec"]["endpoints"]} <= ports, name
+
+
+def test_gateway_scales_on_cpu_with_an_hpa() -> None:
+    """The HPA scales the gateway Deployment on CPU, 2 to 10; KEDA scales only the service."""
+    hpa = k8s_object("HorizontalPodAutoscaler", GATEWAY_DEPLOYMENT)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    spec = hpa["spec"]
+    gateway = k8s_object("Deployment", GATEWAY_DEPLOYMENT)
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": gateway["apiVersion"],
+        "kind": "Deployment",
+        "name": gateway["metadata"]["name"],
+    }
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (2, 10)
+    (metric,) = spec["metrics"]
+    assert metric["type"] == "Resource"
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert 0 < metric["resource"]["target"]["averageUtilization"] <= 100
+    # The HPA owns the count: a `replicas` here would reset it at every `kubectl apply`.
+    assert "replicas" not in gateway["spec"]
+    assert container_of(GATEWAY_DEPLOYMENT)["resources"]["requests"]["cpu"]
+    # Each Deployment has exactly one autoscaler; the gateway consumes no work queue.
+    scaled = [
+        (obj["kind"], obj["spec"]["scaleTargetRef"]["name"])
+        for obj in k8s_objects()
+        if obj["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")
+    ]
+    assert sorted(scaled) == [
+        ("HorizontalPodAutoscaler", GATEWAY_DEPLOYMENT),
+        ("ScaledObject", SERVICE_DEPLOYMENT),
+    ]
+    # Drains keep a replica, and never block: the budget is below the HPA's floor.
+    budget = k8s_object("PodDisruptionBudget", GATEWAY_DEPLOYMENT)
+    assert 0 < budget["spec"]["minAvailable"] < spec["minReplicas"]

@@ -1,4 +1,5 @@
-"""A real Prometheus scrapes a running App under traffic: every dashboard query and alert works.
+"""A real Prometheus scrapes a running App and a gateway in front of it under traffic: every
+dashboard query and alert works.
 
 Prometheus is Debian's `prometheus` binary (installed by .ci/run), on a free loopback port with
 a temporary config derived from deploy/prometheus/prometheus.yml. The dashboard's main panels
@@ -26,7 +27,9 @@ import yaml
 from service import App, Client
 from service.errors import InvalidArgument, NotFound, ServiceError
 from service.example import calc
-from tests.conftest import AppFactory
+from service.gateway import Gateway
+from service.testing import delete_entities
+from tests.conftest import AMQP_URL, AppFactory
 from tests.contract.test_deploy import (
     DEPLOY,
     ROOT,
@@ -105,8 +108,9 @@ class Prometheus:
                 await asyncio.sleep(0.1)
 
 
-def _config(app_port: int, rabbitmq: bool, rules: Path) -> dict[str, Any]:
-    """deploy/prometheus/prometheus.yml pointed at this test's App (and local RabbitMQ)."""
+def _config(app_port: int, gateway_port: int, rabbitmq: bool, rules: Path) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml pointed at this test's App, gateway (and local
+    RabbitMQ)."""
     config: dict[str, Any] = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(rules)]
@@ -114,6 +118,8 @@ def _config(app_port: int, rabbitmq: bool, rules: Path) -> dict[str, Any]:
     for job in config["scrape_configs"]:
         if job["job_name"] == "burrow":
             job["static_configs"] = [{"targets": [f"127.0.0.1:{app_port}"]}]
+        elif job["job_name"] == "gateway":
+            job["static_configs"] = [{"targets": [f"127.0.0.1:{gateway_port}"]}]
         elif rabbitmq:
             job["static_configs"] = [{"targets": ["127.0.0.1:15692"]}]
         else:
@@ -124,16 +130,21 @@ def _config(app_port: int, rabbitmq: bool, rules: Path) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def run_prometheus(tmp_path: Path, app: App, rabbitmq: bool) -> AsyncIterator[Prometheus]:
-    """Start Prometheus scraping `app` every second; stop it on exit."""
+async def run_prometheus(
+    tmp_path: Path, app: App, gateway: Gateway, rabbitmq: bool
+) -> AsyncIterator[Prometheus]:
+    """Start Prometheus scraping `app` and `gateway` every second; stop it on exit."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus not installed (Debian package `prometheus`; .ci/run installs it)")
     assert app.http is not None
+    assert gateway.app.http is not None
     rules = tmp_path / "alerts.yml"
     shutil.copy(DEPLOY / "prometheus/alerts.yml", rules)
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump(_config(app.http.port, rabbitmq, rules)))
+    config.write_text(
+        yaml.safe_dump(_config(app.http.port, gateway.app.http.port, rabbitmq, rules))
+    )
     port = _free_port()
     log = (tmp_path / "prometheus.log").open("wb")
     process = await asyncio.create_subprocess_exec(
@@ -191,6 +202,22 @@ async def _traffic(
     )
 
 
+async def _http_traffic(http: aiohttp.ClientSession, base: str, round_: int) -> None:
+    """One round through the gateway: adds, a refused body, a deadline (504) and a job."""
+    for i in range(3 + round_):
+        async with http.post(f"{base}/v1/calc/add", json={"a": i, "b": round_}) as ok:
+            assert ok.status == 200
+    async with http.post(f"{base}/v1/calc/add", json={"a": "x"}) as invalid:
+        assert invalid.status == 422
+    slow = {"Prefer": "wait=0.05"}
+    body = {"x": 2, "delay_ms": 300}
+    async with http.post(f"{base}/v1/calc/slow_square", json=body, headers=slow) as late:
+        assert late.status == 504
+    accept = {"Prefer": "respond-async"}
+    async with http.post(f"{base}/v1/calc/slow_square", json=body, headers=accept) as job:
+        assert job.status == 202
+
+
 def _is_rabbitmq(expr: str) -> bool:
     return "rabbitmq_" in expr
 
@@ -209,7 +236,46 @@ async def test_dashboard_and_alerts_evaluate_on_real_prometheus(
     """Every dashboard query and alert expression returns series from a real Prometheus."""
     app = await start_app(calc)
     rabbitmq = await _rabbitmq_plugin_answers()
-    async with run_prometheus(tmp_path, app, rabbitmq) as prometheus:
+    gateway = Gateway(
+        calc,
+        settings=app.settings.model_copy(
+            update={"gateway_port": 0, "gateway_host": "127.0.0.1", "gateway_auth": "none"}
+        ),
+    )
+    await gateway.start()
+    try:
+        await gateway.app.wait_ready(10)
+        await gateway.client.link.wait_ready(10)
+        async with aiohttp.ClientSession() as http:
+            await _evaluate(
+                app,
+                gateway,
+                http,
+                client=client,
+                amqp_channel=amqp_channel,
+                namespace=namespace,
+                tmp_path=tmp_path,
+                rabbitmq=rabbitmq,
+            )
+    finally:
+        await gateway.stop()
+        gateway_only = [q.name for q in gateway.app.topology.queues if ".gateway." in q.name]
+        await delete_entities(gateway_only, [], AMQP_URL)
+
+
+async def _evaluate(
+    app: App,
+    gateway: Gateway,
+    http: aiohttp.ClientSession,
+    *,
+    client: Client,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    namespace: str,
+    tmp_path: Path,
+    rabbitmq: bool,
+) -> None:
+    base = f"http://127.0.0.1:{gateway.port}"
+    async with run_prometheus(tmp_path, app, gateway, rabbitmq) as prometheus:
         await prometheus.next_scrape(15)
         started = time.time()
         slow: list[asyncio.Future[Any]] = []
@@ -221,6 +287,7 @@ async def test_dashboard_and_alerts_evaluate_on_real_prometheus(
                     )
                 )
             await _traffic(client, amqp_channel, namespace, round_)
+            await _http_traffic(http, base, round_)
             await prometheus.next_scrape()
         assert [reply["square"] for reply in await asyncio.gather(*slow)] == [4, 9]
         await prometheus.next_scrape()
@@ -228,7 +295,7 @@ async def test_dashboard_and_alerts_evaluate_on_real_prometheus(
 
         targets = await prometheus.api("targets")
         health = {t["labels"]["job"]: t["health"] for t in targets["activeTargets"]}
-        assert health["burrow"] == "up"
+        assert health["burrow"] == health["gateway"] == "up"
 
         skipped: list[str] = []
         for expr in dashboard_queries():
