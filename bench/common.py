@@ -48,6 +48,9 @@ class Sizes:
     limit_window: int
     w6_jobs: int
     w6_window: int
+    w7_requests: int
+    w7_warmup: int
+    w7_concurrency: int
 
 
 FULL = Sizes(
@@ -63,6 +66,9 @@ FULL = Sizes(
     limit_window=256,
     w6_jobs=2000,
     w6_window=64,
+    w7_requests=10_000,
+    w7_warmup=500,
+    w7_concurrency=64,
 )
 QUICK = Sizes(
     reps=1,
@@ -77,6 +83,9 @@ QUICK = Sizes(
     limit_window=256,
     w6_jobs=200,
     w6_window=64,
+    w7_requests=1_000,
+    w7_warmup=128,
+    w7_concurrency=64,
 )
 
 EVENT_EXCHANGE = "events"  # suffix of `<ns>.events`, a durable topic exchange

@@ -1,4 +1,4 @@
-"""Draws bench/results/bench.png from a results document: W1/W2/W3/W6 side by side, W5's CPU
+"""Draws bench/results/bench.png from a results document: W1/W2/W3/W6/W7 side by side, W5's CPU
 per process, W4 scaling.
 
 Bars are medians with min-max whiskers, one per tool row found (Burrow's rows green); the W5
@@ -16,15 +16,16 @@ import orjson
 
 __all__ = ["plot"]
 
-# Bar panels, placed at these positions of the 2x4 grid; 3 is W5's CPU, 6 is W4, 7 is unused.
+# Bar panels, placed at these positions of the 2x4 grid; 3 is W5's CPU, 6 is W4.
 _PANELS = [
     ("W1", "calls_per_s", "W1 rpc latency: sequential calls/s"),
     ("W2", "calls_per_s", "W2 rpc throughput: calls/s, 64 in flight"),
     ("W3", "events_per_s", "W3 events: end-to-end events/s"),
     ("W6", "submits_per_s", "W6 submit: submits/s, 64 in flight"),
     ("W6", "jobs_per_s", "W6 submit: jobs/s, first submit to last result"),
+    ("W7", "calls_per_s", "W7 gateway: HTTP calls/s, 64 concurrent"),
 ]
-_AT = (0, 1, 2, 4, 5)
+_AT = (0, 1, 2, 4, 5, 7)
 _CPU_AT, _W4_AT = 3, 6
 _CPU = [  # W5's stacked parts: (metric, label, colour)
     ("client_cpu_s_per_10k", "client", "tab:blue"),
@@ -85,7 +86,6 @@ def plot(doc: dict[str, Any], out: Path) -> Path:
         twin.plot(list(broker), list(broker.values()), "s--", color="tab:orange")
         twin.set_ylabel("broker CPU (cores)", color="tab:orange")
         twin.set_ylim(0, 2)
-    axes.flat[7].set_visible(False)
     fig.suptitle(f"Burrow benchmarks — RabbitMQ {doc['rabbitmq']}, Python {doc['python']}")
     fig.tight_layout()
     fig.savefig(out, dpi=100)

@@ -13,11 +13,14 @@ import os
 import platform
 import selectors
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import urllib.error
+import urllib.request
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -58,6 +61,11 @@ EVENT_TOOLS = [
     "burrow-quorum",
 ]
 SUBMIT_TOOLS = ["burrow", "celery-rpc", "celery-redis"]
+# W7: HTTP -> AMQP -> reply. Burrow's row is `burrow gateway`; the peer is FastAPI on uvicorn
+# calling Burrow's Client by hand (bench/http_peer.py). Both call the same `calc` App.
+HTTP_TOOLS = ["burrow-gateway", "fastapi-client"]
+# The row Burrow is read from, per workload (default "burrow").
+BURROW_ROW = {"W7": "burrow-gateway"}
 # Every row Burrow is divided by, in table order; burrow-quorum and burrow-link are Burrow
 # itself (quorum queues; the transport alone) and show what HA costs and what the API adds.
 PEERS = [
@@ -69,6 +77,7 @@ PEERS = [
     "burrow-link",
     "celery-rpc",
     "celery-redis",
+    "fastapi-client",
 ]
 SHORT = {
     "burrow": "bw",
@@ -81,6 +90,8 @@ SHORT = {
     "aiormq-loop": "mq",
     "celery-rpc": "crpc",
     "celery-redis": "credis",
+    "burrow-gateway": "gw",
+    "fastapi-client": "fapi",
 }
 # W5: CPU seconds per 10,000 W2 calls, per process (client, server, broker) and their sum.
 CPU_METRICS = (
@@ -89,7 +100,15 @@ CPU_METRICS = (
     "broker_cpu_s_per_10k",
     "total_cpu_s_per_10k",
 )
-LOWER_IS_BETTER = {"p50_us", "p99_us", *CPU_METRICS}
+# W7: CPU seconds per 10,000 HTTP requests: the HTTP process (gateway or uvicorn), the `calc`
+# App behind it, the load generator and the broker.
+W7_CPU_METRICS = (
+    "server_cpu_s_per_10k",
+    "service_cpu_s_per_10k",
+    "client_cpu_s_per_10k",
+    "broker_cpu_s_per_10k",
+)
+LOWER_IS_BETTER = {"p50_us", "p99_us", *CPU_METRICS, *W7_CPU_METRICS}
 W4_WORKERS = (1, 2, 4)
 JAVA_CP = ["/usr/share/java/amqp-client.jar", "/usr/share/java/slf4j-api.jar"]
 JAVA_NOP = "/usr/share/java/slf4j-nop.jar"
@@ -160,6 +179,60 @@ class Proc:
         self._stderr.close()
 
 
+class HttpServer:
+    """An HTTP server process (W7) with stdout and stderr in its log, ready once it answers."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        self._out = open(log, "ab")  # noqa: SIM115 - closed in `close`
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        )
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.popen.pid
+
+    def wait_ready(self, url: str, timeout: float) -> None:
+        """Poll `POST url` with `{"a": 1, "b": 2}` until it answers 200."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise BenchError(f"exited {self.popen.returncode} before ready (see {self.log})")
+            request = urllib.request.Request(
+                url, data=b'{"a": 1, "b": 2}', headers={"content-type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+                    last = f"HTTP {answer.status}"
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code}: {exc.read()[:200]!r}"
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise BenchError(f"{url} not ready within {timeout:.0f}s: {last} (see {self.log})")
+
+    def close(self, timeout: float = 15) -> None:
+        """SIGTERM, then SIGKILL if it lingers."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._out.close()
+
+
 @dataclass
 class Bench:
     """One run of the suite: its sizes, namespace prefix and the samples gathered."""
@@ -178,8 +251,8 @@ class Bench:
         """The namespace a tool's entities live in for this run."""
         return f"{self.prefix}-{SHORT[tool]}"
 
-    def spawn(self, tool: str, role: str, **args: Any) -> Proc:
-        """Start a worker process."""
+    def spawn(self, tool: str, role: str, log_as: str | None = None, **args: Any) -> Proc:
+        """Start a worker process (its stderr in `<log_as or tool>-<role>.log`)."""
         queue_type = "quorum" if tool == "burrow-quorum" else "classic"
         payload = {
             "ns": self.ns(tool),
@@ -196,7 +269,7 @@ class Bench:
             role,
             orjson.dumps(payload).decode(),
         ]
-        return Proc(argv, self.logs / f"{tool}-{role}.log")
+        return Proc(argv, self.logs / f"{log_as or tool}-{role}.log")
 
     def add(self, workload: str, tool: str, metric: str, value: float) -> None:
         """Record one repetition's value."""
@@ -294,6 +367,83 @@ class Bench:
         self.add("W6", tool, "submits_per_s", result["submits_per_s"])
         self.add("W6", tool, "jobs_per_s", result["jobs_per_s"])
 
+    def http_round(self, tool: str) -> None:
+        """W7: the `calc` App, an HTTP process in front of it, then the HTTP load generator.
+
+        CPU per 10,000 requests is read from /proc/<pid>/stat (the HTTP process with any child
+        it starts, the App, the broker) from the load generator's READY to its RESULT; the load
+        generator measures its own. Everything the round declared is deleted after it.
+        """
+        s = self.sizes
+        ns = self.ns(tool)
+        service = self.spawn("burrow", "serve", log_as=tool, prefetch=s.w2_inflight, ns=ns)
+        http: HttpServer | None = None
+        try:
+            service.expect("READY", self.timeout)
+            port = _free_port()
+            http = self.http_server(tool, ns, port)
+            url = f"http://127.0.0.1:{port}/v1/calc/add"
+            http.wait_ready(url, self.timeout)
+            load_args = {
+                "url": url,
+                "requests": s.w7_requests,
+                "warmup": s.w7_warmup,
+                "concurrency": s.w7_concurrency,
+                "loop": self.loop,
+            }
+            load = Proc(
+                [sys.executable, "-m", "bench.http_load", orjson.dumps(load_args).decode()],
+                self.logs / f"{tool}-load.log",
+            )
+            beam = broker_pid()
+            try:
+                load.expect("READY", self.timeout)
+                h0, s0 = _tree_cpu_seconds(http.pid), proc_cpu_seconds(service.pid)
+                b0 = proc_cpu_seconds(beam) if beam else 0.0
+                result = load.result(self.timeout)
+                h1, s1 = _tree_cpu_seconds(http.pid), proc_cpu_seconds(service.pid)
+                b1 = proc_cpu_seconds(beam) if beam else 0.0
+            finally:
+                load.close()
+        finally:
+            if http is not None:
+                http.close()
+            service.close()
+            self.cleanup(ns)
+        if set(result["statuses"]) != {"200"} or set(result["warmup_statuses"]) != {"200"}:
+            raise BenchError(
+                f"non-200 answers: measured {result['statuses']}, warm-up "
+                f"{result['warmup_statuses']}; e.g. {result['bad_samples']}"
+            )
+        for metric in ("calls_per_s", "p50_us", "p99_us"):
+            self.add("W7", tool, metric, result[metric])
+        per_10k = 10_000 / result["requests"]
+        self.add("W7", tool, "server_cpu_s_per_10k", (h1 - h0) * per_10k)
+        self.add("W7", tool, "service_cpu_s_per_10k", (s1 - s0) * per_10k)
+        self.add("W7", tool, "client_cpu_s_per_10k", result["cpu_s"] * per_10k)
+        if beam:
+            self.add("W7", tool, "broker_cpu_s_per_10k", (b1 - b0) * per_10k)
+
+    def http_server(self, tool: str, ns: str, port: int) -> HttpServer:
+        """Start W7's HTTP process: `burrow gateway` or the FastAPI peer, on 127.0.0.1:port."""
+        log = self.logs / f"{tool}-http.log"
+        if tool == "fastapi-client":
+            argv = [sys.executable, "-m", "bench.http_peer", str(port), ns, self.loop]
+            return HttpServer(argv, log, {})
+        env = {
+            "BURROW_AMQP_URL": AMQP_URL,
+            "BURROW_NAMESPACE": ns,
+            "BURROW_QUEUE_TYPE": "classic",
+            "BURROW_LOG_LEVEL": "warning",
+            "BURROW_HTTP_HOST": "127.0.0.1",
+            "BURROW_HTTP_PORT": str(_free_port()),
+            "BURROW_GATEWAY_HOST": "127.0.0.1",
+            "BURROW_GATEWAY_PORT": str(port),
+            "BURROW_GATEWAY_AUTH": "none",
+        }
+        argv = [sys.executable, "-m", "service.cli", "gateway", "service.example:calc"]
+        return HttpServer(argv, log, env)
+
     def scale_round(self, workers: int) -> None:
         """W4: W2 against `workers` Burrow server processes; broker CPU alongside."""
         s = self.sizes
@@ -373,7 +523,7 @@ class Bench:
         Args:
             extras: also run the `burrow-quorum` row (left out of the quick smoke run).
         """
-        want = only or {"W1", "W2", "W3", "W4", "W5", "W6", "LIMIT"}
+        want = only or {"W1", "W2", "W3", "W4", "W5", "W6", "W7", "LIMIT"}
         rpc_tools = RPC_TOOLS if extras else [t for t in RPC_TOOLS if t != "burrow-quorum"]
         event_tools = EVENT_TOOLS if extras else [t for t in EVENT_TOOLS if t != "burrow-quorum"]
         for rep in range(self.sizes.reps):
@@ -387,6 +537,9 @@ class Bench:
             if "W6" in want:
                 for tool in _rotate(SUBMIT_TOOLS, rep):
                     self.attempt(f"W6 {tool}", self.submit_round, tool)
+            if "W7" in want:
+                for tool in _rotate(HTTP_TOOLS, rep):
+                    self.attempt(f"W7 {tool}", self.http_round, tool)
             if "W4" in want:
                 for workers in _rotate(list(W4_WORKERS), rep):
                     self.attempt(f"W4 {workers} worker(s)", self.scale_round, workers)
@@ -416,7 +569,9 @@ class Bench:
         }
         ratios: list[dict[str, Any]] = []
         for (workload, tool, metric), value in by_key.items():
-            if tool != "burrow" or workload not in {"W1", "W2", "W3", "W5", "W6"}:
+            if workload not in {"W1", "W2", "W3", "W5", "W6", "W7"}:
+                continue
+            if tool != BURROW_ROW.get(workload, "burrow"):
                 continue
             for peer in PEERS:
                 other = by_key.get((workload, peer, metric))
@@ -466,8 +621,34 @@ def _rotate(items: list[Any], rep: int) -> list[Any]:
     return items[shift:] + items[:shift]
 
 
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a live process and of every live descendant it started."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry}/stat", encoding="ascii") as fh:
+                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+                children[parent].append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(OSError):
+            total += proc_cpu_seconds(current)
+        todo.extend(children.get(current, []))
+    return total
+
+
 def _tool_rank(tool: str) -> tuple[int, str]:
-    order = ["burrow", *PEERS]
+    order = ["burrow", "burrow-gateway", *PEERS]
     return (order.index(tool), tool) if tool in order else (len(order), tool)
 
 
@@ -563,7 +744,8 @@ def table(doc: dict[str, Any]) -> str:
         "",
         "ratios: burrow_over_peer, above 1 = Burrow better (latency/CPU: peer's over Burrow's;",
         "        W4-Nw: N workers over 1; peer burrow-quorum: classic Burrow over quorum Burrow;",
-        "        peer burrow-link: the public API over the transport alone)",
+        "        peer burrow-link: the public API over the transport alone;",
+        "        W7: burrow-gateway over fastapi-client)",
         f"{'workload':<8} {'metric':<22} {'peer':<22} {'burrow_over_peer':>16}",
     ]
     for r in doc["ratios"]:
@@ -577,7 +759,7 @@ def main() -> int:
     """Run the suite; exit 1 only if a step failed (never because of a ratio)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="every workload once at 1/10 size")
-    parser.add_argument("--only", nargs="*", help="workloads to run (W1 W2 W3 W4 W5 W6 LIMIT)")
+    parser.add_argument("--only", nargs="*", help="workloads to run (W1 W2 W3 W4 W5 W6 W7 LIMIT)")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument(
         "--out",
