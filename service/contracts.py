@@ -160,7 +160,10 @@ def contract(service: Service) -> dict[str, Any]:
 
 
 def export(services: Sequence[Service], settings: Settings, directory: Path) -> list[Path]:
-    """Write contract.json, one schema per message, and asyncapi.yaml; return the files."""
+    """Write contract.json, one schema per message, asyncapi.yaml and the gateway's
+    openapi.json; return the files."""
+    from service.openapi import openapi_document  # noqa: PLC0415 - it builds on this module
+
     directory.mkdir(parents=True, exist_ok=True)
     written: dict[Path, str] = {}
     contracts = {svc.name: contract(svc) for svc in services}
@@ -176,6 +179,11 @@ def export(services: Sequence[Service], settings: Settings, directory: Path) -> 
             written[directory / f"event.{name}.json"] = _json(schema)
     written[directory / "asyncapi.yaml"] = yaml.safe_dump(
         asyncapi_document(services, settings), sort_keys=False, width=100
+    )
+    written[directory / "openapi.json"] = _json(
+        openapi_document(
+            services, max_wait=settings.gateway_max_wait, auth=settings.gateway_auth != "none"
+        )
     )
     for path, text in written.items():
         path.write_text(text, encoding="utf-8")

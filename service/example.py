@@ -4,6 +4,7 @@ that can fail, an event it emits (`calc.square.computed`) and a subscription to 
 from __future__ import annotations
 
 import asyncio
+import math
 
 from pydantic import Field
 
@@ -82,10 +83,13 @@ async def add(req: AddRequest) -> AddReply:
 
 @calc.operation()
 async def divide(req: DivideRequest) -> DivideReply:
-    """Divide a by b; dividing by zero is an INVALID_ARGUMENT error."""
+    """Divide a by b; dividing by zero (or a quotient beyond a double) is INVALID_ARGUMENT."""
     if req.b == 0:
         raise InvalidArgument("division by zero", details={"field": "b"})
-    return DivideReply(quotient=req.a / req.b)
+    quotient = req.a / req.b
+    if not math.isfinite(quotient):  # 1e308 / 1e-308: no double holds it, JSON cannot say inf
+        raise InvalidArgument("the quotient is out of range", details={"field": "a"})
+    return DivideReply(quotient=quotient)
 
 
 @calc.operation(timeout=900)

@@ -12,6 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from openapi_spec_validator import validate
 from pydantic import BaseModel, Field, create_model
 
 from service import Model, Service, contracts, load_settings
@@ -52,12 +53,20 @@ def test_checked_in_schemas_match_the_code(tmp_path: Path) -> None:
 
 def test_every_json_schema_passes_the_2020_12_meta_schema() -> None:
     """Each generated message schema is a valid JSON Schema 2020-12 document."""
-    files = [path for path in SCHEMAS.glob("*.json") if path.name != "contract.json"]
+    documents = ("contract.json", "openapi.json")  # not schemas: checked by their own tests
+    files = [path for path in SCHEMAS.glob("*.json") if path.name not in documents]
     assert files
     for path in files:
         schema = json.loads(path.read_text(encoding="utf-8"))
         assert schema["$schema"] == contracts.SCHEMA_DIALECT
         jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_openapi_document_validates() -> None:
+    """schemas/openapi.json, the gateway's document, is valid OpenAPI 3.1."""
+    document = json.loads((SCHEMAS / "openapi.json").read_text(encoding="utf-8"))
+    assert document["openapi"] == "3.1.0"
+    validate(document)
 
 
 def test_asyncapi_document_validates(asyncapi_meta_schema: dict[str, Any]) -> None:

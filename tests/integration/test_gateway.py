@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -239,6 +241,9 @@ async def test_errors_are_problems_with_one_status_per_code(start_gateway: Start
         "details": {"field": "b"},
         "retryable": False,
     }
+    overflow = await running.post("/v1/calc/divide", {"a": 1e308, "b": 1e-308}, AUTH)
+    assert overflow.status == 422
+    assert (await overflow.json())["detail"] == "the quotient is out of range"
     invalid = await running.post("/v1/calc/add", {"a": "x"}, AUTH)
     assert invalid.status == 422
     assert (await invalid.json())["code"] == "INVALID_ARGUMENT"
@@ -428,3 +433,58 @@ async def test_metrics_and_probes_are_served(start_gateway: StartGateway) -> Non
 
 
 _REQUESTS = "burrow_gateway_requests_total"
+
+
+async def test_schemathesis_finds_no_5xx_and_no_response_off_the_document(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """Schemathesis, driven by /openapi.json (examples, coverage and fuzzing, fixed seed),
+    finds no 5xx answer and no response the document does not describe: every operation as
+    a call, slow_square (whose generated delays outlast any deadline: a 504 by design) as a
+    submit, and the job route."""
+    running = await start_gateway(default_deadline=5.0)
+    calls = ["--exclude-path", "/v1/calc/slow_square"]
+    submits = ["--include-path", "/v1/calc/slow_square", "--header", "Prefer: respond-async"]
+    for selection in (calls, submits):
+        output = await _schemathesis(running, selection, tmp_path)
+        assert "Test cases:" in output, output[-3000:]
+
+
+async def _schemathesis(running: Running, selection: list[str], where: Path) -> str:
+    """Run `st run` against the gateway's document; its output (fails the test on a finding)."""
+    checks = [
+        "not_a_server_error",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_headers_conformance",
+        "response_schema_conformance",
+    ]
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("st")),
+        "run",
+        f"{running.base}/openapi.json",
+        "--header",
+        f"Authorization: Bearer {KEY}",
+        *selection,
+        "--checks",
+        ",".join(checks),
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        "100",
+        "--seed",
+        "17",
+        "--request-timeout",
+        "10",
+        "--generation-database",
+        "none",  # nothing kept between runs: each run is the seed's
+        "--no-color",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=where,  # its crash cache goes there, not into the checkout
+    )
+    async with asyncio.timeout(240):
+        raw, _ = await process.communicate()
+    output = raw.decode(errors="replace")
+    assert process.returncode == 0, output[-6000:]
+    return output
