@@ -90,8 +90,8 @@ async def start_gateway(gateway_settings: Settings) -> AsyncIterator[StartGatewa
     (the gateway first), then what they declared deleted."""
     started: list[tuple[App, Gateway, aiohttp.ClientSession]] = []
 
-    async def start(**overrides: Any) -> Running:
-        service = App(calc, settings=gateway_settings)
+    async def start(serving: dict[str, Any] | None = None, **overrides: Any) -> Running:
+        service = App(calc, settings=gateway_settings.model_copy(update=serving or {}))
         await service.start()
         await service.wait_ready(10)
         update = {
@@ -142,12 +142,16 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 async def _finished(running: Running, location: str) -> dict[str, Any]:
-    """Poll a job's location until it is no longer pending; its body."""
+    """Poll a job's location until it is no longer pending; its body. A 503 (the read is a
+    call to the service: refused while its request queue is full) is polled again, as its
+    Retry-After says."""
     body: dict[str, Any] = {}
 
     async def done() -> bool:
         nonlocal body
         response = await running.get(location)
+        if response.status == 503 and "Retry-After" in response.headers:
+            return False
         assert response.status == 200, await response.text()
         body = await response.json()
         return bool(body["status"] != "pending")
@@ -258,6 +262,36 @@ async def test_errors_are_problems_with_one_status_per_code(start_gateway: Start
     assert unknown.status == 404
     assert (await unknown.json())["code"] == "NOT_FOUND"
     assert (await running.get("/v1/jobs/not-a-job")).status == 404
+
+
+async def test_a_saturated_service_is_503_for_a_call_and_202_for_async(
+    start_gateway: StartGateway,
+) -> None:
+    """With calc's request queue full, a plain call answers 503 RESOURCE_EXHAUSTED with
+    Retry-After; the same request preferring async is accepted (202) and completes."""
+    running = await start_gateway(
+        serving={"prefetch": 1, "max_queue_length": 1}, default_deadline=10.0
+    )
+    busy = {"x": 1, "delay_ms": 1500}
+    # One call being handled (prefetch 1), the rest waiting: the bounded request queue is full
+    # (a quorum queue on 3.10 takes one message past x-max-length, 4.x none).
+    held = [
+        asyncio.ensure_future(running.post("/v1/calc/slow_square", busy, AUTH)) for _ in range(3)
+    ]
+    await asyncio.sleep(0.3)
+    refused = await running.post("/v1/calc/add", {"a": 1, "b": 2}, AUTH)
+    assert refused.status == 503, await refused.text()
+    assert refused.headers["Retry-After"] == "1"
+    problem = await refused.json()
+    assert (problem["code"], problem["retryable"]) == ("RESOURCE_EXHAUSTED", True)
+    accepted = await running.post(
+        "/v1/calc/slow_square", busy, {**AUTH, "Prefer": "respond-async, wait=0.1"}
+    )
+    assert accepted.status == 202
+    done = await _finished(running, accepted.headers["Location"])
+    assert done["result"] == {"square": 1}
+    statuses = sorted(r.status for r in await asyncio.gather(*held))
+    assert statuses in ([200, 200, 200], [200, 200, 503])
 
 
 async def test_a_failed_job_reads_as_failed_with_its_error(start_gateway: StartGateway) -> None:
