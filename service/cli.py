@@ -28,7 +28,7 @@ import orjson
 import pydantic_core
 import structlog
 
-from service import codec, contracts
+from service import codec, contracts, openapi
 from service.app import App
 from service.client import Client
 from service.config import load_settings
@@ -418,7 +418,7 @@ def _cmd_schemas(args: argparse.Namespace) -> int:
     services = load_target(args.target)
     directory = Path(args.dir)
     if args.action == "export":
-        for path in contracts.export(services, settings, directory):
+        for path in openapi.export(services, settings, directory):
             print(path)
         return 0
     old = contracts.load_contract(args.against, Path.cwd())

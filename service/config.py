@@ -126,7 +126,10 @@ class Settings(BaseSettings):
         default="", description="Origins allowed by CORS, comma-separated (empty: no CORS)."
     )
     gateway_max_wait: float = Field(
-        default=300.0, gt=0, le=3600, description="Longest `Prefer: wait=N` honoured, seconds."
+        default=300.0,
+        gt=0,
+        le=3600,
+        description="Longest a request is held, seconds (caps `Prefer: wait=N` and deadlines).",
     )
     gateway_callback_hosts: str = Field(
         default="",

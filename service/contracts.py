@@ -43,6 +43,7 @@ __all__ = [
     "contract",
     "export",
     "asyncapi_document",
+    "hoist",
     "load_contract",
     "compare",
 ]
@@ -160,9 +161,8 @@ def contract(service: Service) -> dict[str, Any]:
 
 
 def export(services: Sequence[Service], settings: Settings, directory: Path) -> list[Path]:
-    """Write contract.json, one schema per message, asyncapi.yaml and the gateway's
-    openapi.json; return the files."""
-    from service.openapi import openapi_document  # noqa: PLC0415 - it builds on this module
+    """Write contract.json, one schema per message, and asyncapi.yaml; return the files
+    (`service.openapi.export` adds the gateway's document)."""
 
     directory.mkdir(parents=True, exist_ok=True)
     written: dict[Path, str] = {}
@@ -180,11 +180,6 @@ def export(services: Sequence[Service], settings: Settings, directory: Path) -> 
     written[directory / "asyncapi.yaml"] = yaml.safe_dump(
         asyncapi_document(services, settings), sort_keys=False, width=100
     )
-    written[directory / "openapi.json"] = _json(
-        openapi_document(
-            services, max_wait=settings.gateway_max_wait, auth=settings.gateway_auth != "none"
-        )
-    )
     for path, text in written.items():
         path.write_text(text, encoding="utf-8")
     return sorted(written)
@@ -200,7 +195,7 @@ def _json(value: Any) -> str:
 def asyncapi_document(services: Sequence[Service], settings: Settings) -> dict[str, Any]:
     """An AsyncAPI 3.0 document: channels, operations, messages, AMQP bindings, request/reply."""
     names = Names(settings.namespace)
-    schemas: dict[str, Any] = {"Error": _hoist(error_schema(), {})}
+    schemas: dict[str, Any] = {"Error": hoist(error_schema(), {})}
     doc: dict[str, Any] = {
         "asyncapi": "3.0.0",
         "info": {
@@ -229,8 +224,8 @@ def asyncapi_document(services: Sequence[Service], settings: Settings) -> dict[s
         for op in svc.operations.values():
             key = op.route.replace(".", "_")
             req, rep = f"{key}_request", f"{key}_reply"
-            schemas[req] = _hoist(_schema(op.request, "validation", req), schemas)
-            schemas[rep] = _hoist(_schema(op.reply, "serialization", rep), schemas)
+            schemas[req] = hoist(_schema(op.request, "validation", req), schemas)
+            schemas[rep] = hoist(_schema(op.reply, "serialization", rep), schemas)
             messages[req] = _message(op.route, req, schemas, correlated=True)
             messages[rep] = _message(f"{op.route}.reply", rep, schemas, correlated=True)
             channels[f"{key}_call"] = _channel(
@@ -273,13 +268,13 @@ def asyncapi_document(services: Sequence[Service], settings: Settings) -> dict[s
                 }
         for name, model in sorted(svc.events.items()):
             key = "event_" + name.replace(".", "_")
-            schemas[key] = _hoist(_schema(model, "serialization", key), schemas)
+            schemas[key] = hoist(_schema(model, "serialization", key), schemas)
             messages[key] = _message(name, key, schemas)
             channels[key] = _channel(name, names.events_exchange, {"event": key}, "event")
             operations[f"emit_{key}"] = {"action": "send", "channel": {"$ref": f"#/channels/{key}"}}
         for sub in svc.subscriptions.values():
             key = "subscription_" + sub.route.replace(".", "_")
-            schemas[key] = _hoist(_schema(sub.request, "validation", key), schemas)
+            schemas[key] = hoist(_schema(sub.request, "validation", key), schemas)
             messages[key] = _message(sub.pattern, key, schemas)
             channels[key] = _channel(
                 sub.pattern,
@@ -344,7 +339,7 @@ def _message(
     return message
 
 
-def _hoist(schema: dict[str, Any], into: dict[str, Any]) -> dict[str, Any]:
+def hoist(schema: dict[str, Any], into: dict[str, Any]) -> dict[str, Any]:
     """Move pydantic's `$defs` into components.schemas and point the refs there."""
     schema = copy.deepcopy(schema)
     schema.pop("$schema", None)

@@ -374,8 +374,12 @@ class Gateway:
             raise InvalidArgument(f"{CALLBACK_HEADER} needs Prefer: respond-async")
         wait = min(prefer.wait, self.settings.gateway_max_wait) if prefer.wait else None
         if not prefer.respond_async:
+            # The operation's own bound (its `timeout`) unless the caller says how long it waits.
+            default = min(
+                op.timeout or self.settings.default_deadline, self.settings.gateway_max_wait
+            )
             reply = await self.client.rpc.call_raw(
-                op.route, body, timeout=wait, headers={H_VERSION: str(op.major)}
+                op.route, body, timeout=wait or default, headers={H_VERSION: str(op.major)}
             )
             applied = {"Preference-Applied": f"wait={prefer.wait:g}"} if wait else None
             return web.Response(body=reply, content_type="application/json", headers=applied)

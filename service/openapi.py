@@ -8,16 +8,20 @@ headers, job and problem bodies are those of the gateway (issue 17): `POST
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
-from service.contracts import _hoist, contract, error_schema
+from service import contracts
+from service.config import Settings
+from service.contracts import contract, error_schema, hoist
 from service.errors import ErrorCode
 from service.registry import Operation, Service
 
-__all__ = ["GATEWAY_JOB_ID_PATTERN", "UNAUTHENTICATED", "openapi_document"]
+__all__ = ["GATEWAY_JOB_ID_PATTERN", "UNAUTHENTICATED", "export", "openapi_document"]
 
 GATEWAY_JOB_ID_PATTERN = r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*\.[0-9a-f]{32}$"
 UNAUTHENTICATED = "UNAUTHENTICATED"  # the problem code of a 401 (not a wire ErrorCode)
@@ -48,6 +52,18 @@ _CALL_PROBLEMS = ("401", "403", "404", "409", "413", "422", "500", "503", "504")
 _JOB_PROBLEMS = ("401", "404", "500", "503", "504")
 
 
+def export(services: Sequence[Service], settings: Settings, directory: Path) -> list[Path]:
+    """What `burrow schemas export` writes: the contracts (`service.contracts.export`) and
+    the gateway's `openapi.json`; return the files."""
+    written = contracts.export(services, settings, directory)
+    document = openapi_document(
+        services, max_wait=settings.gateway_max_wait, auth=settings.gateway_auth != "none"
+    )
+    path = directory / "openapi.json"
+    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return sorted([*written, path])
+
+
 def openapi_document(
     services: Sequence[Service],
     *,
@@ -73,10 +89,10 @@ def openapi_document(
         operations = contract(svc)["operations"]
         for op in svc.operations.values():
             key = _key(op)
-            schemas[f"{key}_request"] = _hoist(operations[op.route]["request"], schemas)
-            schemas[f"{key}_reply"] = _hoist(operations[op.route]["reply"], schemas)
+            schemas[f"{key}_request"] = hoist(operations[op.route]["request"], schemas)
+            schemas[f"{key}_reply"] = hoist(operations[op.route]["reply"], schemas)
             schemas[f"{key}_webhook"] = _webhook_schema(op, f"{key}_reply")
-            paths[f"/v1/{op.service}/{op.name}"] = {"post": _call(op, auth)}
+            paths[f"/v1/{op.service}/{op.name}"] = {"post": _call(op, auth, max_wait)}
             replies.append(f"{key}_reply")
     schemas["JobStatus"] = _job_status_schema(replies)
     paths["/v1/jobs/{job_id}"] = {"get": _job(auth)}
@@ -132,10 +148,14 @@ def _default_version(services: Sequence[Service]) -> str:
 # -- paths ------------------------------------------------------------------------------------
 
 
-def _call(op: Operation[Any, Any], auth: bool) -> dict[str, Any]:
+def _call(op: Operation[Any, Any], auth: bool, max_wait: float) -> dict[str, Any]:
     key = _key(op)
     doc = op.description or op.route
-    deadline = f"{op.timeout:g} s (its timeout)" if op.timeout else "BURROW_DEFAULT_DEADLINE"
+    deadline = (
+        f"{min(op.timeout, max_wait):g} s (its timeout, at most BURROW_GATEWAY_MAX_WAIT)"
+        if op.timeout
+        else "BURROW_DEFAULT_DEADLINE"
+    )
     responses: dict[str, Any] = {
         "200": {
             "description": "The reply.",
@@ -353,7 +373,7 @@ def _headers() -> dict[str, Any]:
 
 
 def _base_schemas() -> dict[str, Any]:
-    schemas: dict[str, Any] = {"Error": _hoist(error_schema(), {})}
+    schemas: dict[str, Any] = {"Error": hoist(error_schema(), {})}
     schemas["Problem"] = _problem_schema()
     schemas["JobAccepted"] = _object(
         "JobAccepted",
