@@ -4,6 +4,7 @@ contracts' schemas, and bodies the gateway sends validate against it (and wrong 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
 from enum import StrEnum
 from typing import Any
@@ -17,6 +18,7 @@ from referencing.jsonschema import DRAFT202012
 from service import ErrorCode, InvalidArgument, Model, Service
 from service.contracts import contract
 from service.example import AddRequest, calc
+from service.gateway import problem as problem_answer
 from service.openapi import GATEWAY_JOB_ID_PATTERN, openapi_document
 
 __all__: list[str] = []
@@ -267,15 +269,10 @@ def test_the_202_body_and_a_problem_body_from_the_spec_validate() -> None:
     assert not accepted.is_valid(job | {"job_id": "calc.add.XYZ"})
     assert not accepted.is_valid({"job_id": JOB_ID, "status": "pending"})
     problem = _validator(doc, _body(doc, "/v1/calc/add", "post", "422", PROBLEM))
-    body: dict[str, Any] = {
-        "type": "urn:burrow:error:invalid_argument",
-        "title": "Invalid argument",
-        "status": 422,
-        "detail": "division by zero",
-        "code": "INVALID_ARGUMENT",
-        "details": {"field": "b"},
-        "retryable": False,
-    }
+    # The gateway's own answer for an error, validated against the document it serves.
+    answer = problem_answer(InvalidArgument("division by zero", details={"field": "b"}))
+    assert isinstance(answer.body, bytes)
+    body: dict[str, Any] = json.loads(answer.body)
     problem.validate(body)
     problem.validate(
         body
