@@ -109,6 +109,10 @@ class Sized(Model):
 def _overflowing() -> Service:
     svc = Service("overflow")
 
+    async def divide(req: Sized) -> Sized:
+        """Reply with a quotient that overflows to infinity (checked by no one)."""
+        return Sized(value=req.value / 1e-10)
+
     async def plain(req: Sized) -> Measure:
         """Reply with infinity in a plain pydantic model."""
         return Measure(value=req.value * math.inf)
@@ -117,6 +121,7 @@ def _overflowing() -> Service:
         """Reply with infinity smuggled past validation (model_construct)."""
         return Sized.model_construct(value=req.value * math.inf)
 
+    svc.add_operation(divide)
     svc.add_operation(plain)
     svc.add_operation(constructed)
     return svc
@@ -127,10 +132,12 @@ async def test_h4_reply_with_infinity_is_internal(start_app: AppFactory, client:
     answered INTERNAL, never as a reply whose number is null."""
     await start_app(calc, _overflowing())
     with pytest.raises(Internal):
-        await client.call("calc.divide", {"a": 1e308, "b": 1e-10})
+        await client.call("overflow.divide", {"value": 1e308})
     for route in ("overflow.plain", "overflow.constructed"):
         with pytest.raises(Internal):
             await client.call(route, {"value": 1.0})
+    with pytest.raises(InvalidArgument):  # the example checks its quotient: the caller's input
+        await client.call("calc.divide", {"a": 1e308, "b": 1e-10})
     await _assert_still_serving(client)
 
 
