@@ -254,6 +254,7 @@ class AmqpLink(LinkState):
         self._connection = connection
         channel = await connection.channel(publisher_confirms=True)
         raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+        shim.check_publishing(raw)
         if self.prefetch is not None:
             await channel.set_qos(prefetch_count=self.prefetch)
         await self._declare(channel)
@@ -508,33 +509,37 @@ class AmqpLink(LinkState):
         raw = self._raw
         if raw is None or raw.is_closed or not self._ready.is_set():
             raw = await self._live_raw(timeout)
-        properties = spec.Basic.Properties(
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            app_id=message.app_id,
-            priority=message.priority,
-            timestamp=message.timestamp,
-            delivery_mode=2 if message.persistent else 1,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            message_type=message.type,
-            headers=message.headers or None,
-            expiration=str(message.expiration_ms) if message.expiration_ms is not None else None,
+        # The frames are built in one pass and join the connection's write queue (coalesced,
+        # shim.py); nothing waits for the socket, the confirm is what we await.
+        frames = shim.publish_frames(
+            raw.number,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            mandatory=mandatory,
+            properties=shim.content_properties(
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                headers=message.headers or None,
+                delivery_mode=2 if message.persistent else 1,
+                priority=message.priority,
+                correlation_id=message.correlation_id,
+                reply_to=message.reply_to,
+                expiration=None if message.expiration_ms is None else str(message.expiration_ms),
+                message_id=message.message_id,
+                timestamp=message.timestamp,
+                message_type=message.type,
+                app_id=message.app_id,
+            ),
+            body=message.body,
+            max_content=raw.max_content_size,
         )
         detail = ""
         try:
-            # wait=False: the frames join the connection's write queue (coalesced, shim.py) and
-            # the channel is free for the next publish at once; the confirm is what we await.
-            result = await raw.basic_publish(
-                message.body,
-                exchange=message.exchange,
-                routing_key=message.routing_key,
-                properties=properties,
-                mandatory=mandatory,
-                timeout=timeout,
-                wait=False,
-            )
+            result = None
+            confirmation = await shim.publish(raw, frames, message.message_id)
+            if confirmation is not None:
+                async with asyncio.timeout(timeout):
+                    result = await confirmation
         except _PUBLISH_ERRORS as exc:
             outcome, detail = _publish_outcome(exc), _describe(exc)
         except asyncio.CancelledError:
