@@ -1,5 +1,5 @@
-"""What Burrow changes in the AMQP libraries under it: pamqp's decoders made tolerant, and
-aiormq's frame writer made to coalesce.
+"""What Burrow changes in the AMQP libraries under it: pamqp's decoders made tolerant,
+aiormq's frame writer made to coalesce, and publishes framed in one pass.
 
 pamqp raises on a non-UTF-8 short string, recurses without bound into nested tables and
 overflows on far-away timestamps; any of these in one delivery kills aiormq's connection, and
@@ -13,6 +13,9 @@ makes its writer take every frame already queued for the connection, up to `MAX_
 and write them in one call, in order: under load one write carries many publishes and acks.
 Frames that asked to be drained are drained together after that write; a connection-close
 frame ends a batch.
+
+`publish_frames` and `publish` replace aiormq's `basic_publish` for Burrow's publishes: the
+same bytes (see their section below), a fraction of its CPU.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ __all__ = [
     "installed",
     "reader_task",
     "silent_for",
+    "check_publishing",
+    "content_properties",
+    "publish",
+    "publish_frames",
 ]
 
 MAX_DEPTH = 32  # tables and arrays nested deeper than this are not decoded
