@@ -44,6 +44,8 @@ __all__ = [
     "installed",
     "reader_task",
     "silent_for",
+    "ack",
+    "ack_frame",
     "check_publishing",
     "content_properties",
     "publish",
@@ -500,7 +502,7 @@ def _expect_confirm(channel: Any, message_id: str) -> asyncio.Future[Any] | None
 
 
 def check_publishing(channel: object) -> None:
-    """Fail loudly when aiormq's channel no longer keeps what `publish` writes."""
+    """Fail loudly when aiormq's channel no longer keeps what `publish` and `ack` use."""
     for name in (
         "publisher_confirms",
         "delivery_tag",
@@ -509,9 +511,32 @@ def check_publishing(channel: object) -> None:
         "write_queue",
         "lock",
         "_Channel__lock",
+        "_Channel__close_event",
         "is_closed",
         "create_future",
         "max_content_size",
         "number",
     ):
         _private(channel, name)
+
+
+_ACK = struct.Struct(">BHIIQB")  # method frame: type, channel, size, Basic.Ack, tag, multiple
+_BASIC_ACK = 0x003C0050
+
+
+def ack_frame(channel: int, delivery_tag: int) -> bytes:
+    """A Basic.Ack method frame for one delivery, as pamqp marshals it."""
+    return _ACK.pack(_FRAME_METHOD, channel, 13, _BASIC_ACK, delivery_tag, 0) + _FRAME_END
+
+
+async def ack(channel: Any, delivery_tag: int) -> None:
+    """`basic_ack(delivery_tag, wait=False)` without building pamqp objects: the frame joins
+    the connection's write queue (waiting only while it is full)."""
+    if channel.is_closed or channel._Channel__close_event.is_set():
+        raise ChannelInvalidStateError(f"{channel!r} closed")  # as basic_ack says
+    frame = ChannelFrame(payload=ack_frame(channel.number, delivery_tag), should_close=False)
+    queue: asyncio.Queue[ChannelFrame] = channel.write_queue
+    if queue.full():
+        await queue.put(frame)
+    else:
+        queue.put_nowait(frame)

@@ -636,7 +636,7 @@ def _settler(raw: aiormq.Channel) -> Callable[[Delivery, Settle], Any]:
             # wait=False: queued for the connection's writer, which sends every frame queued
             # by then in one write (shim.py); nothing to wait for, an ack has no answer.
             if how is Settle.ACK:
-                await raw.basic_ack(delivery.delivery_tag, wait=False)
+                await shim.ack(raw, delivery.delivery_tag)
             else:
                 await raw.basic_reject(
                     delivery.delivery_tag, requeue=how is Settle.REQUEUE, wait=False

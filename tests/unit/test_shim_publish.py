@@ -164,6 +164,7 @@ class _Channel:
 
     def __init__(self, confirms: bool, queue_size: int = 0) -> None:
         self._Channel__lock = asyncio.Lock()
+        self._Channel__close_event = asyncio.Event()
         self.is_closed = False
         self.publisher_confirms = confirms
         self.delivery_tag = 0
@@ -238,3 +239,20 @@ async def test_publishing_on_a_closed_channel_is_refused() -> None:
     with pytest.raises(ChannelInvalidStateError):
         await shim.publish(channel, b"x", "m")
     assert channel.delivery_tag == 0
+
+
+@given(channel=st.integers(1, 65535), tag=st.integers(1, 2**63 - 1))  # pamqp's signed range
+def test_ack_frames_are_pamqps_bytes(channel: int, tag: int) -> None:
+    """A Basic.Ack frame for any channel and delivery tag is the bytes pamqp marshals."""
+    expected = pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=tag), channel)
+    assert shim.ack_frame(channel, tag) == expected
+
+
+async def test_ack_queues_its_frame_and_refuses_a_closed_channel() -> None:
+    """An ack joins the write queue; on a closed channel it is refused as aiormq refuses it."""
+    channel = _Channel(confirms=True)
+    await shim.ack(channel, 5)
+    assert channel.write_queue.get_nowait().payload == shim.ack_frame(1, 5)
+    channel.is_closed = True
+    with pytest.raises(ChannelInvalidStateError):
+        await shim.ack(channel, 6)
