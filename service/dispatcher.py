@@ -44,6 +44,7 @@ from service.middleware import (
     Request,
     Result,
     compose,
+    decision_middleware,
     error_middleware,
     failure,
 )
@@ -168,6 +169,7 @@ class Dispatcher:
         self._held: dict[Delivery, tuple[str, float]] = {}
         self.state = state or State()
         shared = [*extra, *service.middleware]
+        middleware = _recording(middleware, self._record)
         self._chain = compose(_with(middleware, shared), self._endpoint)
         # Outbound layers of the service and each operation, for what handling them publishes.
         self._outbound = tuple(service.outbound)
@@ -245,8 +247,6 @@ class Dispatcher:
         scope = OUTBOUND_SCOPE.set(scoped) if scoped else None
         try:
             result = await self._chains.get(request.route, self._chain)(request)  # stage 2
-            if request.kind == Kind.SUBMIT and request.job_id is not None:
-                result = await self._finish_job(request, result)
             await self._carry_out(delivery, self._plan(request, result))  # stage 3
             outcome = result.outcome.value
             code = None if result.error is None else result.error.code.value
@@ -403,6 +403,15 @@ class Dispatcher:
         if held is None or (held.owner == owner and not held.finished):
             return None  # ours, new or interrupted: run it
         return _in_use(request) if held.owner != owner else _from_record(held)
+
+    async def _record(self, request: Request, call_next: Next) -> Result:
+        """The layer just outside `decision_middleware`: a submit's decided outcome is
+        recorded before the outer layers log and count it (a store that is away turns it
+        into a retry, and they say so)."""
+        result = await call_next(request)
+        if request.kind == Kind.SUBMIT and request.job_id is not None:
+            return await self._finish_job(request, result)
+        return result
 
     async def _finish_job(self, request: Request, result: Result) -> Result:
         """Record a final outcome before any completion is published; the first recorded
@@ -597,6 +606,14 @@ def _with(builtin: Sequence[Middleware], added: Sequence[Middleware]) -> list[Mi
     layers = list(builtin)
     at = layers.index(error_middleware) + 1 if error_middleware in layers else len(layers)
     layers[at:at] = added
+    return layers
+
+
+def _recording(builtin: Sequence[Middleware], record: Middleware) -> list[Middleware]:
+    """`builtin` with `record` right outside `decision_middleware` (innermost if absent)."""
+    layers = list(builtin)
+    at = layers.index(decision_middleware) if decision_middleware in layers else len(layers)
+    layers.insert(at, record)
     return layers
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
+from prometheus_client import REGISTRY
 from referencing import Registry, Resource
 
 from service import Model, NotFound, Service, Unavailable
@@ -187,9 +188,23 @@ async def test_a_store_away_at_the_finish_retries_the_job(serve_app: ServeApp) -
         counter.service, job_store_url="memory://", retry_base_delay=0.05
     )
     app.servers[0].jobs = FlakyFinish()
+    labels = {"service": "count", "operation": "count.double"}
+    before = {
+        outcome: REGISTRY.get_sample_value(
+            "burrow_messages_handled_total", {**labels, "outcome": outcome}
+        )
+        or 0.0
+        for outcome in ("retried", "ok")
+    }
     job = await client.submit("count.double", {"n": 9})
     assert await job.result(timeout=5) == {"n": 18}
     assert counter.runs == [9, 9]
+    # Counted (and logged) as what happened: one retry, then one success.
+    for outcome in ("retried", "ok"):
+        now = REGISTRY.get_sample_value(
+            "burrow_messages_handled_total", {**labels, "outcome": outcome}
+        )
+        assert now == before[outcome] + 1, outcome
 
 
 async def test_submit_sets_the_reply_address_and_no_queue_is_declared(
