@@ -166,13 +166,7 @@ class Proc:
 
     def close(self, timeout: float = 15) -> None:
         """Ask the process to stop (SIGTERM), then kill it if it lingers."""
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        _stop(self.popen, timeout)
         self._selector.close()
         if self.popen.stdout is not None:
             self.popen.stdout.close()
@@ -223,13 +217,7 @@ class HttpServer:
 
     def close(self, timeout: float = 15) -> None:
         """SIGTERM, then SIGKILL if it lingers."""
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        _stop(self.popen, timeout)
         self._out.close()
 
 
@@ -614,6 +602,17 @@ class Bench:
         """
         asyncio.run(_delete_prefixed(prefix or self.prefix))
         _delete_redis_keys(prefix or self.prefix)
+
+
+def _stop(popen: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM, then SIGKILL when the process has not exited within `timeout` seconds."""
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(5)
 
 
 def _rotate(items: list[Any], rep: int) -> list[Any]:

@@ -222,7 +222,6 @@ class Gateway:
         }
         self._unmatched = _Route("unmatched")
         self.port = settings.gateway_port
-        self._runner: web.AppRunner | None = None
         self.app = App(
             webhook_service(settings, self.policy),
             settings=settings,
