@@ -4,16 +4,11 @@ request parameters to call options, job completions to status bodies."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import (
-    ErrorCode,
-    InvalidArgument,
-    MessageTooLarge,
-    ServiceError,
-)
+from service.errors import InvalidArgument, ServiceError
+from service.gateway import HTTP_STATUS, RETRY_AFTER_S, http_status, retry_after
 from service.jobs import JobStatus
 
 __all__ = [
@@ -27,23 +22,8 @@ __all__ = [
     "job_accepted",
 ]
 
-# One status per wire code; the closed set of codes means nothing falls through to a default.
-HTTP_STATUS: Mapping[ErrorCode, int] = {
-    ErrorCode.INVALID_ARGUMENT: 422,  # well-formed HTTP, but the payload breaks the contract
-    ErrorCode.FAILED_PRECONDITION: 409,  # e.g. a contract version the service no longer serves
-    ErrorCode.NOT_FOUND: 404,  # unknown operation, unknown or expired job
-    ErrorCode.PERMISSION_DENIED: 403,
-    ErrorCode.DEADLINE_EXCEEDED: 504,  # the service did not answer in time: a gateway timeout
-    ErrorCode.RESOURCE_EXHAUSTED: 503,  # overloaded or queue full: come back later
-    ErrorCode.UNAVAILABLE: 503,  # broker or service away
-    ErrorCode.INTERNAL: 500,
-}
-
-# Seconds to suggest in Retry-After for the codes that say "try again later".
-RETRY_AFTER_S: Mapping[ErrorCode, int] = {
-    ErrorCode.RESOURCE_EXHAUSTED: 1,
-    ErrorCode.UNAVAILABLE: 5,
-}
+# The status per code and Retry-After are the gateway's (`burrow gateway`): service/gateway.py
+# defines them once, so both ways of putting HTTP in front of Burrow agree.
 
 MAX_WAIT_S = 25.0  # longest call timeout or job long-poll a request may ask for
 
@@ -59,11 +39,7 @@ class HttpAnswer:
 
 def error_answer(exc: ServiceError) -> HttpAnswer:
     """The HTTP answer for a Burrow error: its status, `{"error": <wire body>}`, Retry-After."""
-    status = 413 if isinstance(exc, MessageTooLarge) else HTTP_STATUS[exc.code]
-    headers = {}
-    if exc.code in RETRY_AFTER_S:
-        headers["Retry-After"] = str(RETRY_AFTER_S[exc.code])
-    return HttpAnswer(status, {"error": exc.to_wire()}, headers)
+    return HttpAnswer(http_status(exc), {"error": exc.to_wire()}, retry_after(exc))
 
 
 def parse_json(body: bytes) -> Any:

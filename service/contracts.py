@@ -44,6 +44,7 @@ __all__ = [
     "export",
     "asyncapi_document",
     "hoist",
+    "json_text",
     "load_contract",
     "compare",
 ]
@@ -167,16 +168,16 @@ def export(services: Sequence[Service], settings: Settings, directory: Path) -> 
     directory.mkdir(parents=True, exist_ok=True)
     written: dict[Path, str] = {}
     contracts = {svc.name: contract(svc) for svc in services}
-    written[directory / "contract.json"] = _json(contracts)
-    written[directory / "error.json"] = _json(error_schema())
-    written[directory / "envelope-headers.json"] = _json(envelope_schema())
-    written[directory / "job-status.json"] = _json(job_status_schema())
+    written[directory / "contract.json"] = json_text(contracts)
+    written[directory / "error.json"] = json_text(error_schema())
+    written[directory / "envelope-headers.json"] = json_text(envelope_schema())
+    written[directory / "job-status.json"] = json_text(job_status_schema())
     for doc in contracts.values():
         for route, op in doc["operations"].items():
-            written[directory / f"{route}.request.json"] = _json(op["request"])
-            written[directory / f"{route}.reply.json"] = _json(op["reply"])
+            written[directory / f"{route}.request.json"] = json_text(op["request"])
+            written[directory / f"{route}.reply.json"] = json_text(op["reply"])
         for name, schema in doc["events"].items():
-            written[directory / f"event.{name}.json"] = _json(schema)
+            written[directory / f"event.{name}.json"] = json_text(schema)
     written[directory / "asyncapi.yaml"] = yaml.safe_dump(
         asyncapi_document(services, settings), sort_keys=False, width=100
     )
@@ -185,7 +186,8 @@ def export(services: Sequence[Service], settings: Settings, directory: Path) -> 
     return sorted(written)
 
 
-def _json(value: Any) -> str:
+def json_text(value: Any) -> str:
+    """A document as schemas/ keeps it: indented, keys sorted, one final newline."""
     return json.dumps(value, indent=2, sort_keys=True) + "\n"
 
 

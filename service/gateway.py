@@ -50,7 +50,10 @@ from service.webhooks import CALLBACK_ROUTE, CallbackPolicy, callback_data, webh
 __all__ = [
     "CALLBACK_HEADER",
     "HTTP_STATUS",
+    "RETRY_AFTER_S",
     "Gateway",
+    "http_status",
+    "retry_after",
     "Prefer",
     "parse_prefer",
     "problem",
@@ -72,7 +75,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INTERNAL: 500,
 }
-_RETRY_AFTER = {ErrorCode.RESOURCE_EXHAUSTED: "1", ErrorCode.UNAVAILABLE: "5"}
+# Seconds to suggest in Retry-After for the codes that say "try again later".
+RETRY_AFTER_S: dict[ErrorCode, int] = {ErrorCode.RESOURCE_EXHAUSTED: 1, ErrorCode.UNAVAILABLE: 5}
 _TITLES = {
     ErrorCode.INVALID_ARGUMENT: "Invalid argument",
     ErrorCode.FAILED_PRECONDITION: "Failed precondition",
@@ -123,16 +127,25 @@ def parse_prefer(values: Sequence[str]) -> Prefer:
 
 def problem(exc: ServiceError) -> web.Response:
     """The RFC 9457 answer for a Burrow error: its status, code, details and `retryable`."""
-    status = 413 if isinstance(exc, MessageTooLarge) else HTTP_STATUS[exc.code]
-    headers = {"Retry-After": _RETRY_AFTER[exc.code]} if exc.code in _RETRY_AFTER else {}
     return _problem(
-        status,
+        http_status(exc),
         exc.code.value,
         title=_TITLES[exc.code],
         detail=exc.message,
         exc=exc,
-        headers=headers,
+        headers=retry_after(exc),
     )
+
+
+def http_status(exc: ServiceError) -> int:
+    """The HTTP status of a Burrow error: one per code, 413 for a message too large."""
+    return 413 if isinstance(exc, MessageTooLarge) else HTTP_STATUS[exc.code]
+
+
+def retry_after(exc: ServiceError) -> dict[str, str]:
+    """`Retry-After` for the codes that say "try again later", else no header."""
+    seconds = RETRY_AFTER_S.get(exc.code)
+    return {} if seconds is None else {"Retry-After": str(seconds)}
 
 
 def _problem(
@@ -239,6 +252,11 @@ class Gateway:
     async def start(self) -> None:
         """Start the App (metrics, probes, webhooks), the client and the HTTP API."""
         await self.app.start()
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the App's links and the client's are connected, consumers attached."""
+        await self.app.wait_ready(timeout)
+        await self.client.link.wait_ready(timeout)
 
     async def stop(self) -> None:
         """Stop taking requests, finish the ones in flight, then close."""

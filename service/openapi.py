@@ -8,7 +8,6 @@ headers, job and problem bodies are those of the gateway (issue 17): `POST
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from importlib import metadata
@@ -60,7 +59,7 @@ def export(services: Sequence[Service], settings: Settings, directory: Path) -> 
         services, max_wait=settings.gateway_max_wait, auth=settings.gateway_auth != "none"
     )
     path = directory / "openapi.json"
-    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    path.write_text(contracts.json_text(document), encoding="utf-8")
     return sorted([*written, path])
 
 

@@ -19,7 +19,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -115,7 +114,7 @@ class CallbackPolicy:
 
 def callback_data(url: str, operation: str) -> str:
     """The `x-callback-data` of a gateway submit: where to POST, and the job's operation."""
-    return json.dumps({"url": url, "operation": operation}, separators=(",", ":"))
+    return codec.encode({"url": url, "operation": operation}).decode()
 
 
 class Completion(Model):
@@ -176,8 +175,8 @@ def webhook_service(settings: Settings, policy: CallbackPolicy) -> Service:
 def _target(data: object) -> tuple[str, str]:
     text = envelope.text(data)
     try:
-        found = json.loads(text) if text is not None else None
-    except ValueError:
+        found = codec.decode_json(text.encode()) if text is not None else None
+    except InvalidArgument:  # not JSON
         found = None
     if not isinstance(found, dict) or not all(
         isinstance(found.get(k), str) for k in ("url", "operation")

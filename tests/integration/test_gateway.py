@@ -106,8 +106,7 @@ async def start_gateway(gateway_settings: Settings) -> AsyncIterator[StartGatewa
         http = aiohttp.ClientSession()
         started.append((service, gateway, http))
         await gateway.start()
-        await gateway.app.wait_ready(10)
-        await gateway.client.link.wait_ready(10)
+        await gateway.wait_ready(10)
         assert gateway.app.http is not None
         return Running(
             gateway,

@@ -244,8 +244,7 @@ async def test_dashboard_and_alerts_evaluate_on_real_prometheus(
     )
     await gateway.start()
     try:
-        await gateway.app.wait_ready(10)
-        await gateway.client.link.wait_ready(10)
+        await gateway.wait_ready(10)
         async with aiohttp.ClientSession() as http:
             await _evaluate(
                 app,
