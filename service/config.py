@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=128 * 1_048_576)
     publish_timeout: float = Field(default=10.0, gt=0)
+    ack_delay: float = Field(
+        default=0.005,
+        ge=0,
+        le=1,
+        description="Seconds an ack may wait to share one basic.ack(multiple) with later ones.",
+    )
     heartbeat: int = Field(default=10, ge=0, le=600)
     connect_timeout: float = Field(default=5.0, gt=0)
     reconnect_min_delay: float = Field(default=0.2, gt=0)

@@ -415,7 +415,8 @@ class LinkState(ABC):
     def use(self, *outbound: Outbound) -> None:
         """Run every later publish through `outbound` (outermost first)."""
         self._outbound.extend(outbound)
-        self._send_chain = _chain(self._outbound, self)
+        # No layer: publishes call `_send` directly (no `Publishing` per message).
+        self._send_chain = _chain(self._outbound, self) if self._outbound else None
         self._scoped_chains.clear()
 
     async def _send_publishing(self, publishing: Publishing) -> None:

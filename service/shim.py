@@ -15,7 +15,10 @@ Frames that asked to be drained are drained together after that write; a connect
 frame ends a batch.
 
 `publish_frames` and `publish` replace aiormq's `basic_publish` for Burrow's publishes: the
-same bytes (see their section below), a fraction of its CPU.
+same bytes (see their section below), a fraction of its CPU. On the way in, `install()` makes
+aiormq's frame reader take each frame in two reads and decode the frames of every delivery and
+confirm (Basic.Deliver, Basic.Ack, body) directly; every other frame still goes through pamqp,
+and the objects are pamqp's, with the same values (`read_frame`).
 """
 
 from __future__ import annotations
@@ -23,13 +26,21 @@ from __future__ import annotations
 import asyncio
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, cast
 
 from aiormq import connection as aiormq_connection
 from aiormq.abc import ChannelFrame, TaskType, TaskWrapper
-from aiormq.exceptions import ChannelInvalidStateError
+from aiormq.exceptions import (
+    AMQPConnectionError,
+    ChannelInvalidStateError,
+    InvalidFrameError,
+    ProtocolSyntaxError,
+)
 from pamqp import base, commands, decode, encode
+from pamqp import frame as pamqp_frame
+from pamqp.body import ContentBody
+from pamqp.exceptions import PAMQPException
 
 from service.vocabulary import H_UNDECODABLE
 
@@ -44,8 +55,9 @@ __all__ = [
     "installed",
     "reader_task",
     "silent_for",
-    "ack",
     "ack_frame",
+    "closed",
+    "send",
     "check_publishing",
     "content_properties",
     "publish",
@@ -224,6 +236,95 @@ async def _next_frames(self: Any) -> ChannelFrame | _Batch:
     return _Batch(frames)
 
 
+_DELIVER_INDEX, _ACK_INDEX = 0x003C003C, 0x003C0050
+_TAG = struct.Struct(">qB")  # delivery tag (signed, as pamqp reads a longlong), then a bit octet
+_HEAD_SIZE = 7
+
+
+def read_frame(head: bytes, rest: bytes) -> tuple[int, int, Any]:
+    """`pamqp.frame.unmarshal(head + rest)`: (bytes used, channel, frame), with Basic.Deliver,
+    Basic.Ack and body frames decoded here and everything else (or anything malformed) by pamqp.
+
+    Args:
+        head: the frame's first 7 bytes (type, channel, size).
+        rest: its payload and frame-end octet.
+    """
+    frame_type, channel, size = _FRAME.unpack(head)
+    if size and len(rest) == size + 1 and rest[-1] == 0xCE:
+        if frame_type == _FRAME_BODY:
+            return size + 8, channel, ContentBody(rest[:-1])
+        if frame_type == _FRAME_METHOD and size >= 4:
+            try:
+                frame = _method(_UINT.unpack_from(rest)[0], rest, size)
+            except (ValueError, struct.error, IndexError):
+                frame = None  # pamqp says what is wrong with it
+            if frame is not None:
+                return size + 8, channel, frame
+    return cast(tuple[int, int, Any], pamqp_frame.unmarshal(head + rest))
+
+
+def _method(index: int, rest: bytes, size: int) -> Any:
+    if index == _ACK_INDEX and size == 13:
+        tag, bits = _TAG.unpack_from(rest, 4)
+        ack = _new(commands.Basic.Ack)
+        ack.delivery_tag, ack.multiple = tag, bool(bits & 1)
+        return ack
+    if index != _DELIVER_INDEX:
+        return None
+    used, consumer_tag = _short_str(rest[4:])
+    offset = 4 + used
+    tag, bits = _TAG.unpack_from(rest, offset)
+    offset += 9
+    used, exchange = _short_str(rest[offset:])
+    offset += used
+    used, routing_key = _short_str(rest[offset:])
+    if offset + used != size:
+        return None  # pamqp decides what a frame of another length means
+    deliver = _new(commands.Basic.Deliver)
+    deliver.consumer_tag, deliver.delivery_tag = consumer_tag, tag
+    deliver.redelivered = bool(bits & 1)
+    deliver.exchange, deliver.routing_key = exchange, routing_key
+    return deliver
+
+
+def _new(cls: type[Any]) -> Any:
+    # pamqp's unmarshal also sets decoded values without validating them; __init__ would.
+    return object.__new__(cls)
+
+
+async def _get_frame(self: Any) -> tuple[int, int, Any]:
+    """`FrameReceiver.get_frame`: the same frames and errors, two reads per frame."""
+    reader = self.reader
+    if reader.at_eof():
+        del self.reader
+        raise StopAsyncIteration
+    async with self.lock:
+        try:
+            head = await reader.readexactly(_HEAD_SIZE)
+            if not self.started:
+                if head.startswith(b"AMQP"):
+                    raise ProtocolSyntaxError("Unexpected AMQP protocol header")
+                self.started = True
+            rest = await reader.readexactly(_UINT.unpack_from(head, 3)[0] + 1)
+        except asyncio.IncompleteReadError as e:
+            raise AMQPConnectionError(
+                "Server connection unexpectedly closed. "
+                f"Read {len(e.partial)} bytes but {e.expected} bytes expected"
+            ) from e
+        except ConnectionRefusedError as e:
+            raise AMQPConnectionError(f"Server connection refused: {e!r}") from e
+        except ConnectionResetError as e:
+            raise AMQPConnectionError(f"Server connection reset: {e!r}") from e
+        except ConnectionError as e:
+            raise AMQPConnectionError(f"Server connection error: {e!r}") from e
+        except OSError as e:
+            raise AMQPConnectionError(f"Server communication error: {e!r}") from e
+    try:
+        return read_frame(head, rest)
+    except PAMQPException as e:
+        raise InvalidFrameError(str(e)) from e
+
+
 def install() -> None:
     """Make pamqp's decoding tolerant and aiormq's writer coalesce (idempotent; process-wide,
     as pamqp's tables and aiormq's classes are)."""
@@ -237,6 +338,14 @@ def install() -> None:
             raise RuntimeError(f"aiormq's FrameGenerator has no {name!r}: aiormq changed")
     _original["frames"] = generator.__anext__
     generator.__anext__ = _next_frames
+    receiver = getattr(aiormq_connection, "FrameReceiver", None)
+    if receiver is None or "get_frame" not in vars(receiver):
+        raise RuntimeError("aiormq.connection.FrameReceiver.get_frame is gone: aiormq changed")
+    for name in ("reader", "lock", "started"):
+        if name not in receiver.__init__.__code__.co_names:
+            raise RuntimeError(f"aiormq's FrameReceiver has no {name!r}: aiormq changed")
+    _original["get_frame"] = receiver.get_frame
+    receiver.get_frame = _get_frame
     _original["timestamp"] = decode.timestamp
     _original["properties"] = base.BasicProperties.unmarshal
     _original["table_value"] = encode.encode_table_value
@@ -524,19 +633,31 @@ _ACK = struct.Struct(">BHIIQB")  # method frame: type, channel, size, Basic.Ack,
 _BASIC_ACK = 0x003C0050
 
 
-def ack_frame(channel: int, delivery_tag: int) -> bytes:
-    """A Basic.Ack method frame for one delivery, as pamqp marshals it."""
-    return _ACK.pack(_FRAME_METHOD, channel, 13, _BASIC_ACK, delivery_tag, 0) + _FRAME_END
+def ack_frame(channel: int, delivery_tag: int, multiple: bool = False) -> bytes:
+    """A Basic.Ack method frame (of one delivery, or of every one up to the tag with
+    `multiple`), as pamqp marshals it."""
+    return _ACK.pack(_FRAME_METHOD, channel, 13, _BASIC_ACK, delivery_tag, multiple) + _FRAME_END
 
 
-async def ack(channel: Any, delivery_tag: int) -> None:
-    """`basic_ack(delivery_tag, wait=False)` without building pamqp objects: the frame joins
-    the connection's write queue (waiting only while it is full)."""
-    if channel.is_closed or channel._Channel__close_event.is_set():
+def closed(channel: Any) -> bool:
+    """True once the channel is closed or closing: a frame sent now would be refused."""
+    return bool(channel.is_closed or channel._Channel__close_event.is_set())
+
+
+def send(
+    channel: Any, frames: bytes, written: asyncio.Future[None] | None = None
+) -> Coroutine[Any, Any, None] | None:
+    """Queue ready-made method frames (acks) on the channel's connection; when its write
+    queue is full, the coroutine that waits for room (the caller runs it) instead.
+
+    Args:
+        written: resolved by aiormq's writer once the frames are handed to the socket.
+    """
+    if closed(channel):
         raise ChannelInvalidStateError(f"{channel!r} closed")  # as basic_ack says
-    frame = ChannelFrame(payload=ack_frame(channel.number, delivery_tag), should_close=False)
+    frame = ChannelFrame(payload=frames, should_close=False, drain_future=written)
     queue: asyncio.Queue[ChannelFrame] = channel.write_queue
     if queue.full():
-        await queue.put(frame)
-    else:
-        queue.put_nowait(frame)
+        return queue.put(frame)
+    queue.put_nowait(frame)
+    return None

@@ -50,7 +50,7 @@ from service.topology import QueueDecl, Topology
 from service.types import Delivery, Outgoing, Settle
 
 # ConsumerSpec, Link and LinkFactory live in service.link; re-exported for older imports.
-__all__ = ["AmqpLink", "ConsumerSpec", "Link", "LinkFactory", "Transport", "open_tool_link"]
+__all__ = ["Acks", "AmqpLink", "ConsumerSpec", "Link", "LinkFactory", "Transport", "open_tool_link"]
 
 shim.install()  # before any frame is read: foreign bytes must not kill a connection
 
@@ -98,6 +98,7 @@ class AmqpLink(LinkState):
         # channel holds, and with a plain (not robust) connection nothing of aio-pika is
         # re-declared from weak references, so no declared object needs to be kept.
         self._raw: aiormq.Channel | None = None
+        self._acks: Acks | None = None  # the channel's held acks
         self._task: asyncio.Task[None] | None = None
         self._closers: set[asyncio.Task[None]] = set()  # polite closes of lost connections
         self._closing = False
@@ -115,6 +116,9 @@ class AmqpLink(LinkState):
     async def close(self) -> None:
         """Stop reconnecting and close the connection."""
         self._closing = True
+        if self._acks is not None:
+            # Written before the connection closes: answered deliveries stay acked.
+            await self._acks.drain(self.settings.publish_timeout)
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
@@ -259,6 +263,7 @@ class AmqpLink(LinkState):
             await channel.set_qos(prefetch_count=self.prefetch)
         await self._declare(channel)
         self._raw = raw
+        self._acks = Acks(raw, self.settings.ack_delay, self.prefetch)
         raw.on_consumer_cancel_callbacks.add(self._on_consumer_cancel)
         wanted = list(self._consumers)
         for consumer in wanted:
@@ -316,11 +321,16 @@ class AmqpLink(LinkState):
             ) from None
 
     async def _attach(self, raw: aiormq.Channel, consumer: ConsumerSpec) -> None:
-        settle = None if consumer.no_ack else _settler(raw)
+        acks = self._acks
+        assert acks is not None
+        settle = None if consumer.no_ack else _settler(raw, acks)
+        received = None if consumer.no_ack else acks.received
         callback, queue = consumer.callback, consumer.queue
 
         async def on_message(message: DeliveredMessage) -> None:
             delivery = _delivery(message, queue=queue, settle=settle)
+            if received is not None:
+                received(delivery.delivery_tag)  # before any await: tasks start in tag order
             try:
                 await callback(delivery)
             except Exception:
@@ -403,6 +413,8 @@ class AmqpLink(LinkState):
         # The broker cancelled a consumer (queue deleted, node down): rebuild the whole link so
         # the queue is re-declared and every consumer re-attached — never a zombie consumer.
         _log.warning("consumer cancelled by the broker; re-declaring", link=self.name)
+        if self._acks is not None:
+            self._acks.flush()  # queued before the channel's close
         if self._raw is not None:
             self._raw.create_task(self._raw.close())
 
@@ -411,6 +423,9 @@ class AmqpLink(LinkState):
         self._ready.clear()
         self._set_attached(0)
         self._raw = None
+        if self._acks is not None:
+            self._acks.flush()  # still worth sending when only the channel is gone
+            self._acks = None
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed:
             closer = asyncio.get_running_loop().create_task(_quiet_close(connection))
@@ -626,21 +641,103 @@ def _delivery(
     )
 
 
-def _settler(raw: aiormq.Channel) -> Callable[[Delivery, Settle], Any]:
+class Acks:
+    """The acks of one channel, held up to `delay` seconds so that one `basic.ack(multiple)`
+    settles many deliveries (one frame, and often no write of its own, instead of one each).
+
+    Held acks are sent at once when the channel's unsettled deliveries (held ones included)
+    reach `limit`, the prefetch (the broker would send no more until they are acked), before
+    the link closes (`flush`), and right away with `delay` 0. A `multiple` ack covers only tags
+    below the lowest delivery still being handled, so no delivery is acked early.
+    """
+
+    __slots__ = ("_delay", "_held", "_limit", "_open", "_puts", "_raw", "_soon", "_timer")
+
+    def __init__(self, raw: aiormq.Channel, delay: float, limit: int | None) -> None:
+        self._raw = raw
+        self._delay = delay
+        self._limit = limit or 0
+        self._open: set[int] = set()  # delivered, not yet settled by their handler
+        self._held: list[int] = []  # acked by their handler, not yet sent
+        self._timer: asyncio.TimerHandle | None = None
+        self._soon = False
+        self._puts: set[asyncio.Task[None]] = set()  # frames waiting for a full write queue
+
+    def received(self, tag: int) -> None:
+        """A delivery that will be settled arrived (before its handler runs)."""
+        self._open.add(tag)
+
+    def ack(self, tag: int) -> None:
+        """Its handler acked it: send the ack soon, alone or with others."""
+        self._open.discard(tag)
+        self._held.append(tag)
+        if self._soon:
+            return
+        if not self._delay or len(self._open) + len(self._held) >= self._limit > 0:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._soon = True
+            asyncio.get_running_loop().call_soon(self.flush)
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._delay, self.flush)
+
+    def settled(self, tag: int) -> None:
+        """It was rejected (or requeued) instead: no ack may cover it."""
+        self._open.discard(tag)
+
+    async def drain(self, timeout: float) -> None:
+        """Send every held ack and wait (up to `timeout`) until they are written: closing the
+        connection drops what its writer has not written yet."""
+        written = asyncio.get_running_loop().create_future()
+        self.flush(written)
+        if not written.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(written), timeout)
+
+    def flush(self, written: asyncio.Future[None] | None = None) -> None:
+        """Send every held ack now; `written`, if given, is resolved once they are written
+        (or at once when there is nothing to send)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._soon = False
+        held, self._held = sorted(self._held), []
+        if not held or shim.closed(self._raw):
+            if written is not None:
+                written.set_result(None)
+            return  # a closed channel's deliveries are redelivered by the broker (B8)
+        number = self._raw.number
+        lowest_open = min(self._open, default=held[-1] + 1)
+        covered = [tag for tag in held if tag < lowest_open]
+        frames = [shim.ack_frame(number, tag) for tag in held if tag > lowest_open]
+        if covered:
+            frames.insert(0, shim.ack_frame(number, covered[-1], multiple=len(covered) > 1))
+        try:
+            waiting = shim.send(self._raw, b"".join(frames), written)
+        except _CONNECTION_ERRORS as exc:
+            _log.info("acks not sent; broker will redeliver", count=len(held), error=str(exc))
+            if written is not None:
+                written.set_result(None)
+            return
+        if waiting is not None:
+            task = asyncio.ensure_future(waiting)
+            self._puts.add(task)
+            task.add_done_callback(self._puts.discard)
+
+
+def _settler(raw: aiormq.Channel, acks: Acks) -> Callable[[Delivery, Settle], Any]:
     async def settle(delivery: Delivery, how: Settle) -> None:
         if raw.is_closed:
             # The channel this delivery came on is gone; the broker redelivers it (B8).
             _log.info("stale delivery not settled; broker will redeliver", how=how.value)
             return
+        if how is Settle.ACK:
+            acks.ack(delivery.delivery_tag)
+            return
+        acks.settled(delivery.delivery_tag)
         try:
-            # wait=False: queued for the connection's writer, which sends every frame queued
-            # by then in one write (shim.py); nothing to wait for, an ack has no answer.
-            if how is Settle.ACK:
-                await shim.ack(raw, delivery.delivery_tag)
-            else:
-                await raw.basic_reject(
-                    delivery.delivery_tag, requeue=how is Settle.REQUEUE, wait=False
-                )
+            await raw.basic_reject(delivery.delivery_tag, requeue=how is Settle.REQUEUE, wait=False)
         except _CONNECTION_ERRORS as exc:
             _log.info("settle failed; broker will redeliver", how=how.value, error=_describe(exc))
 

@@ -248,11 +248,23 @@ def test_ack_frames_are_pamqps_bytes(channel: int, tag: int) -> None:
     assert shim.ack_frame(channel, tag) == expected
 
 
-async def test_ack_queues_its_frame_and_refuses_a_closed_channel() -> None:
-    """An ack joins the write queue; on a closed channel it is refused as aiormq refuses it."""
+def test_multiple_ack_frames_are_pamqps_bytes() -> None:
+    """A Basic.Ack with `multiple` is the bytes pamqp marshals."""
+    expected = pamqp.frame.marshal(spec.Basic.Ack(delivery_tag=9, multiple=True), 4)
+    assert shim.ack_frame(4, 9, multiple=True) == expected
+
+
+async def test_send_queues_frames_and_refuses_a_closed_channel() -> None:
+    """Frames join the write queue; on a closed channel they are refused as aiormq refuses an
+    ack; a full queue hands back the wait for room."""
     channel = _Channel(confirms=True)
-    await shim.ack(channel, 5)
+    assert shim.send(channel, shim.ack_frame(1, 5)) is None
     assert channel.write_queue.get_nowait().payload == shim.ack_frame(1, 5)
+    full = _Channel(confirms=True, queue_size=1)
+    full.write_queue.put_nowait(None)
+    waiting = shim.send(full, b"x")
+    assert waiting is not None
+    waiting.close()
     channel.is_closed = True
     with pytest.raises(ChannelInvalidStateError):
-        await shim.ack(channel, 6)
+        shim.send(channel, shim.ack_frame(1, 6))

@@ -1,0 +1,114 @@
+"""The frame reader's own decoding (`shim.read_frame`) gives what pamqp gives, for any bytes."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pamqp.frame
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+
+from service import shim
+
+shim.install()  # pamqp's decoders as Burrow runs them (tolerant short strings)
+
+_SHORT = st.binary(max_size=255)  # any bytes: not UTF-8 must come out Undecodable, as pamqp's
+
+
+def _short(raw: bytes) -> bytes:
+    return bytes([len(raw)]) + raw
+
+
+def _frame(frame_type: int, channel: int, payload: bytes, end: bytes = b"\xce") -> bytes:
+    return struct.pack(">BHI", frame_type, channel, len(payload)) + payload + end
+
+
+def _same(ours: tuple[int, int, Any], theirs: tuple[int, int, Any]) -> None:
+    assert ours[:2] == theirs[:2]
+    mine, pamqps = ours[2], theirs[2]
+    assert type(mine) is type(pamqps)
+    if isinstance(pamqps, ContentBody):
+        assert mine.value == pamqps.value
+        return
+    for name in getattr(pamqps, "__slots__", ()):
+        a, b = getattr(mine, name), getattr(pamqps, name)
+        assert (type(a), a) == (type(b), b), name
+
+
+def _check(data: bytes) -> None:
+    head, rest = data[:7], data[7:]
+    try:
+        theirs = pamqp.frame.unmarshal(data)
+    except Exception as exc:  # PAMQPException, or pamqp's own ValueError / struct.error
+        with pytest.raises(type(exc)):
+            shim.read_frame(head, rest)
+        return
+    _same(shim.read_frame(head, rest), theirs)
+
+
+@given(
+    channel=st.integers(0, 65535),
+    consumer_tag=_SHORT,
+    tag=st.integers(0, 2**64 - 1),
+    bits=st.integers(0, 255),
+    exchange=_SHORT,
+    routing_key=_SHORT,
+)
+def test_deliver_frames_decode_as_pamqp_decodes_them(  # noqa: PLR0917 (Hypothesis draws)
+    channel: int, consumer_tag: bytes, tag: int, bits: int, exchange: bytes, routing_key: bytes
+) -> None:
+    """A Basic.Deliver with any tag, flags and (even non-UTF-8) short strings."""
+    payload = (
+        struct.pack(">I", 0x003C003C)
+        + _short(consumer_tag)
+        + struct.pack(">QB", tag, bits)
+        + _short(exchange)
+        + _short(routing_key)
+    )
+    _check(_frame(1, channel, payload))
+
+
+@given(channel=st.integers(0, 65535), tag=st.integers(0, 2**64 - 1), bits=st.integers(0, 255))
+def test_ack_frames_decode_as_pamqp_decodes_them(channel: int, tag: int, bits: int) -> None:
+    """A Basic.Ack (a publisher confirm) with any tag and flag octet."""
+    _check(_frame(1, channel, struct.pack(">IQB", 0x003C0050, tag, bits)))
+
+
+@given(channel=st.integers(0, 65535), body=st.binary(max_size=2048))
+def test_body_frames_decode_as_pamqp_decodes_them(channel: int, body: bytes) -> None:
+    """A body frame of any bytes."""
+    _check(_frame(3, channel, body))
+
+
+@given(data=st.binary(min_size=7, max_size=64), end=st.sampled_from([b"\xce", b"\x00"]))
+def test_any_bytes_decode_or_fail_as_pamqp_does(data: bytes, end: bytes) -> None:
+    """Truncated, overlong, foreign or badly ended frames: pamqp's frame or pamqp's error."""
+    frame_type = data[0] % 4 or 1
+    _check(_frame(frame_type, 1, data[7:]) if data[1] % 2 else _frame(frame_type, 1, data, end))
+
+
+@given(payload=st.binary(max_size=40))
+def test_truncated_deliver_and_ack_frames_fail_as_pamqp_fails(payload: bytes) -> None:
+    """A Deliver or Ack method frame with a short or long payload is pamqp's to judge."""
+    for index in (0x003C003C, 0x003C0050):
+        _check(_frame(1, 1, struct.pack(">I", index) + payload))
+
+
+def test_other_frames_are_pamqps() -> None:
+    """Content headers, returns and closes still come from pamqp itself."""
+    frames = [
+        pamqp.frame.marshal(
+            ContentHeader(body_size=3, properties=spec.Basic.Properties(message_id="m")), 2
+        ),
+        pamqp.frame.marshal(spec.Basic.Return(reply_code=312, exchange="x", routing_key="k"), 2),
+        pamqp.frame.marshal(
+            spec.Channel.Close(reply_code=406, reply_text="bad", class_id=60, method_id=40), 2
+        ),
+    ]
+    for data in frames:
+        _check(data)
