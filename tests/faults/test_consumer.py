@@ -448,8 +448,8 @@ async def test_b7_second_settle_is_ignored_by_the_broker_too(
             replace(spec, callback=settle_again(spec.callback)) for spec in link.consumers
         )
 
-    # Acks leave on the loop turn after the settle (no holding), so the control's second ack
-    # below reaches the broker on its own instead of merging with the first one.
+    # Acks leave on the loop turn after their settle (none held), so the control's second ack
+    # below reaches the broker on its own instead of merging into one multiple ack.
     app = await run_app(work_service(ledger), prepare=prepare, ack_delay=0)
     lost = watch_loss(app.transport.consumer)
     reconnects = sample("burrow_amqp_reconnects_total", link="consumer")
@@ -480,6 +480,9 @@ async def test_b7_second_settle_is_ignored_by_the_broker_too(
     # broker (PRECONDITION_FAILED), which closes the channel — what the guard prevents.
     first = deliveries[0]
     assert first.settle_fn is not None
+    # The acks so far were scheduled at their settle; one loop turn lets them go first (the
+    # second delivery may have been settled before this task's publish confirm woke it).
+    await asyncio.sleep(0)
     await first.settle_fn(first, Settle.ACK)
     async with asyncio.timeout(10):
         await lost.wait()
