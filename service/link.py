@@ -82,6 +82,10 @@ class ConsumerSpec:
     callback: DeliveryCallback
     no_ack: bool = False
     exclusive: bool = False
+    # For a no-ack consumer whose work never waits (resolving a future): a link may call this
+    # in its frame reader instead of running `callback` as a task per delivery. It must not
+    # raise; `callback` must do the same work.
+    inline: Callable[[Delivery], None] | None = None
 
 
 class Link(Protocol):

@@ -62,7 +62,9 @@ class RpcClient:
         # Jobs submitted from here, until their completion arrives; one nobody holds any
         # more is forgotten (its result stays in the service's store).
         self.awaiting: weakref.WeakValueDictionary[str, Awaiting] = weakref.WeakValueDictionary()
-        link.add_consumer(ConsumerSpec(DIRECT_REPLY_TO, self._on_reply, no_ack=True))
+        link.add_consumer(
+            ConsumerSpec(DIRECT_REPLY_TO, self._on_reply, no_ack=True, inline=self._reply)
+        )
         link.on_lost(self._fail_pending)
 
     async def call_raw(
@@ -144,6 +146,10 @@ class RpcClient:
             duration.observe(time.perf_counter() - started)
 
     async def _on_reply(self, delivery: Delivery) -> None:
+        self._reply(delivery)
+
+    def _reply(self, delivery: Delivery) -> None:
+        """A reply or pushed completion arrived: resolve what waits for it (never waits)."""
         future = self.pending.get(delivery.correlation_id or "")
         if future is None:
             waiter = self.awaiting.pop(delivery.correlation_id or "", None)

@@ -17,18 +17,20 @@ frame ends a batch.
 `publish_frames` and `publish` replace aiormq's `basic_publish` for Burrow's publishes: the
 same bytes (see their section below), a fraction of its CPU. On the way in, `install()` makes
 aiormq's frame reader take each frame in two reads and decode the frames of every delivery and
-confirm (Basic.Deliver, Basic.Ack, body) directly; every other frame still goes through pamqp,
-and the objects are pamqp's, with the same values (`read_frame`).
+confirm (Basic.Deliver, Basic.Ack, content header, body) directly; every other frame still
+goes through pamqp, and the objects are pamqp's, with the same values (`read_frame`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ClassVar, cast
 
+from aiormq import channel as aiormq_channel
 from aiormq import connection as aiormq_connection
 from aiormq.abc import ChannelFrame, TaskType, TaskWrapper
 from aiormq.exceptions import (
@@ -41,6 +43,7 @@ from pamqp import base, commands, decode, encode
 from pamqp import frame as pamqp_frame
 from pamqp.body import ContentBody
 from pamqp.exceptions import PAMQPException
+from pamqp.header import ContentHeader
 
 from service.vocabulary import H_UNDECODABLE
 
@@ -96,6 +99,7 @@ class _Depth(threading.local):
 
 _depth = _Depth()
 _original: dict[str, Any] = {}
+_aiormq_log = logging.getLogger("aiormq.channel")  # where aiormq says what we now do
 
 
 def _short_str(value: bytes) -> tuple[int, str]:
@@ -174,10 +178,14 @@ def _properties_unmarshal(self: base.BasicProperties, flags: int, data: bytes) -
     try:
         _original["properties"](self, flags, data)
     except Exception as exc:  # any failure here would kill the connection
-        # What was decoded before the failure stays; the rest is lost. The marker tells the
-        # envelope reader to refuse the message as undecodable.
-        problem = f"properties could not be decoded: {type(exc).__name__}"
-        cast(Any, self).headers = {UNDECODABLE_HEADER: Undecodable.of(b"", problem)}
+        _undecodable_properties(self, exc)
+
+
+def _undecodable_properties(properties: object, exc: Exception) -> None:
+    # What was decoded before the failure stays; the rest is lost. The marker tells the
+    # envelope reader to refuse the message as undecodable.
+    problem = f"properties could not be decoded: {type(exc).__name__}"
+    cast(Any, properties).headers = {UNDECODABLE_HEADER: Undecodable.of(b"", problem)}
 
 
 def _table_value(value: Any) -> bytes:
@@ -253,6 +261,10 @@ def read_frame(head: bytes, rest: bytes) -> tuple[int, int, Any]:
     if size and len(rest) == size + 1 and rest[-1] == 0xCE:
         if frame_type == _FRAME_BODY:
             return size + 8, channel, ContentBody(rest[:-1])
+        if frame_type == _FRAME_HEADER and size >= _HEADER_FIXED.size:
+            header = _content_header(rest, size)
+            if header is not None:
+                return size + 8, channel, header
         if frame_type == _FRAME_METHOD and size >= 4:
             try:
                 frame = _method(_UINT.unpack_from(rest)[0], rest, size)
@@ -287,9 +299,107 @@ def _method(index: int, rest: bytes, size: int) -> Any:
     return deliver
 
 
+_HEADER_FIXED = struct.Struct(">HHQH")  # class, weight, body size, first property-flag word
+_PROPERTIES = tuple(
+    (flag, name, getattr(commands.Basic.Properties, "_" + name))
+    for name, flag in commands.Basic.Properties.flags.items()
+)  # in wire order, as pamqp decodes them
+_BLANK = {name: None for _, name, _ in _PROPERTIES} | {"cluster_id": ""}  # Properties()'s
+
+
+def _content_header(rest: bytes, size: int) -> ContentHeader | None:
+    """A content header frame as pamqp's `ContentHeader.unmarshal` (with Burrow's tolerant
+    property decoding) leaves it; None for a second flag word (pamqp's to decode)."""
+    class_id, weight, body_size, flags = _HEADER_FIXED.unpack_from(rest)
+    if flags & 1:
+        return None
+    properties = _new(commands.Basic.Properties)
+    for name, blank in _BLANK.items():
+        setattr(properties, name, blank)
+    try:
+        _decode_properties(properties, flags, rest, _HEADER_FIXED.size, size)
+    except Exception as exc:  # as _properties_unmarshal: never kill the connection
+        _undecodable_properties(properties, exc)
+    header: ContentHeader = _new(ContentHeader)
+    header.class_id, header.weight, header.body_size = class_id, weight, body_size
+    header.properties = properties
+    return header
+
+
+def _decode_properties(properties: Any, flags: int, data: bytes, offset: int, end: int) -> None:
+    # pamqp's BasicProperties.unmarshal, by offsets instead of a slice per property: each
+    # decoder sees what pamqp's would (the rest of the payload) and fails where it fails.
+    for flag, name, kind in _PROPERTIES:
+        if not flags & flag:
+            continue
+        if kind == "shortstr":
+            if offset >= end:
+                raise ValueError("Could not unpack short string value")
+            length = data[offset]
+            raw = data[offset + 1 : min(offset + 1 + length, end)]
+            try:
+                value: Any = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                value = Undecodable.of(raw, "short string is not UTF-8")
+            offset += length + 1
+        elif kind == "octet":
+            if offset >= end:
+                raise ValueError("Could not unpack octet value")
+            value = data[offset]
+            offset += 1
+        else:  # table, timestamp: the tolerant decoders `install()` put in pamqp
+            used, value = decode.by_type(data[offset:end], kind)
+            offset += used
+        setattr(properties, name, value)
+
+
 def _new(cls: type[Any]) -> Any:
     # pamqp's unmarshal also sets decoded values without validating them; __init__ would.
     return object.__new__(cls)
+
+
+class _Inline:
+    """A consumer callback aiormq can run as a task, and the shim's reader calls directly."""
+
+    __slots__ = ("_call", "burrow_inline")
+
+    def __init__(
+        self, call: Callable[[Any], Awaitable[None]], inline: Callable[[Any], None]
+    ) -> None:
+        self._call = call
+        self.burrow_inline = inline
+
+    def __call__(self, message: Any) -> Awaitable[None]:
+        return self._call(message)
+
+
+def inline_consumer(
+    call: Callable[[Any], Awaitable[None]], inline: Callable[[Any], None]
+) -> Callable[[Any], Awaitable[None]]:
+    """A consumer callback for `basic_consume` whose deliveries `install()`'s reader hands to
+    `inline` in the channel's reader instead of a task running `call` (the same work)."""
+    return _Inline(call, inline)
+
+
+async def _on_deliver_frame(self: Any, frame: Any) -> None:
+    """`Channel._on_deliver_frame`, calling an `inline_consumer` in place (no task)."""
+    header = await self._Channel__get_content_header()
+    message = await self._read_content(frame, header)
+    if frame.consumer_tag is None:
+        _aiormq_log.warning("Frame %r has no consumer tag", frame)
+        return
+    consumer = self.consumers.get(frame.consumer_tag)
+    if consumer is None:
+        return
+    inline = getattr(consumer, "burrow_inline", None)
+    if inline is not None:
+        try:
+            inline(message)
+        except Exception:
+            _aiormq_log.exception("Consumer callback failed")  # as aiormq logs a task's failure
+        return
+    task = self.create_task(consumer(message))
+    task.add_done_callback(self._on_consumer_done)
 
 
 async def _get_frame(self: Any) -> tuple[int, int, Any]:
@@ -346,6 +456,12 @@ def install() -> None:
             raise RuntimeError(f"aiormq's FrameReceiver has no {name!r}: aiormq changed")
     _original["get_frame"] = receiver.get_frame
     receiver.get_frame = _get_frame
+    deliver = vars(aiormq_channel.Channel).get("_on_deliver_frame")
+    used = {"_Channel__get_content_header", "_read_content", "consumers", "create_task"}
+    if deliver is None or not used <= set(deliver.__code__.co_names):
+        raise RuntimeError("aiormq's Channel._on_deliver_frame changed: review shim.py")
+    _original["deliver"] = deliver
+    aiormq_channel.Channel._on_deliver_frame = _on_deliver_frame  # type: ignore[method-assign]
     _original["timestamp"] = decode.timestamp
     _original["properties"] = base.BasicProperties.unmarshal
     _original["table_value"] = encode.encode_table_value

@@ -340,8 +340,17 @@ class AmqpLink(LinkState):
                 if delivery.settled is None:
                     await delivery.reject()
 
+        registered: Callable[[DeliveredMessage], Any] = on_message
+        inline = consumer.inline
+        if inline is not None and consumer.no_ack:
+
+            def handle(message: DeliveredMessage) -> None:
+                inline(_delivery(message, queue=queue))
+
+            # Called in the channel's frame reader (shim), no task per delivery.
+            registered = shim.inline_consumer(on_message, handle)
         await raw.basic_consume(
-            consumer.queue, on_message, no_ack=consumer.no_ack, exclusive=consumer.exclusive
+            consumer.queue, registered, no_ack=consumer.no_ack, exclusive=consumer.exclusive
         )
 
     async def _until_lost(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import struct
 from typing import Any
 
@@ -35,6 +36,13 @@ def _same(ours: tuple[int, int, Any], theirs: tuple[int, int, Any]) -> None:
     if isinstance(pamqps, ContentBody):
         assert mine.value == pamqps.value
         return
+    if isinstance(pamqps, ContentHeader):
+        assert (mine.class_id, mine.weight, mine.body_size) == (
+            pamqps.class_id,
+            pamqps.weight,
+            pamqps.body_size,
+        )
+        mine, pamqps = mine.properties, pamqps.properties
     for name in getattr(pamqps, "__slots__", ()):
         a, b = getattr(mine, name), getattr(pamqps, name)
         assert (type(a), a) == (type(b), b), name
@@ -85,6 +93,69 @@ def test_body_frames_decode_as_pamqp_decodes_them(channel: int, body: bytes) -> 
     _check(_frame(3, channel, body))
 
 
+_TEXT = st.text(max_size=40)
+_VALUES = st.one_of(st.integers(-(2**31), 2**31 - 1), st.text(max_size=20), st.booleans())
+
+
+@given(
+    channel=st.integers(0, 65535),
+    body_size=st.integers(0, 2**63 - 1),
+    texts=st.fixed_dictionaries(
+        {},
+        optional=dict.fromkeys(
+            (
+                "content_type",
+                "content_encoding",
+                "correlation_id",
+                "reply_to",
+                "expiration",
+                "message_id",
+                "message_type",
+                "user_id",
+                "app_id",
+            ),
+            _TEXT,
+        ),
+    ),
+    headers=st.none() | st.dictionaries(st.text(min_size=1, max_size=10), _VALUES, max_size=5),
+    delivery_mode=st.none() | st.sampled_from([1, 2]),
+    priority=st.none() | st.integers(0, 9),
+    timestamp=st.none()
+    | st.datetimes(datetime.datetime(1971, 1, 1), datetime.datetime(2100, 1, 1)),
+)
+def test_content_header_frames_decode_as_pamqp_decodes_them(  # noqa: PLR0917 (Hypothesis draws)
+    channel: int,
+    body_size: int,
+    texts: dict[str, str],
+    headers: dict[str, Any] | None,
+    delivery_mode: int | None,
+    priority: int | None,
+    timestamp: datetime.datetime | None,
+) -> None:
+    """A content header with any mix of properties, as a client would send it."""
+    properties = spec.Basic.Properties(
+        headers=headers,
+        delivery_mode=delivery_mode,
+        priority=priority,
+        timestamp=None if timestamp is None else timestamp.replace(microsecond=0),
+        **texts,
+    )
+    _check(pamqp.frame.marshal(ContentHeader(body_size=body_size, properties=properties), channel))
+
+
+@given(
+    flags=st.integers(0, 65535),
+    payload=st.binary(max_size=120),
+    channel=st.integers(0, 65535),
+)
+def test_any_content_header_bytes_decode_as_pamqp_decodes_them(
+    flags: int, payload: bytes, channel: int
+) -> None:
+    """Any property flags over any bytes (truncated strings, broken tables, a second flag
+    word): the same values, the same undecodable marker, or pamqp's frame."""
+    _check(_frame(2, channel, struct.pack(">HHQH", 60, 0, len(payload), flags) + payload))
+
+
 @given(data=st.binary(min_size=7, max_size=64), end=st.sampled_from([b"\xce", b"\x00"]))
 def test_any_bytes_decode_or_fail_as_pamqp_does(data: bytes, end: bytes) -> None:
     """Truncated, overlong, foreign or badly ended frames: pamqp's frame or pamqp's error."""
@@ -100,11 +171,8 @@ def test_truncated_deliver_and_ack_frames_fail_as_pamqp_fails(payload: bytes) ->
 
 
 def test_other_frames_are_pamqps() -> None:
-    """Content headers, returns and closes still come from pamqp itself."""
+    """Returns and closes still come from pamqp itself."""
     frames = [
-        pamqp.frame.marshal(
-            ContentHeader(body_size=3, properties=spec.Basic.Properties(message_id="m")), 2
-        ),
         pamqp.frame.marshal(spec.Basic.Return(reply_code=312, exchange="x", routing_key="k"), 2),
         pamqp.frame.marshal(
             spec.Channel.Close(reply_code=406, reply_text="bad", class_id=60, method_id=40), 2
@@ -112,3 +180,57 @@ def test_other_frames_are_pamqps() -> None:
     ]
     for data in frames:
         _check(data)
+
+
+class _DeliveringChannel:
+    """What `Channel._on_deliver_frame` reads of an aiormq channel."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumers = {"ctag": consumer}
+        self.tasks: list[Any] = []
+
+    async def _Channel__get_content_header(self) -> ContentHeader:
+        return ContentHeader(body_size=0)
+
+    async def _read_content(self, frame: Any, header: ContentHeader) -> tuple[Any, Any]:
+        return frame, header
+
+    def create_task(self, coro: Any) -> Any:
+        self.tasks.append(coro)
+        coro.close()
+        return _Task()
+
+    @staticmethod
+    def _on_consumer_done(task: Any) -> None:
+        """aiormq's done callback (unused here)."""
+
+
+class _Task:
+    def add_done_callback(self, callback: Any) -> None:
+        """What aiormq calls on the task it made."""
+
+
+async def test_inline_consumers_run_in_the_reader_and_others_get_a_task() -> None:
+    """A delivery for an inline consumer is handled before the frame's turn ends, with no
+    task; any other consumer still gets aiormq's task; a failing inline one is logged."""
+    handled: list[Any] = []
+
+    async def as_task(message: Any) -> None:
+        handled.append(("task", message))
+
+    deliver = spec.Basic.Deliver(consumer_tag="ctag", delivery_tag=1)
+    inline = _DeliveringChannel(shim.inline_consumer(as_task, handled.append))
+    await shim._on_deliver_frame(inline, deliver)
+    assert len(handled) == 1
+    assert handled[0][0] is deliver
+    assert not inline.tasks
+
+    plain = _DeliveringChannel(as_task)
+    await shim._on_deliver_frame(plain, deliver)
+    assert len(plain.tasks) == 1
+    assert len(handled) == 1
+
+    def fails(_: Any) -> None:
+        raise RuntimeError("boom")
+
+    await shim._on_deliver_frame(_DeliveringChannel(shim.inline_consumer(as_task, fails)), deliver)
