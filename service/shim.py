@@ -251,7 +251,8 @@ _HEAD_SIZE = 7
 
 def read_frame(head: bytes, rest: bytes) -> tuple[int, int, Any]:
     """`pamqp.frame.unmarshal(head + rest)`: (bytes used, channel, frame), with Basic.Deliver,
-    Basic.Ack and body frames decoded here and everything else (or anything malformed) by pamqp.
+    Basic.Ack, content header and body frames decoded here and everything else (or anything
+    malformed, or a second property-flag word) by pamqp.
 
     Args:
         head: the frame's first 7 bytes (type, channel, size).
