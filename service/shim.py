@@ -103,14 +103,20 @@ _aiormq_log = logging.getLogger("aiormq.channel")  # where aiormq says what we n
 
 
 def _short_str(value: bytes) -> tuple[int, str]:
-    if not value:
+    return _short_str_at(bytes(value), 0, len(value))
+
+
+def _short_str_at(data: bytes, offset: int, end: int) -> tuple[int, str]:
+    """The short string at `offset` of `data` (read no further than `end`), and the offset
+    after it: UTF-8 text, or `Undecodable` (pamqp would raise and kill the connection)."""
+    if offset >= end:
         raise ValueError("Could not unpack short string value")
-    length = value[0]
-    raw = bytes(value[1 : length + 1])
+    length = data[offset]
+    raw = data[offset + 1 : min(offset + 1 + length, end)]
     try:
-        return length + 1, raw.decode("utf-8")
+        return offset + 1 + length, raw.decode("utf-8")
     except UnicodeDecodeError:
-        return length + 1, Undecodable.of(raw, "short string is not UTF-8")
+        return offset + 1 + length, Undecodable.of(raw, "short string is not UTF-8")
 
 
 def _nested(decode_items: Callable[[bytes], Any], kind: str) -> _Decoder:
@@ -246,7 +252,6 @@ async def _next_frames(self: Any) -> ChannelFrame | _Batch:
 
 _DELIVER_INDEX, _ACK_INDEX = 0x003C003C, 0x003C0050
 _TAG = struct.Struct(">qB")  # delivery tag (signed, as pamqp reads a longlong), then a bit octet
-_HEAD_SIZE = 7
 
 
 def read_frame(head: bytes, rest: bytes) -> tuple[int, int, Any]:
@@ -259,6 +264,12 @@ def read_frame(head: bytes, rest: bytes) -> tuple[int, int, Any]:
         rest: its payload and frame-end octet.
     """
     frame_type, channel, size = _FRAME.unpack(head)
+    return _decode(frame_type, channel, size, head, rest)
+
+
+def _decode(
+    frame_type: int, channel: int, size: int, head: bytes, rest: bytes
+) -> tuple[int, int, Any]:
     if size and len(rest) == size + 1 and rest[-1] == 0xCE:
         if frame_type == _FRAME_BODY:
             return size + 8, channel, ContentBody(rest[:-1])
@@ -284,14 +295,11 @@ def _method(index: int, rest: bytes, size: int) -> Any:
         return ack
     if index != _DELIVER_INDEX:
         return None
-    used, consumer_tag = _short_str(rest[4:])
-    offset = 4 + used
+    offset, consumer_tag = _short_str_at(rest, 4, size)
     tag, bits = _TAG.unpack_from(rest, offset)
-    offset += 9
-    used, exchange = _short_str(rest[offset:])
-    offset += used
-    used, routing_key = _short_str(rest[offset:])
-    if offset + used != size:
+    offset, exchange = _short_str_at(rest, offset + 9, size)
+    offset, routing_key = _short_str_at(rest, offset, size)
+    if offset != size:
         return None  # pamqp decides what a frame of another length means
     deliver = _new(commands.Basic.Deliver)
     deliver.consumer_tag, deliver.delivery_tag = consumer_tag, tag
@@ -333,16 +341,9 @@ def _decode_properties(properties: Any, flags: int, data: bytes, offset: int, en
     for flag, name, kind in _PROPERTIES:
         if not flags & flag:
             continue
+        value: Any
         if kind == "shortstr":
-            if offset >= end:
-                raise ValueError("Could not unpack short string value")
-            length = data[offset]
-            raw = data[offset + 1 : min(offset + 1 + length, end)]
-            try:
-                value: Any = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                value = Undecodable.of(raw, "short string is not UTF-8")
-            offset += length + 1
+            offset, value = _short_str_at(data, offset, end)
         elif kind == "octet":
             if offset >= end:
                 raise ValueError("Could not unpack octet value")
@@ -411,12 +412,13 @@ async def _get_frame(self: Any) -> tuple[int, int, Any]:
         raise StopAsyncIteration
     async with self.lock:
         try:
-            head = await reader.readexactly(_HEAD_SIZE)
+            head = await reader.readexactly(_FRAME.size)
             if not self.started:
                 if head.startswith(b"AMQP"):
                     raise ProtocolSyntaxError("Unexpected AMQP protocol header")
                 self.started = True
-            rest = await reader.readexactly(_UINT.unpack_from(head, 3)[0] + 1)
+            frame_type, channel, size = _FRAME.unpack(head)
+            rest = await reader.readexactly(size + 1)
         except asyncio.IncompleteReadError as e:
             raise AMQPConnectionError(
                 "Server connection unexpectedly closed. "
@@ -431,7 +433,7 @@ async def _get_frame(self: Any) -> tuple[int, int, Any]:
         except OSError as e:
             raise AMQPConnectionError(f"Server communication error: {e!r}") from e
     try:
-        return read_frame(head, rest)
+        return _decode(frame_type, channel, size, head, rest)
     except PAMQPException as e:
         raise InvalidFrameError(str(e)) from e
 
@@ -497,6 +499,8 @@ def installed() -> bool:
         and base.BasicProperties.unmarshal is _properties_unmarshal
         and encode.encode_table_value is _table_value
         and vars(aiormq_connection.FrameGenerator).get("__anext__") is _next_frames
+        and vars(aiormq_connection.FrameReceiver).get("get_frame") is _get_frame
+        and vars(aiormq_channel.Channel).get("_on_deliver_frame") is _on_deliver_frame
     )
 
 

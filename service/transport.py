@@ -700,9 +700,8 @@ class Acks:
         connection drops what its writer has not written yet."""
         written = asyncio.get_running_loop().create_future()
         self.flush(written)
-        if not written.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(written), timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(written, timeout)
 
     def flush(self, written: asyncio.Future[None] | None = None) -> None:
         """Send every held ack now; `written`, if given, is resolved once they are written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Iterable
 
 import pamqp.frame
 from hypothesis import given
@@ -39,6 +40,23 @@ def _acks_sent(channel: _Channel) -> list[tuple[int, bool]]:
     return sent
 
 
+def _held(
+    delay: float,
+    limit: int | None,
+    received: Iterable[int],
+    acked: Iterable[int] = (),
+    queue_size: int = 0,
+) -> tuple[_Channel, Acks]:
+    """A channel and its `Acks` after these deliveries arrived and these were acked."""
+    channel = _Channel(queue_size)
+    acks = Acks(channel, delay, limit)  # type: ignore[arg-type]
+    for tag in received:
+        acks.received(tag)
+    for tag in acked:
+        acks.ack(tag)
+    return channel, acks
+
+
 async def _turn() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
@@ -46,12 +64,7 @@ async def _turn() -> None:
 
 async def test_acks_wait_for_the_delay_then_go_as_one_multiple_ack() -> None:
     """Acks within the delay are held, then sent as one multiple ack of the highest tag."""
-    channel = _Channel()
-    acks = Acks(channel, 0.05, 64)  # type: ignore[arg-type]
-    for tag in (1, 2, 3):
-        acks.received(tag)
-    for tag in (2, 1, 3):
-        acks.ack(tag)
+    channel, _ = _held(0.05, 64, received=(1, 2, 3), acked=(2, 1, 3))
     await _turn()
     assert _acks_sent(channel) == []
     await asyncio.sleep(0.08)
@@ -60,12 +73,7 @@ async def test_acks_wait_for_the_delay_then_go_as_one_multiple_ack() -> None:
 
 async def test_a_multiple_ack_stops_below_a_delivery_still_handled() -> None:
     """Tags above the lowest one still being handled are acked one by one."""
-    channel = _Channel()
-    acks = Acks(channel, 1.0, 64)  # type: ignore[arg-type]
-    for tag in range(1, 6):
-        acks.received(tag)
-    for tag in (1, 2, 4, 5):
-        acks.ack(tag)
+    channel, acks = _held(1.0, 64, received=range(1, 6), acked=(1, 2, 4, 5))
     acks.flush()
     assert _acks_sent(channel) == [(2, True), (4, False), (5, False)]
     acks.ack(3)
@@ -75,32 +83,21 @@ async def test_a_multiple_ack_stops_below_a_delivery_still_handled() -> None:
 
 async def test_at_the_prefetch_limit_acks_go_on_the_next_turn() -> None:
     """When the unsettled deliveries reach the prefetch, the broker sends no more: ack now."""
-    channel = _Channel()
-    acks = Acks(channel, 10.0, 2)  # type: ignore[arg-type]
-    acks.received(1)
-    acks.received(2)
-    acks.ack(1)
-    acks.ack(2)
+    channel, _ = _held(10.0, 2, received=(1, 2), acked=(1, 2))
     await _turn()
     assert _acks_sent(channel) == [(2, True)]
 
 
 async def test_no_delay_sends_each_turns_acks_together() -> None:
     """With delay 0 the acks of one loop turn leave on the next one, together."""
-    channel = _Channel()
-    acks = Acks(channel, 0.0, None)  # type: ignore[arg-type]
-    acks.received(7)
-    acks.ack(7)
+    channel, _ = _held(0.0, None, received=(7,), acked=(7,))
     await _turn()
     assert _acks_sent(channel) == [(7, False)]
 
 
 async def test_rejected_deliveries_do_not_hold_back_acks() -> None:
     """A rejected tag is settled: a multiple ack may pass over it."""
-    channel = _Channel()
-    acks = Acks(channel, 1.0, 64)  # type: ignore[arg-type]
-    for tag in (1, 2, 3):
-        acks.received(tag)
+    channel, acks = _held(1.0, 64, received=(1, 2, 3))
     acks.settled(2)
     acks.ack(1)
     acks.ack(3)
@@ -110,10 +107,7 @@ async def test_rejected_deliveries_do_not_hold_back_acks() -> None:
 
 async def test_a_closed_channel_gets_no_acks() -> None:
     """On a closed channel nothing is queued: the broker redelivers those messages."""
-    channel = _Channel()
-    acks = Acks(channel, 1.0, 64)  # type: ignore[arg-type]
-    acks.received(1)
-    acks.ack(1)
+    channel, acks = _held(1.0, 64, received=(1,), acked=(1,))
     channel.is_closed = True
     acks.flush()
     assert channel.write_queue.empty()
@@ -121,10 +115,8 @@ async def test_a_closed_channel_gets_no_acks() -> None:
 
 async def test_a_full_write_queue_delays_the_acks_without_losing_them() -> None:
     """While the connection's write queue is full the acks wait for room."""
-    channel = _Channel(queue_size=1)
+    channel, acks = _held(1.0, 64, received=(1,), queue_size=1)
     channel.write_queue.put_nowait(shim.send)  # something already queued: the queue is full
-    acks = Acks(channel, 1.0, 64)  # type: ignore[arg-type]
-    acks.received(1)
     acks.ack(1)
     acks.flush()
     await _turn()
