@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service.errors import InvalidArgument, ServiceError
@@ -21,15 +22,17 @@ from service.vocabulary import (
     H_DEADLINE,
     H_JOB_ID,
     H_KIND,
+    H_STATUS,
     H_TRACEPARENT,
     H_VERSION,
     HEADER_KINDS,
     MAX_DEADLINE_MS,
     DeadReason,
     Kind,
+    Status,
 )
 
-__all__ = ["Refusal", "Fields", "text", "read", "undecodable_fields"]
+__all__ = ["Refusal", "Fields", "text", "failed", "read", "undecodable_fields"]
 
 _PROPERTIES = (
     "message_id",
@@ -84,6 +87,12 @@ def text(value: object) -> str | None:
         except UnicodeDecodeError:
             return None
     return None
+
+
+def failed(headers: Mapping[str, object]) -> bool:
+    """Whether an answer (reply or completion) says it is an error: x-status `error` as text
+    or UTF-8 bytes; any other value or type, or none, is success (protocol §3)."""
+    return text(headers.get(H_STATUS)) == Status.ERROR
 
 
 def read(delivery: Delivery) -> Fields:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from service import codec
+from service import codec, envelope
 from service.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -29,10 +29,8 @@ from service.types import Delivery
 from service.vocabulary import (
     H_CALLBACK,
     H_JOB_ID,
-    H_STATUS,
     JOB_ID_PATTERN,
     MAX_CALLBACK_DATA,
-    Status,
 )
 
 __all__ = [
@@ -125,7 +123,7 @@ class Job:
         """The completion arrived on the reply consumer (called by `RpcClient`)."""
         if self._push is None or self._push.done():
             return
-        failed = delivery.headers.get(H_STATUS) == Status.ERROR
+        failed = envelope.failed(delivery.headers)
         try:
             status = JobStatus.ended(self.id, codec.decode_json(delivery.body), failed=failed)
             self._push.set_result(status)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from service import codec, metrics, tracing
+from service import codec, envelope, metrics, tracing
 from service.config import Settings
 from service.errors import ConnectionLost, DeadlineExceeded, ServiceError, error_from_wire
 from service.link import ConsumerSpec, Link
@@ -24,11 +24,9 @@ from service.vocabulary import (
     H_DEADLINE,
     H_JOB_ID,
     H_KIND,
-    H_STATUS,
     Kind,
     Names,
     PublishKind,
-    Status,
 )
 
 __all__ = ["RpcClient", "Awaiting"]
@@ -126,7 +124,7 @@ class RpcClient:
                 )
                 self._unsent.discard(correlation_id)
                 reply = await future
-            if reply.headers.get(H_STATUS) == Status.ERROR:
+            if envelope.failed(reply.headers):
                 raise error_from_wire(codec.decode_json(reply.body))
             return reply.body
         except TimeoutError:

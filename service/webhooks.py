@@ -34,8 +34,9 @@ from service import codec, envelope, metrics
 from service.codec import Model
 from service.config import Settings
 from service.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
+from service.jobs import valid_callback, valid_job_id
 from service.registry import Context, Service, State
-from service.vocabulary import H_CALLBACK_DATA, H_JOB_ID, H_STATUS, Status
+from service.vocabulary import H_CALLBACK_DATA, H_JOB_ID
 
 __all__ = [
     "CALLBACK_ROUTE",
@@ -155,8 +156,16 @@ def webhook_service(settings: Settings, policy: CallbackPolicy) -> Service:
         except InvalidArgument as exc:  # the allow-list changed since the submit
             metrics.WEBHOOK_DELIVERIES.labels("refused").inc()
             raise FailedPrecondition(exc.message, details=exc.details) from None
-        job_id = envelope.text(ctx.headers.get(H_JOB_ID)) or ctx.correlation_id or ""
-        failed = ctx.headers.get(H_STATUS) == Status.ERROR
+        job_id = valid_job_id(envelope.text(ctx.headers.get(H_JOB_ID))) or valid_job_id(
+            ctx.correlation_id
+        )
+        if job_id is None:  # it names the webhook (an HTTP header): never empty or forged
+            metrics.WEBHOOK_DELIVERIES.labels("refused").inc()
+            raise InvalidArgument(
+                f"the completion carries no usable {H_JOB_ID} ([A-Za-z0-9_-]{{1,64}}), "
+                "nor a correlation id that is one"
+            )
+        failed = envelope.failed(ctx.headers)
         body = codec.encode(_payload(f"{operation}.{job_id}", operation, event, failed))
         timestamp = int(time.time())
         headers = {
@@ -178,8 +187,10 @@ def _target(data: object) -> tuple[str, str]:
         found = codec.decode_json(text.encode()) if text is not None else None
     except InvalidArgument:  # not JSON
         found = None
-    if not isinstance(found, dict) or not all(
-        isinstance(found.get(k), str) for k in ("url", "operation")
+    if (
+        not isinstance(found, dict)
+        or not isinstance(found.get("url"), str)
+        or valid_callback(found.get("operation")) is None  # `<svc>.<op>`: it names the webhook
     ):
         metrics.WEBHOOK_DELIVERIES.labels("refused").inc()
         raise InvalidArgument(f"the completion carries no usable {H_CALLBACK_DATA}")
