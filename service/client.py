@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from service import codec, tracing
 from service.config import Settings, load_settings
-from service.errors import NotFound, QueueFull
+from service.errors import Internal, NotFound, QueueFull
 from service.events import event_message, publish_event
 from service.jobs import Job, JobStatus, valid_callback, valid_callback_data
 from service.link import LinkFactory, Outbound
@@ -172,7 +172,7 @@ class Client:
             return reply.model_validate(result) if reply is not None else result
         if reply is not None:
             return codec.decode_model(reply, answer)
-        return codec.decode_json(answer)
+        return codec.decode_answer(answer)
 
     async def cast(
         self,
@@ -246,12 +246,15 @@ class Client:
             )
         except NotFound:
             return None
-        found = codec.decode_json(answer)  # the record as `schemas/job-status.json` says
-        state = JobState(found["state"])
-        if state is JobState.RUNNING:
-            return JobStatus(job_id, state)
-        failed = state is JobState.FAILED
-        return JobStatus.ended(job_id, found["error" if failed else "result"], failed=failed)
+        found = codec.decode_answer(answer)  # the record as `schemas/job-status.json` says
+        try:
+            state = JobState(found["state"])
+            if state is JobState.RUNNING:
+                return JobStatus(job_id, state)
+            failed = state is JobState.FAILED
+            return JobStatus.ended(job_id, found["error" if failed else "result"], failed=failed)
+        except (TypeError, KeyError, ValueError):  # another team's service got it wrong
+            raise Internal(f"malformed job status from {route[:128]!r}") from None
 
     async def emit(
         self,

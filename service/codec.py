@@ -17,7 +17,7 @@ import orjson
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from service.errors import InvalidArgument, MessageTooLarge, ServiceError
+from service.errors import Internal, InvalidArgument, MessageTooLarge, ServiceError
 from service.types import Delivery
 from service.vocabulary import (  # re-exported: the names' home is the vocabulary
     H_CALLBACK,
@@ -166,6 +166,16 @@ def decode_model(model: type[M], body: bytes) -> M:
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+def decode_answer(body: bytes) -> Any:
+    """`decode_json` for what a service answered (a reply's or completion's body): malformed
+    JSON there is the answering side's fault, so it is `Internal`, not `InvalidArgument`
+    (which tells a caller that its own input was bad)."""
+    try:
+        return decode_json(body)
+    except InvalidArgument as exc:
+        raise Internal(f"the answer's body is {exc.message}", details={"reason": "json"}) from None
 
 
 def decode_json(body: bytes) -> Any:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from service.errors import InvalidArgument, ServiceError
+from service.errors import Internal, InvalidArgument, ServiceError
 from service.shim import Undecodable
 from service.types import Delivery
 from service.vocabulary import (
@@ -91,8 +91,16 @@ def text(value: object) -> str | None:
 
 def failed(headers: Mapping[str, object]) -> bool:
     """Whether an answer (reply or completion) says it is an error: x-status `error` as text
-    or UTF-8 bytes; any other value or type, or none, is success (protocol §3)."""
-    return text(headers.get(H_STATUS)) == Status.ERROR
+    or UTF-8 bytes; any other value or type, or none, is success (protocol §3).
+
+    Raises:
+        Internal: x-status arrived undecodable: whether the answer is an error is unknown.
+    """
+    value = headers.get(H_STATUS)
+    if _holds_undecodable(value):
+        problem = f"the answer's {H_STATUS} could not be decoded"
+        raise Internal(problem, details={"header": H_STATUS})
+    return text(value) == Status.ERROR
 
 
 def read(delivery: Delivery) -> Fields:

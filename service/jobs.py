@@ -123,11 +123,11 @@ class Job:
         """The completion arrived on the reply consumer (called by `RpcClient`)."""
         if self._push is None or self._push.done():
             return
-        failed = envelope.failed(delivery.headers)
         try:
-            status = JobStatus.ended(self.id, codec.decode_json(delivery.body), failed=failed)
+            failed = envelope.failed(delivery.headers)
+            status = JobStatus.ended(self.id, codec.decode_answer(delivery.body), failed=failed)
             self._push.set_result(status)
-        except ServiceError as exc:  # not JSON: say so where the result is awaited
+        except ServiceError as exc:  # unreadable: say so where the result is awaited
             self._push.set_exception(exc)
 
     def lost(self) -> None:

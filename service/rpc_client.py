@@ -125,7 +125,7 @@ class RpcClient:
                 self._unsent.discard(correlation_id)
                 reply = await future
             if envelope.failed(reply.headers):
-                raise error_from_wire(codec.decode_json(reply.body))
+                raise error_from_wire(codec.decode_answer(reply.body))
             return reply.body
         except TimeoutError:
             outcome = "DEADLINE_EXCEEDED"
