@@ -302,6 +302,10 @@ def main() -> int:
     """`python -m bench.worker TOOL ROLE JSON_ARGS`."""
     tool_id, role, raw = sys.argv[1], sys.argv[2], sys.argv[3]
     args = orjson.loads(raw)
+    if os.environ.get("BENCH_HOPS_OUT"):  # `python -m bench.hops`: record socket reads, writes
+        from bench import hops  # noqa: PLC0415
+
+        hops.install(os.environ["BENCH_HOPS_OUT"])
     tool = importlib.import_module(f"bench.tools.{TOOLS[tool_id]}")
     if getattr(tool, "BLOCKING", False):
         _main_blocking(tool, tool_id, role, args)
