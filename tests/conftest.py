@@ -47,20 +47,25 @@ def namespace() -> str:
     return f"{RUN_PREFIX}{next(_counter)}"
 
 
+def quick_settings(namespace: str, **overrides: Any) -> Settings:
+    """Settings for `namespace` against the test broker, with an ephemeral HTTP port and short
+    timeouts (the `settings` fixture's; module-scoped fixtures build theirs with it)."""
+    quick: dict[str, Any] = {
+        "http_port": 0,
+        "http_host": "127.0.0.1",
+        "default_deadline": 5.0,
+        "shutdown_grace": 5.0,
+        "reconnect_min_delay": 0.05,
+        "reconnect_max_delay": 0.5,
+        "job_result_ttl": 60.0,  # job queues of a test vanish soon after it
+    }
+    return load_settings(amqp_url=AMQP_URL, namespace=namespace, **(quick | overrides))
+
+
 @pytest.fixture
 def settings(namespace: str) -> Settings:
     """Settings for this test's namespace, with an ephemeral HTTP port and short timeouts."""
-    return load_settings(
-        amqp_url=AMQP_URL,
-        namespace=namespace,
-        http_port=0,
-        http_host="127.0.0.1",
-        default_deadline=5.0,
-        shutdown_grace=5.0,
-        reconnect_min_delay=0.05,
-        reconnect_max_delay=0.5,
-        job_result_ttl=60.0,  # job queues of a test vanish soon after it
-    )
+    return quick_settings(namespace)
 
 
 @pytest.fixture

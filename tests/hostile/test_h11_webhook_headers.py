@@ -42,7 +42,6 @@ from aiohttp import web
 from pydantic import SecretStr
 from standardwebhooks import Webhook
 
-from service import load_settings
 from service.codec import decode_json
 from service.dead_letters import DeadLetter
 from service.example import calc
@@ -57,7 +56,7 @@ from service.vocabulary import (
     Names,
 )
 from service.webhooks import CALLBACK_ROUTE, callback_data
-from tests.conftest import AMQP_URL, RUN_PREFIX, delete_topology
+from tests.conftest import AMQP_URL, RUN_PREFIX, delete_topology, quick_settings
 from tests.faults.harness import sample, wait_until
 from tests.hostile.conftest import (
     NOT_UTF8,
@@ -242,16 +241,8 @@ async def webhooks() -> AsyncIterator[Webhooks]:
     """One gateway for the module (quick retries, callbacks to 127.0.0.1 allowed, signed with
     SECRET), a receiver on a free loopback port and the DLQ observer; all stopped and the
     gateway's topology deleted after the module."""
-    settings = load_settings(
-        amqp_url=AMQP_URL,
-        namespace=f"{RUN_PREFIX}h11",
-        http_port=0,
-        http_host="127.0.0.1",
-        default_deadline=5.0,
-        shutdown_grace=5.0,
-        reconnect_min_delay=0.05,
-        reconnect_max_delay=0.5,
-        job_result_ttl=60.0,
+    settings = quick_settings(
+        f"{RUN_PREFIX}h11",
         retry_base_delay=0.2,
         max_retries=1,
         gateway_port=0,
@@ -601,7 +592,7 @@ def status_cases() -> list[Case]:
 
 
 def _params(cases: Sequence[Case]) -> list[Any]:
-    return [pytest.param(case, id=case.label) for case in cases]
+    return [pytest.param(case, id=f"{case.header}/{case.label}") for case in cases]
 
 
 async def run_case(
@@ -634,38 +625,14 @@ async def run_case(
 
 
 @MODULE_LOOP
-@pytest.mark.parametrize("case", _params(callback_data_cases()))
-async def test_h11_callback_data_of_every_type(
+@pytest.mark.parametrize("case", _params(callback_data_cases() + job_id_cases() + status_cases()))
+async def test_h11_completion_headers_of_every_type(
     webhooks: Webhooks,
     case: Case,
     logs: list[MutableMapping[str, Any]],
     log_records: pytest.LogCaptureFixture,
 ) -> None:
-    """H11: x-callback-data as text of JSON with an allowed URL is POSTed there; else parked."""
-    await run_case(webhooks, case, logs, log_records)
-
-
-@MODULE_LOOP
-@pytest.mark.parametrize("case", _params(job_id_cases()))
-async def test_h11_job_id_of_every_type(
-    webhooks: Webhooks,
-    case: Case,
-    logs: list[MutableMapping[str, Any]],
-    log_records: pytest.LogCaptureFixture,
-) -> None:
-    """H11: x-job-id as text names the webhook job; any other type falls back to correlation_id."""
-    await run_case(webhooks, case, logs, log_records)
-
-
-@MODULE_LOOP
-@pytest.mark.parametrize("case", _params(status_cases()))
-async def test_h11_status_of_every_type(
-    webhooks: Webhooks,
-    case: Case,
-    logs: list[MutableMapping[str, Any]],
-    log_records: pytest.LogCaptureFixture,
-) -> None:
-    """H11: x-status `error` as text POSTs job.failed; any other value or type job.completed."""
+    """H11: each completion header of each AMQP type is POSTed or parked as its case list says."""
     await run_case(webhooks, case, logs, log_records)
 
 

@@ -40,7 +40,7 @@ import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage
 
-from service import App, Client, load_settings
+from service import App, Client
 from service.codec import encode
 from service.errors import (
     DeadlineExceeded,
@@ -58,7 +58,7 @@ from service.jobs import Job
 from service.testing import delete_entities
 from service.topology import client_topology
 from service.vocabulary import DIRECT_REPLY_TO, H_JOB_ID, H_KIND, H_STATUS, H_VERSION, Names
-from tests.conftest import AMQP_URL, RUN_PREFIX, delete_topology
+from tests.conftest import AMQP_URL, RUN_PREFIX, delete_topology, quick_settings
 from tests.faults.harness import sample
 from tests.hostile.conftest import (
     NOT_UTF8,
@@ -243,17 +243,7 @@ class Foreign:
 async def foreign() -> AsyncIterator[Foreign]:
     """One client for the module on its own namespace and the foreign server answering it;
     closed, and what the client, the spy and any App declared deleted, after the module."""
-    settings = load_settings(
-        amqp_url=AMQP_URL,
-        namespace=f"{RUN_PREFIX}h12",
-        http_port=0,
-        http_host="127.0.0.1",
-        default_deadline=_ANSWER_WAIT,
-        shutdown_grace=5.0,
-        reconnect_min_delay=0.05,
-        reconnect_max_delay=0.5,
-        job_result_ttl=60.0,
-    )
+    settings = quick_settings(f"{RUN_PREFIX}h12", default_deadline=_ANSWER_WAIT)
     client = Client(settings)
     env = Foreign(client)
     try:
@@ -456,37 +446,20 @@ def assert_clean(
 
 
 @MODULE_LOOP
+@pytest.mark.parametrize("path", ["call", "job"])
 @pytest.mark.parametrize("case", _ids(status_cases()))
-async def test_h12_call_status_of_every_type(
+async def test_h12_status_of_every_type(
     foreign: Foreign,
+    path: str,
     case: Status,
     logs: list[MutableMapping[str, Any]],
     log_records: pytest.LogCaptureFixture,
 ) -> None:
-    """H12: a reply's x-status `error` as text raises its error; undecodable, Internal; else ok."""
+    """H12: x-status `error` as text raises the answer's error; undecodable, Internal; else ok."""
     late = sample(LATE)
-    body = error_body(CALL_CODE, case.label)
-    answered = await foreign.call(case, encode(body))
-    want = wanted(case, body)
-    found = problem(answered, want, f"call/{case.label}")
-    assert found is None, found
-    assert_clean(foreign, late, logs, log_records, case.label)
-
-
-@MODULE_LOOP
-@pytest.mark.parametrize("case", _ids(status_cases()))
-async def test_h12_completion_status_of_every_type(
-    foreign: Foreign,
-    case: Status,
-    logs: list[MutableMapping[str, Any]],
-    log_records: pytest.LogCaptureFixture,
-) -> None:
-    """H12: a completion's x-status `error` as text fails it; undecodable, Internal; else ok."""
-    late = sample(LATE)
-    body = error_body(JOB_CODE, case.label)
-    answered = await foreign.submit(case, encode(body))
-    want = wanted(case, body)
-    found = problem(answered, want, f"job/{case.label}")
+    body = error_body(CALL_CODE if path == "call" else JOB_CODE, case.label)
+    answer = foreign.call if path == "call" else foreign.submit
+    found = problem(await answer(case, encode(body)), wanted(case, body), f"{path}/{case.label}")
     assert found is None, found
     assert_clean(foreign, late, logs, log_records, case.label)
 
