@@ -157,9 +157,13 @@ class Client:
         timeout = self.settings.default_deadline if timeout is None else timeout
         started = time.monotonic()
         body = codec.encode(payload)
+
+        def decode(answer: bytes) -> Any:
+            return codec.decode_answer(answer, reply)
+
         try:
-            answer = await self.rpc.call_raw(
-                route, body, timeout=timeout, headers=_version_header(operation)
+            return await self.rpc.call(
+                route, body, decode, timeout=timeout, headers=_version_header(operation)
             )
         except QueueFull:
             if not fallback_to_submit:
@@ -170,9 +174,6 @@ class Client:
             remaining = max(0.001, timeout - (time.monotonic() - started))
             result = await job.result(timeout=remaining)
             return reply.model_validate(result) if reply is not None else result
-        if reply is not None:
-            return codec.decode_model(reply, answer)
-        return codec.decode_answer(answer)
 
     async def cast(
         self,

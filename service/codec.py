@@ -168,14 +168,19 @@ def decode_model(model: type[M], body: bytes) -> M:
         raise _invalid(exc) from None
 
 
-def decode_answer(body: bytes) -> Any:
-    """`decode_json` for what a service answered (a reply's or completion's body): malformed
-    JSON there is the answering side's fault, so it is `Internal`, not `InvalidArgument`
-    (which tells a caller that its own input was bad)."""
+def decode_answer(body: bytes, model: type[BaseModel] | None = None) -> Any:
+    """`decode_json` (or `decode_model` into `model`) for what a service answered, a reply's or
+    completion's body. A body that is not JSON, or does not match the reply model, is the
+    answering side's fault: `Internal` (same details), not `InvalidArgument`, which tells a
+    caller that its own input was bad."""
     try:
-        return decode_json(body)
+        return decode_json(body) if model is None else decode_model(model, body)
     except InvalidArgument as exc:
-        raise Internal(f"the answer's body is {exc.message}", details={"reason": "json"}) from None
+        if model is not None and exc.details.get("reason") == "schema":
+            problem = f"the answer does not match the reply model {model.__name__}"
+        else:
+            problem = f"the answer's body is {exc.message}"
+        raise Internal(problem, details=exc.details) from None
 
 
 def decode_json(body: bytes) -> Any:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -32,6 +33,7 @@ from service.vocabulary import (
 __all__ = ["RpcClient", "Awaiting"]
 
 _log = structlog.get_logger("burrow.rpc_client")
+T = TypeVar("T")
 _OUTCOMES = frozenset(metrics.CALL_OUTCOMES)
 
 
@@ -78,6 +80,19 @@ class RpcClient:
         Args:
             timeout: seconds until the deadline (default: settings.default_deadline).
         """
+        return await self.call(route, body, _as_is, timeout=timeout, headers=headers)
+
+    async def call(
+        self,
+        route: str,
+        body: bytes,
+        decode: Callable[[bytes], T],
+        *,
+        timeout: float | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> T:
+        """`call_raw`, returning `decode(reply body)`: a reply it cannot decode is counted
+        with the error it raises, not as `ok`."""
         timeout = self.settings.default_deadline if timeout is None else timeout
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -126,7 +141,7 @@ class RpcClient:
                 reply = await future
             if envelope.failed(reply.headers):
                 raise error_from_wire(codec.decode_answer(reply.body))
-            return reply.body
+            return decode(reply.body)
         except TimeoutError:
             outcome = "DEADLINE_EXCEEDED"
             raise DeadlineExceeded(f"no reply from {label!r} within {timeout:.3f}s") from None
@@ -181,3 +196,7 @@ class RpcClient:
                     "the request may or may not have run"
                 )
             )
+
+
+def _as_is(body: bytes) -> bytes:
+    return body

@@ -87,6 +87,7 @@ __all__: list[str] = []
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")  # the tests share the module's client
 ASK = "spy.ask"  # the route of the calls (no service serves `spy`: the test answers)
+CALLS = "burrow_rpc_client_calls_total"  # the client's calls, by operation and outcome
 WORK = "spy.work"  # the route of the submits
 _ANSWER_WAIT = 8.0  # seconds a call or a job may wait for its answer (its own deadline)
 _WAIT = 20.0  # upper bound on one wait in the test; never reached when the client behaves
@@ -499,13 +500,17 @@ async def test_h12_malformed_error_body_raises_a_service_error(
     logs: list[MutableMapping[str, Any]],
     log_records: pytest.LogCaptureFixture,
 ) -> None:
-    """H12: an answer body that is no valid error body raises a ServiceError, never hangs."""
+    """H12: a malformed answer body raises a ServiceError (a call counts its code), never hangs."""
     late = sample(LATE)
     label = f"{path}/{case.label}"
     status = Status(label, case.status, True)
     answer = foreign.call if path == "call" else foreign.submit
+    outcome = {"operation": ASK, "outcome": case.want.cls.code.value}
+    counted = sample(CALLS, **outcome)
     found = problem(await answer(status, case.body), case.want, label)
     assert found is None, found
+    if path == "call":
+        assert sample(CALLS, **outcome) == counted + 1, f"{label}: not counted as {outcome}"
     assert_clean(foreign, late, logs, log_records, label)
 
 

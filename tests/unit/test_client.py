@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from service import (
     Client,
@@ -187,6 +188,26 @@ async def test_remote_errors_come_back_typed(
         await client.call(route, payload, timeout=5)
     assert time.monotonic() - started < 1
     assert type(caught.value) is error
+    assert client.rpc.pending == {}
+
+
+class Receipt(Model):
+    """A reply model the shop's answer does not match (it has no `receipt_id`)."""
+
+    receipt_id: str
+
+
+async def test_reply_not_matching_the_reply_model_is_internal_and_counted(
+    serve: Serve, shop: Shop
+) -> None:
+    """A reply that does not fit `reply=` raises Internal (the answer's fault), counted so."""
+    client, _ = await serve(shop.service)
+    labels = {"operation": "shop.place", "outcome": "INTERNAL"}
+    before = REGISTRY.get_sample_value("burrow_rpc_client_calls_total", labels) or 0.0
+    with pytest.raises(Internal, match="does not match the reply model Receipt") as raised:
+        await client.call("shop.place", {"sku": "tea"}, reply=Receipt)
+    assert raised.value.details["reason"] == "schema"
+    assert REGISTRY.get_sample_value("burrow_rpc_client_calls_total", labels) == before + 1
     assert client.rpc.pending == {}
 
 
