@@ -173,7 +173,7 @@ class Client:
             )
             remaining = max(0.001, timeout - (time.monotonic() - started))
             result = await job.result(timeout=remaining)
-            return reply.model_validate(result) if reply is not None else result
+            return codec.validate_answer(reply, result) if reply is not None else result
 
     async def cast(
         self,

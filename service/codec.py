@@ -177,10 +177,22 @@ def decode_answer(body: bytes, model: type[BaseModel] | None = None) -> Any:
         return decode_json(body) if model is None else decode_model(model, body)
     except InvalidArgument as exc:
         if model is not None and exc.details.get("reason") == "schema":
-            problem = f"the answer does not match the reply model {model.__name__}"
-        else:
-            problem = f"the answer's body is {exc.message}"
-        raise Internal(problem, details=exc.details) from None
+            raise _not_the_reply(model, exc) from None
+        raise Internal(f"the answer's body is {exc.message}", details=exc.details) from None
+
+
+def validate_answer(model: type[M], value: Any) -> M:
+    """An answer already decoded (a job's result) validated into the caller's reply model;
+    `Internal` when it does not match, as `decode_answer` says."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise _not_the_reply(model, _invalid(exc)) from None
+
+
+def _not_the_reply(model: type[BaseModel], invalid: InvalidArgument) -> Internal:
+    problem = f"the answer does not match the reply model {model.__name__}"
+    return Internal(problem, details=invalid.details)
 
 
 def decode_json(body: bytes) -> Any:

@@ -305,6 +305,27 @@ async def test_full_request_queue_fails_fast_or_falls_back_to_submit(
     assert submitted.headers["x-job-id"] == submitted.message_id
 
 
+async def test_fallback_job_not_matching_the_reply_model_is_internal(
+    serve: Serve, shop: Shop
+) -> None:
+    """A fallback job whose result does not fit `reply=` raises Internal, not a pydantic error."""
+    client, _ = await serve(shop.service, queue_type="classic", max_queue_length=1, prefetch=1)
+    requests = client.names.request_queue("shop")
+    shop.gate.clear()
+    first = asyncio.ensure_future(client.call("shop.hold", {"sku": "a"}, timeout=10))
+    assert await next_of(shop.entered) == "a"
+    queued = asyncio.ensure_future(client.call("shop.hold", {"sku": "b"}, timeout=10))
+    assert (await client.link.peek(requests, 5)).body == b'{"sku":"b"}'  # the queue is full
+    fallback = asyncio.ensure_future(
+        client.call("shop.hold", {"sku": "d"}, timeout=10, fallback_to_submit=True, reply=Receipt)
+    )
+    assert await next_of(shop.entered) == "d"  # run as a job
+    shop.gate.set()
+    with pytest.raises(Internal, match="does not match the reply model Receipt"):
+        await fallback
+    await asyncio.gather(first, queued)
+
+
 # -- cast, submit, emit ----------------------------------------------------------------------
 
 
