@@ -238,12 +238,23 @@ class AmqpLink(LinkState):
             if urlsplit(url).scheme == "amqps":
                 # Built at every connect, so renewed certificate files are picked up.
                 context = await asyncio.to_thread(_tls_context, self.settings)
-            connection = await aio_pika.connect(
-                _with_heartbeat(url, self.settings.heartbeat),
-                timeout=self.settings.connect_timeout,
-                client_properties={"connection_name": f"burrow:{self.name}"},
-                ssl_context=context,
+            attempt = asyncio.ensure_future(
+                aio_pika.connect(
+                    _with_heartbeat(url, self.settings.heartbeat),
+                    timeout=self.settings.connect_timeout,
+                    client_properties={"connection_name": f"burrow:{self.name}"},
+                    ssl_context=context,
+                )
             )
+            try:
+                connection = await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                # Cancelled mid-connect (the link is closing): let the attempt end by itself,
+                # within connect_timeout. Cancelling it races aio-pika's `wait_for` on Python
+                # 3.11, which then loses the broker's answer ("Task exception was never
+                # retrieved", logged at error level) when the refusal arrives at that moment.
+                attempt.add_done_callback(self._abandoned)
+                raise
         except Exception as exc:
             refusal = _vhost_refusal(exc)
             if refusal is not None:
@@ -437,14 +448,24 @@ class AmqpLink(LinkState):
             self._acks = None
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed:
-            closer = asyncio.get_running_loop().create_task(_quiet_close(connection))
-            self._closers.add(closer)
-            closer.add_done_callback(self._closers.discard)
+            self._close_later(connection)
         if was_ready and self._closing:
             _log.info("broker connection closed", link=self.name)  # asked for: not a loss
         elif was_ready:
             _log.warning("broker connection lost", link=self.name, error=_describe(reason))
         self._notify_lost(reason)
+
+    def _close_later(self, connection: AbstractConnection) -> None:
+        closer = asyncio.get_running_loop().create_task(_quiet_close(connection))
+        self._closers.add(closer)
+        closer.add_done_callback(self._closers.discard)
+
+    def _abandoned(self, attempt: asyncio.Future[Any]) -> None:
+        """A connect this link gave up on has ended: its error is not worth reporting (the
+        link is closing), and a connection it opened after all is closed."""
+        if attempt.cancelled() or attempt.exception() is not None:
+            return
+        self._close_later(attempt.result())
 
     # -- one-off operations -----------------------------------------------------------------
 
