@@ -28,6 +28,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bench.run import RESULTS, Proc, _delete_prefixed
 
 __all__ = ["install", "main", "split"]
@@ -125,8 +127,6 @@ def _round(tool: str, calls: int, logs: Path) -> tuple[float, list[float]]:
 
 
 def _json(data: dict[str, Any]) -> str:
-    import orjson  # noqa: PLC0415
-
     return orjson.dumps(data).decode()
 
 

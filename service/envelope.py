@@ -97,7 +97,7 @@ def failed(headers: Mapping[str, object]) -> bool:
         Internal: x-status arrived undecodable: whether the answer is an error is unknown.
     """
     value = headers.get(H_STATUS)
-    if _holds_undecodable(value):
+    if Undecodable.made and _holds_undecodable(value):  # (none made: none can be here)
         problem = f"the answer's {H_STATUS} could not be decoded"
         raise Internal(problem, details={"header": H_STATUS})
     return text(value) == Status.ERROR

@@ -33,7 +33,13 @@ from pydantic import ConfigDict
 from service import codec, envelope, metrics
 from service.codec import Model
 from service.config import Settings
-from service.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
+from service.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    ServiceError,
+    Unavailable,
+)
 from service.jobs import valid_callback, valid_job_id
 from service.registry import Context, Service, State
 from service.vocabulary import H_CALLBACK_DATA, H_JOB_ID
@@ -154,26 +160,26 @@ def webhook_service(settings: Settings, policy: CallbackPolicy) -> Service:
         try:
             policy.check(url)
         except InvalidArgument as exc:  # the allow-list changed since the submit
-            metrics.WEBHOOK_DELIVERIES.labels("refused").inc()
-            raise FailedPrecondition(exc.message, details=exc.details) from None
+            raise _refused(FailedPrecondition(exc.message, details=exc.details)) from None
         job_id = valid_job_id(envelope.text(ctx.headers.get(H_JOB_ID))) or valid_job_id(
             ctx.correlation_id
         )
         if job_id is None:  # it names the webhook (an HTTP header): never empty or forged
-            metrics.WEBHOOK_DELIVERIES.labels("refused").inc()
-            raise InvalidArgument(
-                f"the completion carries no usable {H_JOB_ID} ([A-Za-z0-9_-]{{1,64}}), "
-                "nor a correlation id that is one"
+            raise _refused(
+                InvalidArgument(
+                    f"the completion carries no usable {H_JOB_ID} ([A-Za-z0-9_-]{{1,64}}), "
+                    "nor a correlation id that is one"
+                )
             )
-        failed = envelope.failed(ctx.headers)
-        body = codec.encode(_payload(f"{operation}.{job_id}", operation, event, failed))
+        webhook_id = f"{operation}.{job_id}"
+        body = codec.encode(_payload(webhook_id, operation, event, envelope.failed(ctx.headers)))
         timestamp = int(time.time())
         headers = {
             "content-type": "application/json",
             "user-agent": "burrow-gateway",
-            "webhook-id": f"{operation}.{job_id}",
+            "webhook-id": webhook_id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(key, f"{operation}.{job_id}", timestamp, body),
+            "webhook-signature": sign(key, webhook_id, timestamp, body),
         }
         session: aiohttp.ClientSession = ctx.state.webhook_session
         await _post(session, url, body, headers)
@@ -192,9 +198,14 @@ def _target(data: object) -> tuple[str, str]:
         or not isinstance(found.get("url"), str)
         or valid_callback(found.get("operation")) is None  # `<svc>.<op>`: it names the webhook
     ):
-        metrics.WEBHOOK_DELIVERIES.labels("refused").inc()
-        raise InvalidArgument(f"the completion carries no usable {H_CALLBACK_DATA}")
+        raise _refused(InvalidArgument(f"the completion carries no usable {H_CALLBACK_DATA}"))
     return found["url"], found["operation"]
+
+
+def _refused(error: ServiceError) -> ServiceError:
+    """Count a completion that will never be POSTed; `error` is what parks it."""
+    metrics.WEBHOOK_DELIVERIES.labels("refused").inc()
+    return error
 
 
 def _payload(job_id: str, operation: str, event: Completion, failed: bool) -> dict[str, Any]:
@@ -226,7 +237,6 @@ async def _post(
         metrics.WEBHOOK_DELIVERIES.labels("delivered").inc()
         return
     if status == 410:  # Gone: the receiver asks never to be called for this again
-        metrics.WEBHOOK_DELIVERIES.labels("refused").inc()
-        raise FailedPrecondition(f"webhook to {host} answered 410 Gone")
+        raise _refused(FailedPrecondition(f"webhook to {host} answered 410 Gone"))
     metrics.WEBHOOK_DELIVERIES.labels("failed").inc()
     raise Unavailable(f"webhook to {host} answered {status}", details={"status": status})
