@@ -1,7 +1,8 @@
 """Where one sequential call's time goes: W1 split into its two broker hops and two processes.
 
 `python -m bench.hops [calls] [rounds]` runs W1 (`calls` sequential calls, default 3,000) for
-`burrow`, `aio-pika-raw-confirmed` and `aio-pika-raw`, tools alternating for `rounds` rounds
+`burrow`, `burrow-unconfirmed` (the same without publisher confirms: what they cost Burrow's own
+code), `aio-pika-raw-confirmed` and `aio-pika-raw`, tools alternating for `rounds` rounds
 (default 2). Every worker records when asyncio hands it bytes read from its socket and when it
 writes bytes (`CLOCK_MONOTONIC`, which all processes share), and each call is split into:
 
@@ -34,7 +35,7 @@ from bench.run import RESULTS, Proc, _delete_prefixed
 
 __all__ = ["install", "main", "split"]
 
-TOOLS = ("burrow", "aio-pika-raw-confirmed", "aio-pika-raw")
+TOOLS = ("burrow", "burrow-unconfirmed", "aio-pika-raw-confirmed", "aio-pika-raw")
 PARTS = ("client→server", "server", "server→client", "client")
 ENV = "BENCH_HOPS_OUT"  # set: the worker records its socket reads and writes to this prefix
 _MESSAGE_BYTES = 100  # a request or reply write is larger than any ack or heartbeat frame

@@ -1,8 +1,9 @@
 """One module per tool, each written the way that tool's own documentation recommends.
 
-Every module offers the same four coroutines: `serve`, `open_caller`, `consume`, `open_publisher`;
-W6's tools also offer `open_submitter`. A tool whose API is blocking (Celery) sets `BLOCKING` and
-offers `serve_blocking` and `open_submitter_blocking` instead, driven from threads.
+Every module offers the same four coroutines: `serve`, `open_caller`, `consume`, `open_publisher`
+(`burrow-unconfirmed`, what confirms cost Burrow in `bench.hops`, only the first two); W6's tools
+also offer `open_submitter`. A tool whose API is blocking (Celery) sets `BLOCKING` and offers
+`serve_blocking` and `open_submitter_blocking` instead, driven from threads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ TOOLS = {
     "burrow": "burrow_tool",
     "burrow-quorum": "burrow_tool",
     "burrow-link": "burrow_link_tool",
+    "burrow-unconfirmed": "burrow_unconfirmed_tool",  # bench.hops only: what confirms cost
     "aio-pika-raw": "raw_tool",
     "aio-pika-raw-confirmed": "raw_confirmed_tool",
     "aio-pika-patterns": "patterns_tool",
