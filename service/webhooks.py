@@ -208,13 +208,15 @@ def _refused(error: ServiceError) -> ServiceError:
     return error
 
 
-def _payload(job_id: str, operation: str, event: Completion, failed: bool) -> dict[str, Any]:
+def _payload(webhook_id: str, operation: str, event: Completion, failed: bool) -> dict[str, Any]:
+    """The POST body; its `job_id` is the id the gateway handed out (`<svc>.<op>.<job id>`),
+    which is also the webhook id."""
     value = event.model_dump(mode="json")
     return {
         "type": "job.failed" if failed else "job.completed",
         "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "data": {
-            "job_id": job_id,
+            "job_id": webhook_id,
             "operation": operation,
             "status": "failed" if failed else "completed",
             ("error" if failed else "result"): value,
