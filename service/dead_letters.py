@@ -39,6 +39,7 @@ from service.types import Delivery
 from service.vocabulary import (
     BROKER_HEADERS,
     DEAD_LETTER_HEADERS,
+    H_ATTEMPT,
     H_DEAD_AT,
     H_DEAD_ERROR,
     H_DEAD_REASON,
@@ -98,7 +99,9 @@ class DeadLetter:
     original_routing_key: str | None
     dead_at: int | None
     size: int
-    delivery_count: int | None = None  # the broker's x-delivery-count: looks and redeliveries
+    # The broker's x-delivery-count (looks and redeliveries); 0 for a first delivery, which
+    # RabbitMQ 4.x sends without it; None when the queue does not count (classic queues).
+    delivery_count: int | None = None
     problem: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)  # `show` only (else empty)
     properties: dict[str, Any] | None = None  # `show` only
@@ -198,7 +201,7 @@ class DeadLetter:
             original_routing_key=routing_key,
             dead_at=dead_at if _is_int(dead_at) else None,
             size=len(delivery.body),
-            delivery_count=count if _is_int(count) else None,
+            delivery_count=count if _is_int(count) else _first_look(count, delivery),
             problem="; ".join(problems) or None,
             headers=dict(headers) if full else {},
             properties=_properties(delivery) if full else None,
@@ -206,9 +209,18 @@ class DeadLetter:
         )
 
 
-# What a replay leaves out: why it died, the broker's history (so delivery attempts count
-# afresh) and its deadline (a replay means "now": the copy must run, not expire).
-_REPLAY_DROP = frozenset({*DEAD_LETTER_HEADERS, *BROKER_HEADERS, H_DEADLINE, H_UNDECODABLE})
+def _first_look(count: object, delivery: Delivery) -> int | None:
+    """0 for a letter delivered for the first time without x-delivery-count (RabbitMQ 4.x
+    sends none then); None when the count is of another type or the queue does not count."""
+    return 0 if count is None and not delivery.redelivered else None
+
+
+# What a replay leaves out: why it died, the broker's history and Burrow's retry count (so
+# delivery attempts and retries count afresh) and its deadline (a replay means "now": the copy
+# must run, not expire).
+_REPLAY_DROP = frozenset(
+    {*DEAD_LETTER_HEADERS, *BROKER_HEADERS, H_ATTEMPT, H_DEADLINE, H_UNDECODABLE}
+)
 
 MAX_ERROR_CHARS = 16_384  # of a letter's error header kept by `list` (longer: clipped text)
 _CONNECTION_ERRORS = (

@@ -26,13 +26,14 @@ from service.vocabulary import (
     H_TRACEPARENT,
     H_VERSION,
     HEADER_KINDS,
+    MAX_ATTEMPT,
     MAX_DEADLINE_MS,
     DeadReason,
     Kind,
     Status,
 )
 
-__all__ = ["Refusal", "Fields", "text", "failed", "read", "undecodable_fields"]
+__all__ = ["Refusal", "Fields", "text", "failed", "read", "attempt", "undecodable_fields"]
 
 _PROPERTIES = (
     "message_id",
@@ -128,6 +129,35 @@ def read(delivery: Delivery) -> Fields:
         traceparent=text(headers.get(H_TRACEPARENT)),
         refusal=refusal,
     )
+
+
+def attempt(value: object) -> int | None:
+    """x-burrow-attempt as a count in 0..MAX_ATTEMPT: an integer of any width, or the
+    same as text or as an integral float or decimal (other clients' spellings); negative is 0,
+    beyond the cap is the cap. None when absent or of any other type: the caller then falls
+    back to x-death (messages retried before Burrow wrote its own count)."""
+    if value is None or isinstance(value, bool):
+        return None
+    count: int | None = None
+    if isinstance(value, int):
+        count = value
+    elif isinstance(value, float | decimal.Decimal):
+        try:
+            number = float(value)  # a decimal beyond a double's range becomes infinite
+        except ValueError:  # a signalling NaN
+            number = math.nan
+        if math.isinf(number):
+            count = MAX_ATTEMPT if number > 0 else 0
+        elif number.is_integer():
+            count = int(number)
+    else:
+        digits = text(value)
+        if digits is not None and 0 < len(digits) <= 32:
+            try:
+                count = int(digits.strip(), 10)
+            except ValueError:
+                count = None
+    return None if count is None else max(0, min(count, MAX_ATTEMPT))
 
 
 def undecodable_fields(delivery: Delivery) -> list[str]:

@@ -20,6 +20,7 @@ from service.errors import ServiceError
 from service.shim import Undecodable
 from service.types import Delivery, Headers, Outgoing, new_id
 from service.vocabulary import (
+    H_ATTEMPT,
     H_CALLBACK_DATA,
     H_DEAD_AT,
     H_DEAD_ERROR,
@@ -31,6 +32,7 @@ from service.vocabulary import (
     H_ORIGINAL_ROUTING_KEY,
     H_STATUS,
     H_VERSION,
+    MAX_ATTEMPT,
     MAX_DEADLINE_MS,
     Names,
     Status,
@@ -150,10 +152,16 @@ def dead_letter(
     )
 
 
-def retry_copy(delivery: Delivery, names: Names, level: int) -> Outgoing:
+def retry_copy(delivery: Delivery, names: Names, level: int, attempt: int) -> Outgoing:
     """The copy of `delivery` that waits in retry holding queue `level`, then goes back to the
-    queue it came from. It keeps x-death, which the broker keeps counting."""
-    return forward(delivery, exchange=names.retry_exchange(level), routing_key=delivery.queue)
+    queue it came from, as retry number `attempt + 1` (x-burrow-attempt: Burrow's own count,
+    which every broker version carries as it is)."""
+    return forward(
+        delivery,
+        exchange=names.retry_exchange(level),
+        routing_key=delivery.queue,
+        add={H_ATTEMPT: min(attempt + 1, MAX_ATTEMPT)},
+    )
 
 
 def forward(

@@ -58,7 +58,7 @@ class Request:
     job_id: str | None = None  # validated job id of a submit or result
     callback: str | None = None  # validated callback routing key of a submit
     callback_data: str | None = None  # what goes with the callback (x-callback-data)
-    attempt: int = 0  # retries already made (from x-death)
+    attempt: int = 0  # retries already made (x-burrow-attempt; x-death as the fallback)
     max_retries: int = 0
     version: str | None = None  # x-contract-version as sent, coerced to text
     refusal: Refusal | None = None  # the envelope could not be used (undecodable, bad header)

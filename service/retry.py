@@ -1,23 +1,32 @@
 """Retries with back-off: failed casts, submits and events wait in holding queues, then return.
 
-Attempts are counted from the broker's own `x-death` records of the holding queues, so a
-count survives restarts. The decision to retry is `middleware.decide`'s.
+Attempts are counted by Burrow itself: every retry copy carries `x-burrow-attempt`, the number
+of retries made so far, so the count travels with the message on every broker. RabbitMQ 3.13+
+does not interpret an `x-death` that a client republishes (each trip through a holding queue
+starts a fresh one), so the broker's records serve only as the fallback for messages that were
+retried before Burrow wrote its own count. The decision to retry is `middleware.decide`'s.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from service import envelope
 from service.messages import retry_copy
-from service.vocabulary import H_DEATH, Names
+from service.vocabulary import H_ATTEMPT, H_DEATH, MAX_ATTEMPT, Names
 
 __all__ = ["attempts", "retry_level", "retry_message"]
 
-_MAX_COUNT = 1_000_000  # a forged x-death cannot make the count absurd
-
 
 def attempts(headers: dict[str, Any], names: Names) -> int:
-    """How many times this message has already waited in a retry holding queue."""
+    """How many retries this message has already had: Burrow's own count (x-burrow-attempt, as
+    the envelope reader coerces it) when readable, else the broker's x-death records of this
+    namespace's holding queues."""
+    counted = envelope.attempt(headers.get(H_ATTEMPT))
+    return _deaths(headers, names) if counted is None else counted
+
+
+def _deaths(headers: dict[str, Any], names: Names) -> int:
     deaths = headers.get(H_DEATH)
     if not isinstance(deaths, list):
         return 0
@@ -34,8 +43,8 @@ def attempts(headers: dict[str, Any], names: Names) -> int:
             and isinstance(count, int)
             and not isinstance(count, bool)
         ):
-            total += max(0, min(count, _MAX_COUNT))
-    return total
+            total += max(0, min(count, MAX_ATTEMPT))
+    return min(total, MAX_ATTEMPT)
 
 
 def retry_level(attempt: int, levels: int) -> int:

@@ -66,7 +66,7 @@ def plan(
         return Plan()
     if outcome is Outcome.RETRIED:
         level = retry_level(request.attempt, retry_levels)
-        copy = messages.retry_copy(delivery, names, level)
+        copy = messages.retry_copy(delivery, names, level, request.attempt)
         return Plan((Publish(copy, PublishKind.RETRY, mandatory=True, role=Role.COPY),))
     if outcome is Outcome.DEAD_LETTERED:
         if result.dead_reason == DeadReason.TOO_LARGE and delivery.queue != names.request_queue(

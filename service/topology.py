@@ -57,10 +57,15 @@ class ExchangeDecl:
 
 @dataclass(frozen=True, slots=True)
 class QueueDecl:
-    """A durable queue and its `x-` arguments."""
+    """A durable queue and its `x-` arguments.
+
+    `look_only`: a queue nobody consumes, only looks into and takes from by hand (a dead-letter
+    queue): declared with a delivery limit no look can use up (`DLQ_DELIVERY_LIMIT`).
+    """
 
     name: str
     arguments: dict[str, Any] = field(default_factory=dict, hash=False)
+    look_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,16 @@ def _queue_args(
         # Last safety net against a message that crashes its consumer every time.
         args[ARG_DELIVERY_LIMIT] = 20
     return args
+
+
+def _dead_letter_queue(name: str, settings: Settings) -> QueueDecl:
+    """A dead-letter queue: no dead-letter exchange of its own and, on quorum queues, a delivery
+    limit no look can use up (RabbitMQ 4.x counts every letter `burrow dlq list` hands back as a
+    delivery, and drops it after its default limit of 20)."""
+    args = _queue_args(settings, None, bounded=False)
+    if settings.queue_type == "quorum":
+        args[ARG_DELIVERY_LIMIT] = DLQ_DELIVERY_LIMIT
+    return QueueDecl(name, args, look_only=True)
 
 
 def _holding_args(settings: Settings, ttl_ms: int, dead_letter_exchange: str) -> dict[str, Any]:
@@ -154,7 +169,7 @@ def service_topology(service: Service, settings: Settings) -> Topology:
             # left, and parking it would fill the DLQ with abandoned requests.
             QueueDecl(requests, _queue_args(settings, None, bounded=True, delivery_limit=True)),
             QueueDecl(commands, _queue_args(settings, dlq, bounded=False)),
-            QueueDecl(dlq, _queue_args(settings, None, bounded=False)),
+            _dead_letter_queue(dlq, settings),
         ],
         bindings=[
             BindingDecl(names.rpc_exchange, requests, f"{name}.*"),
@@ -196,7 +211,7 @@ def delay_topology(settings: Settings) -> Topology:
         exchanges=[ExchangeDecl(names.dead_letter_exchange, "direct")],
         queues=[
             QueueDecl(ready, _queue_args(settings, sched_dlq, bounded=False)),
-            QueueDecl(sched_dlq, _queue_args(settings, None, bounded=False)),
+            _dead_letter_queue(sched_dlq, settings),
         ],
         bindings=[BindingDecl(names.dead_letter_exchange, sched_dlq, sched_dlq)],
     )
@@ -219,20 +234,22 @@ def delay_topology(settings: Settings) -> Topology:
 
 
 DLQ_DELIVERY_LIMIT = 1_000_000
-"""The delivery limit the shipped policy gives dead-letter queues: on RabbitMQ 4.0 to 4.2 every
-look at a letter (`burrow dlq list`) counts as a delivery, and the default limit of 20 would
-drop letters after 20 looks (a DLQ has no dead-letter exchange of its own)."""
+"""The delivery limit of dead-letter queues, as their `x-delivery-limit` argument and in the
+shipped policy: on RabbitMQ 4.x every look at a letter (`burrow dlq list`) counts as a delivery,
+and the default limit of 20 would drop letters after 20 looks (a DLQ has no dead-letter exchange
+of its own). Not `-1`: RabbitMQ 4.x reads it as "no limit", but 3.10 drops the letter at its
+first look (measured), and refuses it as a policy value."""
 
 
 def dead_letter_policy(topology: Topology, vhost: str = "/") -> dict[str, Any] | None:
     """The policy that lifts the delivery limit of the topology's dead-letter queues.
 
-    A policy, not a queue argument: a queue's arguments cannot change once it exists (a
-    redeclare with another `x-delivery-limit` fails), a policy applies to existing queues.
-    `-1` is not used: RabbitMQ 3.10 refuses it as a policy value. Apply-to `queues`, the value
-    3.10 knows (later versions also accept `quorum_queues`).
+    Queues declared by this version carry the limit as an argument already; the policy also
+    covers dead-letter queues declared before it (a queue's arguments cannot change once it
+    exists, a policy applies to existing queues). Apply-to `queues`, the value 3.10 knows
+    (later versions also accept `quorum_queues`).
     """
-    dlqs = sorted(q.name for q in topology.queues if q.name.endswith(".dlq"))
+    dlqs = sorted(q.name for q in topology.queues if q.look_only)
     if not dlqs:
         return None
     return {

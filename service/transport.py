@@ -46,8 +46,9 @@ from service.link import (
     check_body_size,
     record_publish,
 )
-from service.topology import QueueDecl, Topology
+from service.topology import DLQ_DELIVERY_LIMIT, QueueDecl, Topology
 from service.types import Delivery, Outgoing, Settle
+from service.vocabulary import ARG_DELIVERY_LIMIT
 
 # ConsumerSpec, Link and LinkFactory live in service.link; re-exported for older imports.
 __all__ = ["Acks", "AmqpLink", "ConsumerSpec", "Link", "LinkFactory", "Transport", "open_tool_link"]
@@ -272,6 +273,8 @@ class AmqpLink(LinkState):
         shim.check_publishing(raw)
         if self.prefetch is not None:
             await channel.set_qos(prefetch_count=self.prefetch)
+        if not self.settings.passive_topology:
+            await self._declare_look_only(connection)
         await self._declare(channel)
         self._raw = raw
         self._acks = Acks(raw, self.settings.ack_delay, self.prefetch)
@@ -297,6 +300,8 @@ class AmqpLink(LinkState):
             for ex in self.topology.exchanges:
                 await channel.declare_exchange(ex.name, ex.type, durable=True, passive=passive)
             for queue in self.topology.queues:
+                if queue.look_only and not passive:
+                    continue  # declared by `_declare_look_only`
                 await channel.declare_queue(
                     queue.name, durable=True, arguments=queue.arguments, passive=passive
                 )
@@ -330,6 +335,54 @@ class AmqpLink(LinkState):
                 f"not allowed to declare: {_describe(exc)}; grant configure permission or set "
                 "BURROW_PASSIVE_TOPOLOGY=true with pre-provisioned definitions"
             ) from None
+
+    async def _declare_look_only(self, connection: AbstractConnection) -> None:
+        """Declare the dead-letter queues, each with its delivery limit, on a channel of their
+        own: one declared before Burrow set that limit is refused (PRECONDITION_FAILED closes
+        the channel), so it is kept as it is, and the operator is told once how to protect its
+        letters (on RabbitMQ 4.x they would be dropped after 20 looks)."""
+        queues = [queue for queue in self.topology.queues if queue.look_only]
+        if not queues:
+            return
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            for queue in queues:
+                try:
+                    await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments)
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    if ARG_DELIVERY_LIMIT not in str(exc):
+                        raise
+                    if not channel.is_closed:
+                        await channel.close()
+                    channel = await connection.channel(publisher_confirms=False)
+                    await channel.declare_queue(queue.name, passive=True)
+                    self._warn_unlimited(queue.name)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise TopologyError(
+                f"the broker holds an entity declared with other arguments: {_describe(exc)}; "
+                "delete it or align the settings"
+            ) from None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    def _warn_unlimited(self, queue: str) -> None:
+        if queue in _WARNED_UNLIMITED:
+            return
+        _WARNED_UNLIMITED.add(queue)
+        policy = (
+            f"rabbitmqctl set_policy burrow-dlq-delivery-limit '^{re.escape(queue)}$' "
+            f"'{{\"delivery-limit\": {DLQ_DELIVERY_LIMIT}}}' --apply-to queues --priority 10"
+        )
+        _log.warning(
+            "dead-letter queue declared without a delivery limit: on RabbitMQ 4.x every look "
+            "(burrow dlq list/show) uses one of 20 delivery attempts and the letter is then "
+            "dropped; apply the policy shipped in deploy/rabbitmq/definitions.json, or "
+            "run the fix",
+            link=self.name,
+            queue=queue,
+            fix=policy,
+        )
 
     async def _attach(self, raw: aiormq.Channel, consumer: ConsumerSpec) -> None:
         acks = self._acks
@@ -782,6 +835,7 @@ class VhostRefused(ConfigError):
 
 
 _REPEAT_WARNING = 60.0  # seconds before an unchanged connect failure is warned about again
+_WARNED_UNLIMITED: set[str] = set()  # dead-letter queues already warned of, once a process
 _NOT_ALLOWED = 530  # AMQP reply code RabbitMQ closes with when Connection.Open is refused
 
 

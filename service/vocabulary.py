@@ -19,6 +19,8 @@ __all__ = [
     "H_CALLBACK",
     "H_CALLBACK_DATA",
     "MAX_CALLBACK_DATA",
+    "H_ATTEMPT",
+    "MAX_ATTEMPT",
     "H_TRACEPARENT",
     "H_TRACESTATE",
     "H_DEAD_REASON",
@@ -93,6 +95,10 @@ H_DEAD_AT = "x-burrow-dead-at"  # integer ms since the epoch
 H_TARGET_EXCHANGE = "x-burrow-target-exchange"
 H_TARGET_KEY = "x-burrow-target-key"
 H_DUE = "x-burrow-due"  # integer ms since the epoch; informational
+# Retries (§10): how many retries were already made, written by Burrow on every retry copy.
+# Burrow's own count: RabbitMQ 3.13+ no longer counts a republished x-death across trips.
+H_ATTEMPT = "x-burrow-attempt"
+MAX_ATTEMPT = 1_000_000  # a forged count is capped here (far above any `retries`)
 # Set on receipt (never sent) when the AMQP properties as a whole could not be decoded.
 MAX_DEADLINE_MS = 2**53  # x-deadline must be below this (a double holds it exactly)
 H_UNDECODABLE = "x-burrow-undecodable"

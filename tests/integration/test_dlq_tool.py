@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import aio_pika
+import structlog
+import structlog.testing
+
 from service import Client, FailedPrecondition, Model, Service
 from service.dead_letters import DeadLetterTool
 from tests.conftest import AppFactory
@@ -64,3 +68,50 @@ async def test_dead_letters_are_listed_shown_replayed_and_purged(
     assert len(await tool.list()) == 1
     assert await tool.purge() == 1
     assert await tool.list() == []
+
+
+async def test_letters_survive_any_number_of_looks(start_app: AppFactory, client: Client) -> None:
+    """A parked letter is still there after 30 `list`s, on every broker (RabbitMQ 4.x drops
+    a quorum queue's message after 20 deliveries unless the DLQ lifts its limit)."""
+    svc = Service("looked")
+
+    @svc.operation()
+    async def ship(req: Order) -> Order:
+        raise FailedPrecondition("warehouse closed")
+
+    app = await start_app(svc)
+    tool = DeadLetterTool(app.settings, "looked")
+    parked = await client.cast("looked.ship", {"id": 1})
+    await _wait_for(tool, 1)
+    for _ in range(30):
+        letters = await tool.list()
+        assert [letter.message_id for letter in letters] == [parked]
+    looks = letters[0].delivery_count
+    assert looks is not None
+    assert looks >= 29
+
+
+async def test_a_dead_letter_queue_declared_the_old_way_is_kept_with_one_warning(
+    start_app: AppFactory, client: Client, amqp_channel: aio_pika.abc.AbstractChannel
+) -> None:
+    """A DLQ declared before Burrow set its delivery limit is kept (no topology conflict), and
+    the start warns once, naming the queue and the policy that protects its letters."""
+    svc = Service("legacy")
+
+    @svc.operation()
+    async def ship(req: Order) -> Order:
+        raise FailedPrecondition("warehouse closed")
+
+    namespace = client.settings.namespace
+    dlq = f"{namespace}.legacy.dlq"
+    await amqp_channel.declare_queue(dlq, durable=True, arguments={"x-queue-type": "quorum"})
+    with structlog.testing.capture_logs() as logs:
+        app = await start_app(svc)
+        await start_app(svc)  # a second instance (or a reconnect) in this process: no repeat
+    warned = [e for e in logs if e["event"].startswith("dead-letter queue declared without")]
+    assert [e["queue"] for e in warned] == [dlq]
+    assert "set_policy burrow-dlq-delivery-limit" in warned[0]["fix"]
+    parked = await client.cast("legacy.ship", {"id": 1})
+    tool = DeadLetterTool(app.settings, "legacy")
+    await _wait_for(tool, 1)
+    assert [letter.message_id for letter in await tool.list()] == [parked]

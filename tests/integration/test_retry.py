@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
+import pytest
 
 from service import Client, Model, Service, Unavailable
 from tests.conftest import AppFactory
@@ -16,10 +17,12 @@ class Job(Model):
     n: int
 
 
-def _flaky_service(fail_times: int, seen: list[int], done: asyncio.Event) -> Service:
+def _flaky_service(
+    fail_times: int, seen: list[int], done: asyncio.Event, retries: int = 3
+) -> Service:
     svc = Service("flaky")
 
-    @svc.operation(retries=3)
+    @svc.operation(retries=retries)
     async def work(req: Job) -> Job:
         seen.append(req.n)
         if len(seen) <= fail_times:
@@ -42,12 +45,19 @@ async def test_retryable_cast_is_retried_until_it_succeeds(
     assert seen == [7, 7, 7]
 
 
+@pytest.mark.parametrize("retries", [2, 3])
 async def test_exhausted_retries_park_in_the_dlq_with_reason_and_attempts(
-    start_app: AppFactory, client: Client, amqp_channel: aio_pika.abc.AbstractChannel
+    start_app: AppFactory,
+    client: Client,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    retries: int,
 ) -> None:
-    """After max retries the message lands in the DLQ with reason and attempt count."""
+    """After `retries` retries (retries + 1 runs, on every broker) the message lands in the
+    DLQ with reason and attempt count."""
     seen: list[int] = []
-    app = await start_app(_flaky_service(100, seen, asyncio.Event()), retry_base_delay=0.05)
+    app = await start_app(
+        _flaky_service(100, seen, asyncio.Event(), retries), retry_base_delay=0.05
+    )
     await client.cast("flaky.work", {"n": 1})
     dlq = await amqp_channel.declare_queue(f"{app.settings.namespace}.flaky.dlq", passive=True)
     message = None
@@ -58,5 +68,8 @@ async def test_exhausted_retries_park_in_the_dlq_with_reason_and_attempts(
         await asyncio.sleep(0.05)
     assert message is not None
     assert message.headers["x-burrow-dead-reason"] == "retries_exhausted"
-    assert b'"attempts":4' in str(message.headers["x-burrow-dead-error"]).encode()
-    assert seen == [1, 1, 1, 1]
+    assert (
+        f'"attempts":{retries + 1}'.encode() in str(message.headers["x-burrow-dead-error"]).encode()
+    )
+    assert message.headers["x-burrow-attempt"] == retries
+    assert seen == [1] * (retries + 1)

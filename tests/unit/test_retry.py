@@ -1,9 +1,11 @@
-"""Retry counting and copies without a broker: `attempts` over forged `x-death` records,
-`retry_level`'s back-off ladder, and the copy `retry_message` publishes (docs/protocol.md §10)."""
+"""Retry counting and copies without a broker: `attempts` over Burrow's own `x-burrow-attempt`
+in every AMQP type and over forged `x-death` records (the fallback), `retry_level`'s back-off
+ladder, and the copy `retry_message` publishes (docs/protocol.md §10)."""
 
 from __future__ import annotations
 
 import datetime
+import decimal
 from typing import Any
 
 import pytest
@@ -101,10 +103,10 @@ def test_zero_and_negative_counts_add_nothing(count: int) -> None:
 
 
 @pytest.mark.parametrize("count", [CAP, CAP + 1, 1 << 63, 10**100], ids=repr)
-def test_huge_counts_are_capped_per_entry(count: int) -> None:
-    """One entry adds at most 1_000_000, whatever a forger wrote."""
+def test_huge_counts_are_capped(count: int) -> None:
+    """x-death counts at most 1_000_000 in all, whatever a forger wrote."""
     assert attempts({"x-death": [death(count)]}, NAMES) == CAP
-    assert attempts({"x-death": [death(count), death(count)]}, NAMES) == 2 * CAP
+    assert attempts({"x-death": [death(count), death(count)]}, NAMES) == CAP
 
 
 def test_only_the_first_64_entries_are_read() -> None:
@@ -151,7 +153,7 @@ def _failed(**overrides: Any) -> Delivery:
 
 def test_retry_message_goes_back_to_its_queue_through_the_level() -> None:
     """The copy enters the level's fanout exchange keyed by the queue it was consumed from."""
-    copy = retry_message(_failed(), NAMES, 3)
+    copy = retry_message(_failed(), NAMES, 3, 0)
     assert (copy.exchange, copy.routing_key) == ("rt.retry.3", "rt.notes.commands")
 
 
@@ -159,8 +161,8 @@ def test_retry_message_keeps_properties_and_headers() -> None:
     """Body, ids, type, reply address, content type and every header (x-death too) are kept;
     the copy is persistent and never expires on its own."""
     failed = _failed()
-    copy = retry_message(failed, NAMES, 0)
-    assert copy.headers == failed.headers
+    copy = retry_message(failed, NAMES, 0, 2)
+    assert copy.headers == failed.headers | {"x-burrow-attempt": 3}
     assert copy.body == failed.body
     assert (copy.message_id, copy.correlation_id, copy.reply_to, copy.type) == (
         "m-1",
@@ -178,13 +180,73 @@ def test_retry_message_keeps_properties_and_headers() -> None:
     assert copy.expiration_ms is None
 
 
-def test_retry_message_keeps_counting() -> None:
-    """The copy's x-death is the one `attempts` read: the count survives the trip."""
-    copy = retry_message(_failed(), NAMES, 0)
-    assert attempts(copy.headers, NAMES) == 2
+def test_retry_message_counts_one_more_retry() -> None:
+    """The copy carries retry number attempt + 1, which `attempts` reads back."""
+    failed = _failed()
+    copy = retry_message(failed, NAMES, 0, attempts(failed.headers, NAMES))
+    assert copy.headers["x-burrow-attempt"] == 3
+    assert attempts(copy.headers, NAMES) == 3
+
+
+def test_own_count_wins_over_a_fresh_x_death() -> None:
+    """On RabbitMQ 3.13+ each trip starts a one-entry x-death: Burrow's count is the one used."""
+    headers = {"x-burrow-attempt": 4, "x-death": [death(1)]}
+    assert attempts(headers, NAMES) == 4
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, 0),
+        (2, 2),
+        (-3, 0),  # negative: no retry made
+        (-(1 << 70), 0),
+        (CAP + 1, CAP),  # capped: never trusted past the limit
+        (1 << 63, CAP),
+        (10**100, CAP),
+        ("2", 2),  # other clients' spellings of an integer
+        (b"2", 2),
+        (bytearray(b" 7 "), 7),
+        (2.0, 2),
+        (decimal.Decimal("5"), 5),
+        (decimal.Decimal("1e400"), CAP),
+        (float("inf"), CAP),
+        (float("-inf"), 0),
+    ],
+    ids=repr,
+)
+def test_own_count_is_coerced_and_capped(value: object, expected: int) -> None:
+    """x-burrow-attempt of any integral AMQP type is read, clamped to 0..1_000_000."""
+    assert attempts({"x-burrow-attempt": value, "x-death": [death(9)]}, NAMES) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        False,
+        2.5,
+        float("nan"),
+        decimal.Decimal("NaN"),
+        decimal.Decimal("sNaN"),
+        "two",
+        "",
+        "9" * 40,  # longer than any count: not parsed
+        b"\xff",
+        [1],
+        {"n": 1},
+        datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC),
+    ],
+    ids=repr,
+)
+def test_unreadable_own_count_falls_back_to_x_death(value: object) -> None:
+    """A count of no integral type (or a boolean) is not read: x-death counts instead."""
+    assert attempts({"x-burrow-attempt": value, "x-death": [death(2)]}, NAMES) == 2
+    assert attempts({"x-burrow-attempt": value}, NAMES) == 0
 
 
 def test_retry_message_without_an_id_gets_one() -> None:
     """A message that arrived without a message id is copied with a fresh one."""
-    copy = retry_message(_failed(message_id=None), NAMES, 0)
+    copy = retry_message(_failed(message_id=None), NAMES, 0, 0)
     assert copy.message_id
