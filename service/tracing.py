@@ -8,8 +8,9 @@ attributed by the OpenTelemetry messaging conventions for RabbitMQ: a PRODUCER s
 producer's; a call made inside an instrumented HTTP request continues that request's trace.
 
 Without an SDK (`opentelemetry-api` alone is a no-op) Burrow still carries the trace: every
-message it sends gets a `traceparent`, a child of the one being handled (a new trace when
-none), kept in a context variable so a `Client` used inside a handler continues it.
+message it sends gets a `traceparent`, a child of the one being handled or of the span context
+current in OpenTelemetry's context (a new trace when neither), kept in a context variable so a
+`Client` used inside a handler continues it.
 """
 
 from __future__ import annotations
@@ -81,11 +82,12 @@ def child(parent: str | None) -> str:
 
 def current() -> str | None:
     """The traceparent of what this task is doing: its current span, else the message being
-    handled."""
-    if _recording:
-        found = _traceparent(trace.get_current_span())
-        if found is not None:
-            return found
+    handled. The span is OpenTelemetry's current one, with or without an SDK: with the API
+    alone it is the non-recording span of a context that an instrumentation (or the user)
+    extracted and attached, whose trace the API says must still propagate."""
+    found = _traceparent(trace.get_current_span())
+    if found is not None:
+        return found
     return _current.get()
 
 

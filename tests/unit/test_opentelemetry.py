@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -192,6 +193,49 @@ async def test_without_an_sdk_every_message_still_carries_a_trace() -> None:
     assert parent is not None
     assert answer is not None
     assert tracing.trace_id(parent) == tracing.trace_id(answer)
+
+
+EXTRACTED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def _call_under_extracted_traceparent() -> str:
+    """Make a call while a span context extracted from a `traceparent` header is current
+    in OpenTelemetry's context; the traceparent the handler saw."""
+    seen: list[str | None] = []
+    svc = Service("echo")
+
+    @svc.operation()
+    async def ping(req: Num) -> Num:
+        """Record the trace being handled."""
+        seen.append(tracing.current())
+        return req
+
+    async with serve(svc) as (client, _):
+        token = otel_context.attach(propagate.extract({"traceparent": EXTRACTED}))
+        try:
+            await client.call("echo.ping", {"n": 1})
+        finally:
+            otel_context.detach(token)
+    [handled] = seen
+    assert handled is not None
+    return handled
+
+
+async def test_an_extracted_trace_is_continued_without_an_sdk() -> None:
+    """With opentelemetry-api alone, a call made under an extracted traceparent continues its
+    trace (the API propagates a remote parent without an SDK)."""
+    assert not tracing.recording()
+    handled = await _call_under_extracted_traceparent()
+    assert tracing.trace_id(handled) == tracing.trace_id(EXTRACTED)
+
+
+async def test_an_extracted_trace_is_continued_with_an_sdk(otel: Recorded) -> None:
+    """With an SDK provider, a call made under an extracted traceparent is a child span of it."""
+    handled = await _call_under_extracted_traceparent()
+    assert tracing.trace_id(handled) == tracing.trace_id(EXTRACTED)
+    [call] = _by_name(otel.exporter)["call echo.ping"]
+    assert call.parent is not None
+    assert f"{call.parent.span_id:016x}" == tracing.span_id(EXTRACTED)
 
 
 @pytest.mark.parametrize(
