@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ _PROPERTIES = (
     "exchange",
 )
 _MAX_NAMES = 8  # an error names at most this many undecodable fields
+_INTEGER = re.compile(r"(-?)([0-9]+)")  # an integer as text: no sign but -, no `_`, no spaces
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,12 +153,12 @@ def attempt(value: object) -> int | None:
         elif number.is_integer():
             count = int(number)
     else:
-        digits = text(value)
-        if digits is not None and 0 < len(digits) <= 32:
-            try:
-                count = int(digits.strip(), 10)
-            except ValueError:
-                count = None
+        found = text(value)
+        digits = _INTEGER.fullmatch(found.strip()) if found is not None else None
+        if digits is not None:  # ASCII digits only; too many to matter: at the cap (or 0)
+            negative, number = digits.group(1), digits.group(2).lstrip("0") or "0"
+            count = int(number) if len(number) <= 18 else MAX_ATTEMPT
+            count = -count if negative else count
     return None if count is None else max(0, min(count, MAX_ATTEMPT))
 
 

@@ -207,6 +207,8 @@ def test_own_count_wins_over_a_fresh_x_death() -> None:
         ("2", 2),  # other clients' spellings of an integer
         (b"2", 2),
         (bytearray(b" 7 "), 7),
+        ("9" * 40, CAP),  # any number of digits: at the cap
+        ("-" + "9" * 40, 0),
         (2.0, 2),
         (decimal.Decimal("5"), 5),
         (decimal.Decimal("1e400"), CAP),
@@ -232,7 +234,9 @@ def test_own_count_is_coerced_and_capped(value: object, expected: int) -> None:
         decimal.Decimal("sNaN"),
         "two",
         "",
-        "9" * 40,  # longer than any count: not parsed
+        "1_0",  # Python's integer syntax is not the protocol's
+        "\u0661",  # a non-ASCII digit
+        "+3",
         b"\xff",
         [1],
         {"n": 1},
