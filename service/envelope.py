@@ -156,8 +156,8 @@ def attempt(value: object) -> int | None:
         found = text(value)
         digits = _INTEGER.fullmatch(found.strip()) if found is not None else None
         if digits is not None:  # ASCII digits only; too many to matter: at the cap (or 0)
-            negative, number = digits.group(1), digits.group(2).lstrip("0") or "0"
-            count = int(number) if len(number) <= 18 else MAX_ATTEMPT
+            negative, figures = digits.group(1), digits.group(2).lstrip("0") or "0"
+            count = int(figures) if len(figures) <= 18 else MAX_ATTEMPT
             count = -count if negative else count
     return None if count is None else max(0, min(count, MAX_ATTEMPT))
 

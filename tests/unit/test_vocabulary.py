@@ -34,7 +34,7 @@ def test_the_headers_of_the_protocol_are_the_vocabularys() -> None:
     ours = {v.H_KIND, v.H_DEADLINE, v.H_VERSION, v.H_STATUS, v.H_JOB_ID, v.H_CALLBACK}
     ours.add(v.H_CALLBACK_DATA)
     ours |= {v.H_TRACEPARENT, v.H_TRACESTATE, *v.DEAD_LETTER_HEADERS}
-    ours |= {v.H_TARGET_EXCHANGE, v.H_TARGET_KEY}
+    ours |= {v.H_TARGET_EXCHANGE, v.H_TARGET_KEY, v.H_ATTEMPT}
     assert _first_column(_section(3)) == {*ours, v.H_DUE, v.H_DEATH}
 
 
