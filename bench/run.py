@@ -39,6 +39,7 @@ from bench.common import (
     median,
     proc_cpu_seconds,
 )
+from tests.brokers import Broker
 
 __all__ = ["main"]
 
@@ -667,26 +668,21 @@ def _machine() -> str:
 
 def _rabbitmq_version() -> str:
     try:
-        out = subprocess.run(
-            ["rabbitmqctl", "version"], capture_output=True, text=True, timeout=60, check=False
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
+        return _broker().version
+    except OSError:
         return "unknown"
-    return out.splitlines()[-1] if out else "unknown"
 
 
 def _list(what: str, prefix: str) -> list[str]:
     try:
-        out = subprocess.run(
-            ["rabbitmqctl", "-q", "--no-table-headers", what, "name"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
+        return [name for name in _broker().names(what) if prefix in name]
+    except (OSError, RuntimeError, subprocess.TimeoutExpired):
         return []
-    return [ln.strip() for ln in out.splitlines() if prefix in ln]
+
+
+def _broker() -> Broker:
+    """The broker of BENCH_AMQP_URL and its CLI (the host's, or a rabbitmq4.sh node's)."""
+    return Broker.from_url(AMQP_URL)
 
 
 async def _delete_prefixed(prefix: str) -> None:

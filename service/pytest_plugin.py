@@ -2,6 +2,8 @@
 in-memory broker or on RabbitMQ, chosen per run.
 
 - `--burrow-backend memory|rabbitmq` (or `BURROW_TEST_BACKEND`; default `memory`);
+- `--burrow-amqp-url URL`: the RabbitMQ of the `rabbitmq` backend (or `BURROW_TEST_AMQP_URL`;
+  default: `BURROW_AMQP_URL`, as for the services themselves);
 - the `burrow_serve` fixture: `async with burrow_serve(svc) as served:` is `service.testing.serve`
   on that backend, so one test runs on both.
 """
@@ -12,21 +14,29 @@ import functools
 import os
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import pytest
 
-from service.testing import BACKEND_VARIABLE, Served, serve
+from service.testing import BACKEND_VARIABLE, URL_VARIABLE, Served, serve
 
 __all__ = ["pytest_addoption", "burrow_backend", "burrow_serve"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """`--burrow-backend`."""
-    parser.getgroup("burrow").addoption(
+    """`--burrow-backend` and `--burrow-amqp-url`."""
+    group = parser.getgroup("burrow")
+    group.addoption(
         "--burrow-backend",
         choices=("memory", "rabbitmq"),
         default=None,
         help=f"where burrow_serve runs services (default: ${BACKEND_VARIABLE}, else memory)",
+    )
+    group.addoption(
+        "--burrow-amqp-url",
+        default=None,
+        help=f"the RabbitMQ of the rabbitmq backend (default: ${URL_VARIABLE}, "
+        "else $BURROW_AMQP_URL)",
     )
 
 
@@ -38,9 +48,13 @@ def burrow_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def burrow_serve(burrow_backend: str) -> Callable[..., AbstractAsyncContextManager[Served]]:
-    """`service.testing.serve` bound to this run's backend."""
-    bound: Callable[..., AbstractAsyncContextManager[Served]] = functools.partial(
-        serve, backend=burrow_backend
-    )
-    return bound
+def burrow_serve(
+    request: pytest.FixtureRequest, burrow_backend: str
+) -> Callable[..., AbstractAsyncContextManager[Served]]:
+    """`service.testing.serve` bound to this run's backend (and `--burrow-amqp-url`)."""
+    bound: dict[str, Any] = {"backend": burrow_backend}
+    url: str | None = request.config.getoption("--burrow-amqp-url")
+    if url:
+        bound["amqp_url"] = url
+    served: Callable[..., AbstractAsyncContextManager[Served]] = functools.partial(serve, **bound)
+    return served

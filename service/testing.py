@@ -93,6 +93,7 @@ __all__ = [
     "serve",
     "Served",
     "BACKEND_VARIABLE",
+    "URL_VARIABLE",
     "delete_topology",
     "delete_entities",
 ]
@@ -1094,6 +1095,7 @@ def _delivery(
 # -- serving services in a test ----------------------------------------------------------------
 
 BACKEND_VARIABLE = "BURROW_TEST_BACKEND"  # memory (default) | rabbitmq
+URL_VARIABLE = "BURROW_TEST_AMQP_URL"  # the rabbitmq backend's broker, over BURROW_AMQP_URL
 
 
 class Served:
@@ -1145,10 +1147,12 @@ async def serve(
 
     Args:
         backend: `memory` (a fresh `InMemoryBroker`, the default) or `rabbitmq` (the broker of
-            `BURROW_AMQP_URL`, in a namespace of its own whose queues and exchanges are deleted
-            afterwards). Unset: `BURROW_TEST_BACKEND`, else `memory`. The same test runs on both.
+            `BURROW_TEST_AMQP_URL` when set, else of `BURROW_AMQP_URL`, in a namespace of its
+            own whose queues and exchanges are deleted afterwards). Unset:
+            `BURROW_TEST_BACKEND`, else `memory`. The same test runs on both.
         middleware, outbound, lifespan: as for `App`.
-        settings: `Settings` fields, over the `BURROW_*` variables (`http=False` always).
+        settings: `Settings` fields, over the `BURROW_*` variables (`http=False` always); an
+            `amqp_url` here wins over `BURROW_TEST_AMQP_URL`.
 
     Example:
         async with serve(calc) as (client, broker):
@@ -1158,9 +1162,14 @@ async def serve(
     if chosen not in ("memory", "rabbitmq"):
         raise ValueError(f"{BACKEND_VARIABLE} / backend: memory or rabbitmq, not {chosen!r}")
     broker = InMemoryBroker() if chosen == "memory" else None
-    if broker is None and "namespace" not in settings:
-        base = load_settings().namespace
-        settings["namespace"] = f"{base}-t{uuid.uuid4().hex[:10]}"
+    if broker is None:
+        # A test run names its broker apart from the one the services deploy against.
+        test_url = os.environ.get(URL_VARIABLE)
+        if test_url and "amqp_url" not in settings:
+            settings["amqp_url"] = test_url
+        if "namespace" not in settings:
+            base = load_settings().namespace
+            settings["namespace"] = f"{base}-t{uuid.uuid4().hex[:10]}"
     config = load_settings(**settings)
     factory: LinkFactory = AmqpLink if broker is None else broker.link_factory
     app = App(

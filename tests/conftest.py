@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,8 +22,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from service import App, Client, Service, Settings, load_settings, testing, tracing
 from service.topology import Topology
+from tests.brokers import AMQP_URL, TEST_BROKER
 
-AMQP_URL = os.environ.get("BURROW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+__all__ = [
+    "AMQP_URL",
+    "RUN_PREFIX",
+    "AppFactory",
+    "ClientFactory",
+    "quick_settings",
+    "delete_topology",
+    "Recorded",
+]
+
 RUN_PREFIX = f"bt{uuid.uuid4().hex[:6]}"
 _counter = itertools.count()
 
@@ -124,17 +133,11 @@ async def amqp_channel() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
 
 
 def _rabbitmqctl_names(what: str) -> list[str]:
+    """This run's queues or exchanges on the test broker, by its CLI (none when it fails)."""
     try:
-        out = subprocess.run(
-            ["rabbitmqctl", "-q", what, "name"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
+        return TEST_BROKER.names(what, RUN_PREFIX)
+    except (OSError, RuntimeError, subprocess.TimeoutExpired):
         return []
-    return [line.strip() for line in out.splitlines() if line.strip().startswith(RUN_PREFIX)]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,6 +1,7 @@
 """Fault-test fixtures: one private RabbitMQ node per session, a proxy, apps, clients, a ledger.
 
-The shared node on 5672 is never touched: `settings` here points every fixture at our own node.
+The shared test broker is never touched: `settings` here points every fixture at our own node,
+started from the test broker's installation (`tests.brokers`).
 """
 
 from __future__ import annotations

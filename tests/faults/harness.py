@@ -1,6 +1,8 @@
 """Fault-test harness: a private RabbitMQ node, a loopback TCP proxy, and the delivery ledger.
 
-Every fault is injected here, on a node only this session uses — never on the shared 5672 node.
+Every fault is injected here, on a node only this session uses — never on the shared test
+broker. Private nodes come from the test broker's installation (`tests.brokers`): the host's
+RabbitMQ, or the chroot of a `deploy/local/rabbitmq4.sh` node.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -39,10 +40,9 @@ from service.errors import ConnectionLost, PublishFailed, ServiceError, Unavaila
 from service.topology import DIRECT_REPLY_TO, Names
 from service.transport import Link
 from service.types import Outgoing
+from tests.brokers import TEST_BROKER, Installation
 
 __all__ = [
-    "RABBITMQ_SERVER",
-    "RABBITMQCTL",
     "BrokerStartError",
     "PrivateBroker",
     "TlsFiles",
@@ -74,10 +74,6 @@ __all__ = [
     "drain_work",
     "tracked_route_call",
 ]
-
-RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
-RABBITMQCTL = "/usr/sbin/rabbitmqctl"  # the packaged wrapper switches to the rabbitmq user itself
-_RABBITMQ_HOME = "/var/lib/rabbitmq"  # shares the default node's Erlang cookie, so the CLI works
 
 
 class BrokerStartError(RuntimeError):
@@ -202,13 +198,15 @@ class PrivateBroker:
     """A RabbitMQ node of our own (own name, ports, data and log dirs), torn down at the end.
 
     Methods that change the node's state record what they changed so `heal` undoes exactly that
-    after each test, without paying for a full reset.
+    after each test, without paying for a full reset. `base` is the host's path to the node's
+    files; the node itself sees them as `installation.inner_path(base)`.
     """
 
     node: str
     port: int
     dist_port: int
     base: Path
+    installation: Installation
     dirty: set[str] = field(default_factory=set)
     tls_port: int = 0  # 0: no TLS listener
     tls: TlsFiles | None = None
@@ -247,7 +245,12 @@ class PrivateBroker:
 
     @classmethod
     def start(
-        cls, timeout: float = 120.0, *, name: str = "burrowfault", tls: bool = True
+        cls,
+        timeout: float = 120.0,
+        *,
+        name: str = "burrowfault",
+        tls: bool = True,
+        installation: Installation | None = None,
     ) -> PrivateBroker:
         """Start a detached node and wait until it serves AMQP; raise `BrokerStartError`.
 
@@ -255,13 +258,22 @@ class PrivateBroker:
             name: node name prefix; the pid is appended so parallel sessions never collide.
             tls: also listen for amqps:// on `tls_port` with fresh certificates (`tls`); one
                 more listener costs the node's start next to nothing.
+            installation: the RabbitMQ to run (default: the test broker's).
         """
-        if not (os.path.exists(RABBITMQ_SERVER) and os.path.exists(RABBITMQCTL)):
-            raise BrokerStartError(f"RabbitMQ is not installed ({RABBITMQ_SERVER} missing)")
-        rabbit = _rabbit_user()
-        base = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        install = TEST_BROKER.installation if installation is None else installation
+        if not install.installed():
+            raise BrokerStartError(f"{install} is not installed ({install.server} missing)")
+        uid, gid = _rabbit_user(install)
+        try:
+            install.prepare()
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BrokerStartError(f"{install} cannot run: {exc}") from None
+        # Inside the installation, so its node can reach its files by the same name.
+        base = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=install.scratch()))
         node = f"{name}{os.getpid()}@localhost"
-        broker = cls(node=node, port=free_port(), dist_port=free_port(), base=base)
+        broker = cls(
+            node=node, port=free_port(), dist_port=free_port(), base=base, installation=install
+        )
         (base / "mnesia").mkdir()
         (base / "log").mkdir()
         (base / "enabled_plugins").write_text("[].\n")
@@ -278,11 +290,12 @@ class PrivateBroker:
                 broker.remove_files()
                 raise
             # Client certificates are checked when offered, not required (both cases tested).
+            inner = install.inner_path
             config += (
                 f"listeners.ssl.local = 127.0.0.1:{broker.tls_port}\n"
-                f"ssl_options.cacertfile = {files.ca_file}\n"
-                f"ssl_options.certfile = {files.server_cert}\n"
-                f"ssl_options.keyfile = {files.server_key}\n"
+                f"ssl_options.cacertfile = {inner(files.ca_file)}\n"
+                f"ssl_options.certfile = {inner(files.server_cert)}\n"
+                f"ssl_options.keyfile = {inner(files.server_key)}\n"
                 "ssl_options.verify = verify_peer\n"
                 "ssl_options.fail_if_no_peer_cert = false\n"
             )
@@ -290,7 +303,7 @@ class PrivateBroker:
         base.chmod(0o755)
         if os.getuid() == 0:
             for path in (base, *base.rglob("*")):
-                os.chown(path, rabbit.pw_uid, rabbit.pw_gid)
+                os.chown(path, uid, gid)
         try:
             broker.launch(timeout)
         except BrokerStartError:
@@ -301,22 +314,28 @@ class PrivateBroker:
     def launch(self, timeout: float = 120.0) -> None:
         """Start the node's Erlang VM on its existing data directory (first start or after
         `kill_hard`) and wait until it serves AMQP."""
+        install = self.installation
+        base = install.inner_path(self.base)
         env = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin"),
-            "HOME": _RABBITMQ_HOME,
+            "PATH": install.path,
+            # The rabbitmq user's home: its Erlang cookie is the one the CLI uses.
+            "HOME": install.home,
             "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.base / "log"),
-            "RABBITMQ_PID_FILE": str(self.base / "pid"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
-            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+            "RABBITMQ_MNESIA_BASE": f"{base}/mnesia",
+            "RABBITMQ_LOG_BASE": f"{base}/log",
+            "RABBITMQ_PID_FILE": f"{base}/pid",
+            "RABBITMQ_ENABLED_PLUGINS_FILE": f"{base}/enabled_plugins",
+            "RABBITMQ_CONFIG_FILE": f"{base}/rabbitmq.conf",
         }
         prefix = ["runuser", "-u", "rabbitmq", "--"] if os.getuid() == 0 else []
+        argv = [
+            *prefix, "env", f"--chdir={install.home}", *(f"{k}={v}" for k, v in env.items()),
+            install.server, "-detached",
+        ]  # fmt: skip
         started = subprocess.run(
-            [*prefix, "env", *(f"{k}={v}" for k, v in env.items()), RABBITMQ_SERVER, "-detached"],
-            cwd=_RABBITMQ_HOME,
+            install.command(*argv),
             capture_output=True,
             text=True,
             timeout=60,
@@ -344,12 +363,15 @@ class PrivateBroker:
     def ctl_sync(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run `rabbitmqctl -n <our node> ...` (blocking: only outside the event loop)."""
         return subprocess.run(
-            [RABBITMQCTL, "-q", "-n", self.node, *args],
+            self._ctl_argv(*args),
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
         )
+
+    def _ctl_argv(self, *args: str) -> list[str]:
+        return self.installation.command(self.installation.ctl, "-q", "-n", self.node, *args)
 
     def log_tail(self, lines: int = 30) -> str:
         """The end of the node's log, for failure messages."""
@@ -360,17 +382,23 @@ class PrivateBroker:
 
     def stop_node(self) -> None:
         """Stop the node, wait for its process to exit, and delete its files."""
+        pid = self.pid()  # read first: a clean stop deletes the pid file before the VM exits
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.ctl_sync("stop", timeout=60)
-        pid_file = self.base / "pid"
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(pid_file.read_text().strip())
+        if pid is not None:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.1)
             if _alive(pid):  # never leave a node of ours running behind the session
                 os.kill(pid, signal.SIGKILL)
         self.remove_files()
+
+    def pid(self) -> int | None:
+        """The pid of the node's Erlang VM (None before it wrote its pid file)."""
+        try:
+            return int((self.base / "pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def remove_files(self) -> None:
         """Delete the node's data and logs."""
@@ -381,11 +409,7 @@ class PrivateBroker:
     async def ctl(self, *args: str, timeout: float = 60, check: bool = True) -> str:
         """Run `rabbitmqctl -n <our node> ...` without blocking the loop; return stdout."""
         proc = await asyncio.create_subprocess_exec(
-            RABBITMQCTL,
-            "-q",
-            "-n",
-            self.node,
-            *args,
+            *self._ctl_argv(*args),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -417,7 +441,8 @@ class PrivateBroker:
     async def kill_hard(self) -> None:
         """SIGKILL the node's Erlang VM: no clean shutdown, nothing flushed, sockets just die."""
         self.dirty.add("dead")
-        pid = int((self.base / "pid").read_text().strip())
+        pid = self.pid()
+        assert pid is not None, f"no pid file for {self.node}"
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while _alive(pid):
@@ -570,14 +595,16 @@ class PrivateBroker:
                 await self.ctl("delete_user", item.removeprefix("user:"), check=False)
 
 
-def _rabbit_user() -> pwd.struct_passwd:
+def _rabbit_user(installation: Installation) -> tuple[int, int]:
+    """The (uid, gid) the installation's nodes run as; only they, or root, may start one."""
     try:
-        rabbit = pwd.getpwnam("rabbitmq")
-    except KeyError:
-        raise BrokerStartError("no `rabbitmq` user to run a private node as") from None
-    if os.getuid() not in (0, rabbit.pw_uid):
-        raise BrokerStartError("starting a private node needs root or the rabbitmq user")
-    return rabbit
+        uid, gid = installation.rabbit_user()
+    except (KeyError, OSError):
+        raise BrokerStartError(f"no `rabbitmq` user in {installation} to run a node as") from None
+    allowed = (0,) if installation.root is not None else (0, uid)  # chroot: root only
+    if os.getuid() not in allowed:
+        raise BrokerStartError(f"starting a private node of {installation} needs root")
+    return uid, gid
 
 
 def _alive(pid: int) -> bool:

@@ -19,7 +19,6 @@ import dataclasses
 import logging
 import re
 import secrets
-import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -59,6 +58,7 @@ from service.topology import DIRECT_REPLY_TO, Names
 from service.transport import ConsumerSpec
 from service.types import Delivery, Settle
 from service.vocabulary import H_CALLBACK_DATA
+from tests.brokers import TEST_BROKER
 from tests.conftest import AMQP_URL, delete_topology
 from tests.faults.harness import sample, wait_until
 from tests.hostile import rawamqp
@@ -840,20 +840,14 @@ def assert_logs_clean(
 
 
 def rabbit_queue_counts(namespace: str) -> dict[str, tuple[int, int]]:
-    """Ready and unacknowledged counts of this namespace's queues (rabbitmqctl, read-only)."""
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "name", "messages_ready", "messages_unacknowledged"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    ).stdout
-    counts: dict[str, tuple[int, int]] = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0].startswith(f"{namespace}.") and parts[1].isdigit():
-            counts[parts[0]] = (int(parts[1]), int(parts[2]))
-    return counts
+    """Ready and unacknowledged counts of this namespace's queues (the test broker's
+    rabbitmqctl, read-only)."""
+    rows = TEST_BROKER.rows("list_queues", "name", "messages_ready", "messages_unacknowledged")
+    return {
+        row[0]: (int(row[1]), int(row[2]))
+        for row in rows
+        if len(row) == 3 and row[0].startswith(f"{namespace}.") and row[1].isdigit()
+    }
 
 
 class MakeHostile(Protocol):

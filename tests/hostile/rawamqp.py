@@ -7,9 +7,10 @@ tables nested thousands of levels deep. pamqp refuses to *encode* most of these 
 `str` only, picks integer widths itself, sends every float as `f`), and aio-pika/aiormq go
 through pamqp, so this module speaks the protocol over asyncio streams itself:
 
-- Method frames (Connection.Start/StartOk with PLAIN guest/guest, Tune/TuneOk, Open,
-  Channel.Open, Confirm.Select, Basic.Publish, Basic.Consume…) are marshalled and every frame
-  from the broker is unmarshalled with `pamqp.frame`: those are well-formed on both sides.
+- Method frames (Connection.Start/StartOk with a PLAIN login, by default the test broker's,
+  Tune/TuneOk, Open, Channel.Open, Confirm.Select, Basic.Publish, Basic.Consume…) are
+  marshalled and every frame from the broker is unmarshalled with `pamqp.frame`: those are
+  well-formed on both sides.
 - The content header (the message properties) is encoded by hand, byte by byte, by
   `encode_properties`. This is the same result as marshalling with placeholder ASCII of the
   same length and byte-replacing it in the frame, without the risk of a placeholder matching
@@ -57,6 +58,8 @@ from typing import Any, TypeAlias
 
 from pamqp import body as pamqp_body
 from pamqp import commands, frame, header, heartbeat
+
+from tests.brokers import TEST_BROKER
 
 __all__ = [
     "Field",
@@ -378,6 +381,22 @@ class _Incoming:
     chunks: list[bytes] = dataclass_field(default_factory=list)
 
 
+_CLOSES = {(10, 50): commands.Connection.Close, (20, 40): commands.Channel.Close}
+
+
+def _close_frame(payload: bytes) -> Any:
+    """A Connection.Close or Channel.Close method frame's payload read by hand, its reply text
+    decoded with replacement characters; None for any other frame."""
+    if len(payload) < 7:
+        return None
+    class_id, method_id, reply_code, length = struct.unpack_from(">HHHB", payload, 0)
+    close = _CLOSES.get((class_id, method_id))
+    if close is None:
+        return None
+    text = payload[7 : 7 + length].decode("utf-8", "replace")
+    return close(reply_code=reply_code, reply_text=text)
+
+
 class RawAmqp:
     """One connection with one confirm-mode channel, written frame by frame."""
 
@@ -404,15 +423,21 @@ class RawAmqp:
     @classmethod
     async def connect(
         cls,
-        host: str = "127.0.0.1",
-        port: int = 5672,
+        host: str | None = None,
+        port: int | None = None,
         *,
-        user: str = "guest",
-        password: str = "guest",
-        vhost: str = "/",
+        user: str | None = None,
+        password: str | None = None,
+        vhost: str | None = None,
         timeout: float = 10.0,
     ) -> RawAmqp:
-        """Open a connection and a confirm-mode channel."""
+        """Open a connection and a confirm-mode channel; what is not given is the test
+        broker's (`BURROW_TEST_AMQP_URL`)."""
+        host = host or TEST_BROKER.host
+        port = port or TEST_BROKER.port
+        user = TEST_BROKER.user if user is None else user
+        password = TEST_BROKER.password if password is None else password
+        vhost = vhost or TEST_BROKER.vhost
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
             amqp = cls(reader, writer)
@@ -460,7 +485,14 @@ class RawAmqp:
         rest = await self._reader.readexactly(size + 1)
         if rest[-1:] != _FRAME_END:
             raise ChannelClosed(501, "frame end missing")
-        _consumed, channel, value = frame.unmarshal(head + rest)
+        try:
+            _consumed, channel, value = frame.unmarshal(head + rest)
+        except Exception:
+            # A close whose reply text quotes what the broker refused (a non-UTF-8
+            # `expiration`, say) is not UTF-8 itself: pamqp cannot decode it; read it here.
+            value = _close_frame(rest)
+            if value is None:
+                raise
         return channel, value
 
     async def _read_method(self) -> Any:
@@ -503,7 +535,7 @@ class RawAmqp:
                     self._on_connection_frame(value)
                 elif channel == self.channel:
                     self._on_channel_frame(value)
-        except (asyncio.IncompleteReadError, ConnectionError, ChannelClosed) as exc:
+        except Exception as exc:  # whatever ends the reader fails what waits on it
             closed = exc if isinstance(exc, ChannelClosed) else ChannelClosed(0, repr(exc))
             self._fail(closed)
 

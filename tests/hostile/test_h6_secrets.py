@@ -23,6 +23,7 @@ from service.codec import H_KIND
 from service.example import calc
 from service.log import configure_logging
 from service.topology import Names
+from tests.brokers import TEST_BROKER
 from tests.conftest import AppFactory
 from tests.integration.test_async_support import next_dead_letter
 
@@ -38,7 +39,7 @@ def test_h6_unescaped_password_refused_at_start(char: str, namespace: str) -> No
     password = f"{SECRET[:7]}{char}{SECRET[7:]}"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("BURROW_")},
-        "BURROW_AMQP_URL": f"amqp://guest:{password}@127.0.0.1:5672/",
+        "BURROW_AMQP_URL": f"amqp://guest:{password}@{TEST_BROKER.host}:{TEST_BROKER.port}/",
         "BURROW_NAMESPACE": namespace,
         "BURROW_HTTP_PORT": "0",
         "BURROW_LOG_FORMAT": "json",

@@ -19,7 +19,7 @@ import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlunsplit
 
 import aio_pika
 import aiormq
@@ -43,6 +43,7 @@ from service.shim import Undecodable
 from service.testing import delete_entities
 from service.topology import Names, service_topology
 from service.types import Delivery
+from tests.brokers import TEST_BROKER
 from tests.conftest import AMQP_URL, AppFactory
 from tests.hostile.rawamqp import Props, RawAmqp, S, ShortStr, T, nested_table, x
 
@@ -51,7 +52,6 @@ __all__: list[str] = []
 SERVICE = "h7"
 RUN_TIMEOUT = 60.0  # a CLI run starts a fresh interpreter on a shared machine
 RECOMMENDED_DLQ_LIMIT = 1_000_000  # the DLQ's x-delivery-limit docs/operations.md asks for
-_BROKER = urlsplit(AMQP_URL)
 
 
 class Item(Model):
@@ -84,19 +84,15 @@ async def _eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: 
 
 def _url(password: str | None = None, port: int | None = None, scheme: str = "amqp") -> str:
     """The test broker's URL with another password, port or scheme."""
-    user = _BROKER.username or "guest"
-    secret = (_BROKER.password or "guest") if password is None else password
-    host = f"{_BROKER.hostname}:{port or _BROKER.port or 5672}"
-    return urlunsplit((scheme, f"{user}:{secret}@{host}", _BROKER.path or "/", "", ""))
+    secret = TEST_BROKER.password if password is None else password
+    login = f"{quote(TEST_BROKER.user, safe='')}:{quote(secret, safe='')}"
+    host = f"{TEST_BROKER.host}:{port or TEST_BROKER.port}"
+    vhost = "" if TEST_BROKER.vhost == "/" else quote(TEST_BROKER.vhost, safe="")
+    return urlunsplit((scheme, f"{login}@{host}", f"/{vhost}", "", ""))
 
 
 async def _raw() -> RawAmqp:
-    return await RawAmqp.connect(
-        _BROKER.hostname or "127.0.0.1",
-        _BROKER.port or 5672,
-        user=_BROKER.username or "guest",
-        password=_BROKER.password or "guest",
-    )
+    return await RawAmqp.connect()
 
 
 def _dlq_arguments(settings: Settings, *, limit: int | None = None) -> dict[str, Any]:
@@ -415,7 +411,7 @@ async def test_h7_tools_use_password_file(
         aio_pika.Message(b"{}", message_id="pw-1"), routing_key=dlq
     )
     secret = tmp_path / "password"
-    secret.write_text((_BROKER.password or "guest") + "\n")
+    secret.write_text(TEST_BROKER.password + "\n")
     urls = f"{_url(password='wrong', port=1)},{_url(password='wrong')}"
     with_file = settings.model_copy(
         update={"amqp_url": SecretStr(urls), "amqp_password_file": str(secret)}

@@ -5,7 +5,6 @@ another connection, failed jobs as structured errors, unknown jobs, and callback
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from typing import Any
 
 import aio_pika
@@ -14,6 +13,7 @@ import pytest
 from service import Client, InvalidArgument, Model, NotFound, Service, Unroutable
 from service.codec import H_STATUS
 from service.jobs import H_JOB_ID
+from tests.brokers import TEST_BROKER
 from tests.conftest import AppFactory, ClientFactory
 from tests.integration.test_async_support import EventTap, Recorder, body_json
 
@@ -169,14 +169,7 @@ async def test_unroutable_submit_is_refused_and_forgotten(
 
 
 def _queues(namespace: str) -> set[str]:
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "name"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    return {line.strip() for line in out.splitlines() if line.strip().startswith(namespace + ".")}
+    return set(TEST_BROKER.names("list_queues", namespace + "."))
 
 
 async def test_500_jobs_declare_no_queue(

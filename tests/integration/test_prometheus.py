@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiohttp
@@ -29,6 +30,7 @@ from service.errors import InvalidArgument, NotFound, ServiceError
 from service.example import calc
 from service.gateway import Gateway
 from service.testing import delete_entities
+from tests.brokers import TEST_BROKER
 from tests.conftest import AMQP_URL, AppFactory
 from tests.contract.test_deploy import (
     DEPLOY,
@@ -40,7 +42,7 @@ from tests.contract.test_deploy import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
-RABBITMQ_PROMETHEUS = "http://127.0.0.1:15692/metrics"
+RABBITMQ_PROMETHEUS = TEST_BROKER.metrics_url
 IMAGE = ROOT / "docs/img/dashboard.png"
 _COMPARISON = re.compile(r"\s*(?:>|<|==|!=|>=|<=)\s*[0-9.e+-]+\s*$")
 
@@ -121,7 +123,7 @@ def _config(app_port: int, gateway_port: int, rabbitmq: bool, rules: Path) -> di
         elif job["job_name"] == "gateway":
             job["static_configs"] = [{"targets": [f"127.0.0.1:{gateway_port}"]}]
         elif rabbitmq:
-            job["static_configs"] = [{"targets": ["127.0.0.1:15692"]}]
+            job["static_configs"] = [{"targets": [urlsplit(RABBITMQ_PROMETHEUS).netloc]}]
         else:
             continue
         jobs.append(job)
@@ -299,7 +301,7 @@ async def _evaluate(
         skipped: list[str] = []
         for expr in dashboard_queries():
             if _is_rabbitmq(expr) and not rabbitmq:
-                skipped.append(expr)  # needs the broker's rabbitmq_prometheus plugin on :15692
+                skipped.append(expr)  # needs the broker's rabbitmq_prometheus plugin
                 continue
             assert await prometheus.query(_instant(expr)), f"no series for {expr}"
 

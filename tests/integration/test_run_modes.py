@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from service import App, Client, ConfigError, Settings, TopologyError
 from service.example import calc
+from tests.brokers import TEST_BROKER
 from tests.conftest import AMQP_URL, AppFactory
 
 
@@ -47,13 +48,8 @@ async def test_workers_share_the_queue_and_stop_on_sigterm(settings: Settings) -
 
 async def _consumers(queue: str) -> int:
     for _ in range(50):
-        proc = await asyncio.create_subprocess_exec(
-            "rabbitmqctl", "-q", "list_queues", "name", "consumers",
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, _ = await proc.communicate()
-        for line in out.decode().splitlines():
-            name, _, count = line.partition("\t")
+        rows = await asyncio.to_thread(TEST_BROKER.rows, "list_queues", "name", "consumers")
+        for name, count in rows:
             if name == queue and int(count) >= 2:
                 return int(count)
         await asyncio.sleep(0.2)

@@ -4,7 +4,6 @@ RabbitMQ, and nothing left behind on the real one."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -12,16 +11,14 @@ import pytest
 
 from service import InvalidArgument
 from service.example import calc
-from service.testing import Served, serve
+from service.testing import URL_VARIABLE, Served, serve
+from tests.brokers import AMQP_URL, TEST_BROKER
 
 __all__: list[str] = []
 
 
 def _names(what: str, prefix: str) -> set[str]:
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", what, "name"], capture_output=True, text=True, timeout=60, check=True
-    ).stdout
-    return {line.strip() for line in out.splitlines() if line.strip().startswith(prefix)}
+    return set(TEST_BROKER.names(what, prefix))
 
 
 @pytest.mark.parametrize("backend", ["memory", "rabbitmq"])
@@ -64,3 +61,15 @@ async def test_the_plugin_fixture_follows_the_chosen_backend(
     async with burrow_serve(calc, queue_type="classic") as served:
         assert await served.client.call("calc.add", {"a": 1, "b": 1}) == {"sum": 2}
         assert served.in_memory is (burrow_backend == "memory")
+
+
+async def test_the_real_backend_runs_on_the_test_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On RabbitMQ, serve uses BURROW_TEST_AMQP_URL when set, over the BURROW_AMQP_URL the
+    services deploy with; an `amqp_url` given to it wins over both."""
+    monkeypatch.setenv("BURROW_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/")
+    monkeypatch.setenv(URL_VARIABLE, AMQP_URL)
+    async with serve(calc, backend="rabbitmq", queue_type="classic") as served:
+        assert await served.client.call("calc.add", {"a": 1, "b": 1}) == {"sum": 2}
+    monkeypatch.setenv(URL_VARIABLE, "amqp://guest:guest@127.0.0.1:1/")
+    async with serve(calc, backend="rabbitmq", queue_type="classic", amqp_url=AMQP_URL) as served:
+        assert await served.client.call("calc.add", {"a": 1, "b": 1}) == {"sum": 2}
