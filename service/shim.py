@@ -1,61 +1,83 @@
-"""What Burrow changes in the AMQP libraries under it: pamqp's decoders made tolerant,
-aiormq's frame writer made to coalesce, and publishes framed in one pass.
+"""Burrow's own AMQP connections: aio-pika's and aiormq's classes, subclassed so that Burrow's
+connections decode tolerantly, write coalesced and publish in one pass; nothing else changes.
 
 pamqp raises on a non-UTF-8 short string, recurses without bound into nested tables and
 overflows on far-away timestamps; any of these in one delivery kills aiormq's connection, and
-the broker redelivers the message for ever. `install()` swaps those decoders for ones that
-return an `Undecodable` marker instead, so the envelope reader can refuse the message. It also
-makes pamqp write header floats as doubles (`d`): it writes single precision (`f`), which loses
-a Java client's double and cannot hold one beyond 3.4e38 at all.
+the broker redelivers the message for ever. A Burrow connection (`Connection`, which aio-pika
+opens over `_AmqpConnection`) reads every frame after the handshake with `read_frame`: the
+frames of every delivery and confirm (Basic.Deliver, Basic.Ack, content header, body) are
+decoded directly, other method frames by the same loop as pamqp's with Burrow's field decoders,
+which return an `Undecodable` marker instead of raising, so the envelope reader can refuse the
+message. The objects are pamqp's, with the values pamqp gives wherever pamqp can decode.
 
-aiormq writes each queued frame with its own socket write (a system call each). `install()`
-makes its writer take every frame already queued for the connection, up to `MAX_BATCH_BYTES`,
-and write them in one call, in order: under load one write carries many publishes and acks.
+aiormq writes each queued frame with its own socket write (a system call each). A Burrow
+connection's write queue (`_WriteQueue`) hands aiormq's writer every frame already queued, up
+to `MAX_BATCH_BYTES`, as one frame: under load one write carries many publishes and acks.
 Frames that asked to be drained are drained together after that write; a connection-close
-frame ends a batch.
+frame ends a batch. Deliveries for an `inline_consumer` are handled in the channel's reader
+(`_AmqpChannel`), without aiormq's task per delivery.
 
 `publish_frames` and `publish` replace aiormq's `basic_publish` for Burrow's publishes: the
-same bytes (see their section below), a fraction of its CPU. On the way in, `install()` makes
-aiormq's frame reader take each frame in two reads and decode the frames of every delivery and
-confirm (Basic.Deliver, Basic.Ack, content header, body) directly; every other frame still
-goes through pamqp, and the objects are pamqp's, with the same values (`read_frame`).
+same bytes pamqp would write (see their section below), header floats as doubles (`d`; pamqp
+writes single precision, `f`, which loses a Java client's double and cannot hold one beyond
+3.4e38 at all), at a fraction of its CPU.
+
+pamqp's and aiormq's modules, classes and tables are never changed: a plain aio-pika connection
+in the same process behaves as stock. What Burrow re-implements or builds on is fenced by
+`check_libraries`: the fingerprint of each such function must be one Burrow was checked
+against (`_KNOWN`), or a link refuses to start, once, naming the library and what changed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import importlib
+import inspect
 import logging
 import struct
+import textwrap
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from importlib import metadata
 from typing import Any, ClassVar, cast
 
-from aiormq import channel as aiormq_channel
-from aiormq import connection as aiormq_connection
+import aio_pika
+import aiormq
+from aio_pika.abc import TimeoutType, UnderlayConnection
+from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import ChannelFrame, TaskType, TaskWrapper
+from aiormq.connection import FrameReceiver
 from aiormq.exceptions import (
     AMQPConnectionError,
     ChannelInvalidStateError,
     InvalidFrameError,
-    ProtocolSyntaxError,
 )
-from pamqp import base, commands, decode, encode
+from pamqp import commands, decode, encode
 from pamqp import frame as pamqp_frame
 from pamqp.body import ContentBody
-from pamqp.exceptions import PAMQPException
+from pamqp.exceptions import PAMQPException, UnmarshalingException
 from pamqp.header import ContentHeader
+from yarl import URL
 
+from service.errors import ConfigError
 from service.vocabulary import H_UNDECODABLE
 
 __all__ = [
     "MAX_BATCH_BYTES",
     "MAX_DEPTH",
     "UNDECODABLE_HEADER",
+    "Connection",
     "Undecodable",
-    "install",
+    "check_libraries",
+    "fingerprint",
+    "installed_fingerprints",
+    "inline_consumer",
+    "read_frame",
+    "field_value",
     "connection_blocked",
     "expire_heartbeat_grace",
-    "installed",
     "reader_task",
     "silent_for",
     "ack_frame",
@@ -73,6 +95,7 @@ UNDECODABLE_HEADER = H_UNDECODABLE  # set when the properties as a whole failed
 
 _Decoder = Callable[[bytes], tuple[int, Any]]
 _UINT = struct.Struct(">I")
+_aiormq_log = logging.getLogger("aiormq.channel")  # where aiormq says what we now do
 
 
 class Undecodable(str):
@@ -93,13 +116,14 @@ class Undecodable(str):
         return value
 
 
+# -- Burrow's field decoders: pamqp's, made tolerant, for Burrow's connections only ----------
+
+
 class _Depth(threading.local):
     level = 0
 
 
 _depth = _Depth()
-_original: dict[str, Any] = {}
-_aiormq_log = logging.getLogger("aiormq.channel")  # where aiormq says what we now do
 
 
 def _short_str(value: bytes) -> tuple[int, str]:
@@ -142,7 +166,7 @@ def _nested(decode_items: Callable[[bytes], Any], kind: str) -> _Decoder:
 
 
 def _value(data: bytes, offset: int) -> tuple[int, Any]:
-    decoder = decode.TABLE_MAPPING.get(data[offset : offset + 1])
+    decoder = _TABLE_TYPES.get(data[offset : offset + 1])
     if decoder is None:
         raise ValueError(f"Unknown type: {data[offset : offset + 1]!r}")
     consumed, value = decoder(data[offset + 1 :])
@@ -169,22 +193,38 @@ def _array_items(data: bytes) -> list[Any]:
 
 _field_table = _nested(_table_items, "field table")
 _field_array = _nested(_array_items, "field array")
+_stock_timestamp = decode.timestamp
 
 
 def _timestamp(value: bytes) -> tuple[int, Any]:
     try:
-        return _original["timestamp"](value)  # type: ignore[no-any-return]
+        return _stock_timestamp(value)
     except (ValueError, OverflowError, OSError):
         if len(value) < 8:
             raise ValueError("Could not unpack timestamp value") from None
         return 8, Undecodable.of(bytes(value[:8]), "timestamp out of range")
 
 
-def _properties_unmarshal(self: base.BasicProperties, flags: int, data: bytes) -> None:
-    try:
-        _original["properties"](self, flags, data)
-    except Exception as exc:  # any failure here would kill the connection
-        _undecodable_properties(self, exc)
+# Copies of pamqp's dispatch tables with the tolerant decoders in; pamqp's own stay as they are.
+_TABLE_TYPES: dict[bytes, _Decoder] = dict(decode.TABLE_MAPPING) | {
+    b"F": _field_table,
+    b"A": _field_array,
+    b"T": _timestamp,
+}
+_FIELD_TYPES: dict[str, _Decoder] = dict(decode.METHODS) | {
+    "shortstr": _short_str,
+    "table": _field_table,
+    "array": _field_array,
+    "timestamp": _timestamp,
+}
+
+
+def field_value(data: bytes) -> tuple[int, Any]:
+    """A table field value (type octet, then the value) as a Burrow connection decodes it:
+    pamqp's `decode.embedded_value`, with markers where pamqp would fail; (bytes used, value)."""
+    if not data:
+        return 0, None
+    return _value(data, 0)
 
 
 def _undecodable_properties(properties: object, exc: Exception) -> None:
@@ -194,70 +234,18 @@ def _undecodable_properties(properties: object, exc: Exception) -> None:
     cast(Any, properties).headers = {UNDECODABLE_HEADER: Undecodable.of(b"", problem)}
 
 
-def _table_value(value: Any) -> bytes:
-    if type(value) is float:
-        return b"d" + encode.double(value)
-    return _original["table_value"](value)  # type: ignore[no-any-return]
-
-
-def silent_for(connection: object) -> float | None:
-    """Seconds since aiormq last read a frame on `connection` (its private record, the one its
-    own heartbeat check reads); None when the connection or the record is not there."""
-    last = getattr(connection, "_Connection__last_frame_time", None)
-    loop = getattr(connection, "loop", None)
-    if not isinstance(last, float) or loop is None:
-        return None
-    return float(loop.time() - last)
-
-
-class _Batch:
-    """Frames taken from a connection's write queue together: what aiormq's writer reads of
-    a `ChannelFrame` (payload, should_close, should_drain, drain), for all of them."""
-
-    __slots__ = ("_frames", "payload", "should_close")
-
-    def __init__(self, frames: list[ChannelFrame]) -> None:
-        self._frames = frames
-        self.payload = b"".join([frame.payload for frame in frames])
-        self.should_close = frames[-1].should_close  # a close frame ends its batch
-
-    @property
-    def should_drain(self) -> bool:
-        return any(frame.should_drain for frame in self._frames)
-
-    def drain(self) -> None:
-        for frame in self._frames:
-            frame.drain()
-
-
-async def _next_frames(self: Any) -> ChannelFrame | _Batch:
-    """`FrameGenerator.__anext__`, taking every frame queued by now (see the module doc)."""
-    if self.close_event.is_set():
-        raise StopAsyncIteration
-    queue: asyncio.Queue[ChannelFrame] = self.queue
-    frame = await queue.get()
-    queue.task_done()
-    if frame.should_close or queue.empty():
-        return frame  # (yielding once first to gather more was measured: no more per write)
-    frames, size = [frame], len(frame.payload)
-    while size < MAX_BATCH_BYTES and not queue.empty():
-        frame = queue.get_nowait()
-        queue.task_done()
-        frames.append(frame)
-        size += len(frame.payload)
-        if frame.should_close:
-            break
-    return _Batch(frames)
-
+# -- reading frames -----------------------------------------------------------------------------
 
 _DELIVER_INDEX, _ACK_INDEX = 0x003C003C, 0x003C0050
 _TAG = struct.Struct(">qB")  # delivery tag (signed, as pamqp reads a longlong), then a bit octet
+_FLAGS = struct.Struct(">H")
 
 
 def read_frame(head: bytes, rest: bytes) -> tuple[int, int, Any]:
-    """`pamqp.frame.unmarshal(head + rest)`: (bytes used, channel, frame), with Basic.Deliver,
-    Basic.Ack, content header and body frames decoded here and everything else (or anything
-    malformed, or a second property-flag word) by pamqp.
+    """`pamqp.frame.unmarshal(head + rest)` with Burrow's tolerant field decoders: (bytes used,
+    channel, frame). Basic.Deliver, Basic.Ack, content header and body frames are decoded
+    here directly, other method frames by pamqp's loop over their fields, and anything else
+    (a heartbeat, or anything malformed: pamqp says what is wrong with it) by pamqp.
 
     Args:
         head: the frame's first 7 bytes (type, channel, size).
@@ -278,10 +266,13 @@ def _decode(
             if header is not None:
                 return size + 8, channel, header
         if frame_type == _FRAME_METHOD and size >= 4:
+            index = _UINT.unpack_from(rest)[0]
             try:
-                frame = _method(_UINT.unpack_from(rest)[0], rest, size)
+                frame = _method(index, rest, size)
             except (ValueError, struct.error, IndexError):
-                frame = None  # pamqp says what is wrong with it
+                frame = None  # the general loop below decodes it, or says what is wrong
+            if frame is None:
+                frame = _method_fields(index, rest[4:size])
             if frame is not None:
                 return size + 8, channel, frame
     return cast(tuple[int, int, Any], pamqp_frame.unmarshal(head + rest))
@@ -300,12 +291,41 @@ def _method(index: int, rest: bytes, size: int) -> Any:
     offset, exchange = _short_str_at(rest, offset + 9, size)
     offset, routing_key = _short_str_at(rest, offset, size)
     if offset != size:
-        return None  # pamqp decides what a frame of another length means
+        return None  # the general loop decides what a frame of another length means
     deliver = _new(commands.Basic.Deliver)
     deliver.consumer_tag, deliver.delivery_tag = consumer_tag, tag
     deliver.redelivered = bool(bits & 1)
     deliver.exchange, deliver.routing_key = exchange, routing_key
     return deliver
+
+
+def _method_fields(index: int, data: bytes) -> Any:
+    """pamqp's `_unmarshal_method_frame` and `Frame.unmarshal` with Burrow's field decoders;
+    None for an index pamqp does not know (pamqp then says so)."""
+    cls = commands.INDEX_MAPPING.get(index)
+    if cls is None:
+        return None
+    method = cls()
+    offset, bits = 0, False
+    try:
+        for argument in method.__slots__:
+            kind = getattr(cls, "_" + argument)
+            if bits and (kind != "bit" or offset == 8):
+                data, offset, bits = data[1:], 0, False
+            if kind == "bit":
+                value = decode.bit(data, offset)[1]
+                offset, bits, consumed = offset + 1, True, 0
+            else:
+                decoder = _FIELD_TYPES.get(kind)
+                if decoder is None:
+                    raise ValueError(f"Unknown type: {kind}")
+                consumed, value = decoder(data)
+            setattr(method, argument, value)
+            if consumed:
+                data = data[consumed:]
+    except (struct.error, ValueError) as error:
+        raise UnmarshalingException(method, error) from error
+    return method
 
 
 _HEADER_FIXED = struct.Struct(">HHQH")  # class, weight, body size, first property-flag word
@@ -318,16 +338,20 @@ _BLANK = {name: None for _, name, _ in _PROPERTIES} | {"cluster_id": ""}  # Prop
 
 def _content_header(rest: bytes, size: int) -> ContentHeader | None:
     """A content header frame as pamqp's `ContentHeader.unmarshal` (with Burrow's tolerant
-    property decoding) leaves it; None for a second flag word (pamqp's to decode)."""
+    property decoding) leaves it; None when its flag words are cut short (pamqp says so)."""
     class_id, weight, body_size, flags = _HEADER_FIXED.unpack_from(rest)
-    if flags & 1:
-        return None
+    offset, word = _HEADER_FIXED.size, flags
+    while word & 1:  # more flag words follow; no Basic property is flagged in them
+        if offset + 2 > size:
+            return None
+        (word,) = _FLAGS.unpack_from(rest, offset)
+        offset += 2
     properties = _new(commands.Basic.Properties)
     for name, blank in _BLANK.items():
         setattr(properties, name, blank)
     try:
-        _decode_properties(properties, flags, rest, _HEADER_FIXED.size, size)
-    except Exception as exc:  # as _properties_unmarshal: never kill the connection
+        _decode_properties(properties, flags, rest, offset, size)
+    except Exception as exc:  # any failure here would kill the connection
         _undecodable_properties(properties, exc)
     header: ContentHeader = _new(ContentHeader)
     header.class_id, header.weight, header.body_size = class_id, weight, body_size
@@ -349,8 +373,8 @@ def _decode_properties(properties: Any, flags: int, data: bytes, offset: int, en
                 raise ValueError("Could not unpack octet value")
             value = data[offset]
             offset += 1
-        else:  # table, timestamp: the tolerant decoders `install()` put in pamqp
-            used, value = decode.by_type(data[offset:end], kind)
+        else:  # table, timestamp: Burrow's tolerant decoders
+            used, value = _FIELD_TYPES[kind](data[offset:end])
             offset += used
         setattr(properties, name, value)
 
@@ -360,8 +384,132 @@ def _new(cls: type[Any]) -> Any:
     return object.__new__(cls)
 
 
+# -- Burrow's connections: aio-pika's and aiormq's classes, subclassed ------------------------
+
+
+class Connection(aio_pika.Connection):
+    """aio-pika's connection over a Burrow `_AmqpConnection` (pass it to `aio_pika.connect`
+    as `connection_class`); everything else is aio-pika's."""
+
+    async def connect(self, timeout: TimeoutType = None) -> None:
+        """aio-pika's `Connection.connect`, opening Burrow's aiormq connection."""
+        check_libraries()
+        self.transport = await _Underlay.connect(
+            self.url, self._on_connection_close, timeout=timeout, **self.kwargs
+        )
+        await self._on_connected()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Underlay(UnderlayConnection):
+    @classmethod
+    async def make_connection(
+        cls, url: URL, timeout: TimeoutType = None, **kwargs: Any
+    ) -> aiormq.abc.AbstractConnection:
+        """aio-pika's, with `aiormq.connect` (a `Connection` it opens) made Burrow's."""
+        connection = _AmqpConnection(url, **kwargs)
+        await asyncio.wait_for(connection.connect(), timeout=timeout)
+        await connection.ready()
+        return connection
+
+
+class _AmqpConnection(aiormq.Connection):
+    """aiormq's connection with Burrow's write queue, frame reader and channels; aiormq's own
+    code does the handshake, reads the broker's Connection.* frames and runs both loops."""
+
+    def __init__(self, url: URL | str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.write_queue = _WriteQueue(maxsize=self.write_queue.maxsize)
+
+    async def _Connection__reader(self, frame_receiver: FrameReceiver) -> None:
+        """aiormq's frame loop, given Burrow's receiver once the handshake is read."""
+        reader = cast(Any, super())._Connection__reader
+        await reader(_Receiver(frame_receiver.reader))
+
+    async def channel(self, *args: Any, **kwargs: Any) -> RawChannel:
+        """aiormq's channel, opened by aiormq, then made a Burrow `_AmqpChannel` (which only
+        adds behaviour, so the object is the same): aiormq names its class in `channel()`."""
+        channel = await super().channel(*args, **kwargs)
+        if type(channel) is aiormq.Channel:
+            channel.__class__ = _AmqpChannel
+        return channel
+
+
+class _Receiver(FrameReceiver):
+    """aiormq's `FrameReceiver` after the handshake: the same frames and errors, two reads per
+    frame, and no lock (the connection's reader is its only reader now)."""
+
+    async def get_frame(self) -> tuple[int, int, Any]:
+        """The next frame: (bytes used, channel, frame), decoded by `read_frame`."""
+        reader = self.reader
+        if reader.at_eof():
+            del self.reader
+            raise StopAsyncIteration
+        try:
+            head = await reader.readexactly(_FRAME.size)
+            frame_type, channel, size = _FRAME.unpack(head)
+            rest = await reader.readexactly(size + 1)
+        except asyncio.IncompleteReadError as e:
+            raise AMQPConnectionError(
+                "Server connection unexpectedly closed. "
+                f"Read {len(e.partial)} bytes but {e.expected} bytes expected"
+            ) from e
+        except ConnectionRefusedError as e:
+            raise AMQPConnectionError(f"Server connection refused: {e!r}") from e
+        except ConnectionResetError as e:
+            raise AMQPConnectionError(f"Server connection reset: {e!r}") from e
+        except ConnectionError as e:
+            raise AMQPConnectionError(f"Server connection error: {e!r}") from e
+        except OSError as e:
+            raise AMQPConnectionError(f"Server communication error: {e!r}") from e
+        try:
+            return _decode(frame_type, channel, size, head, rest)
+        except PAMQPException as e:
+            raise InvalidFrameError(str(e)) from e
+
+    __anext__ = get_frame  # one coroutine per frame, not two
+
+
+class _Batch(ChannelFrame):
+    """Frames taken from a connection's write queue together, as one `ChannelFrame` (what
+    aiormq's writer reads: payload, should_close, should_drain, drain)."""
+
+    def __init__(self, frames: list[ChannelFrame]) -> None:
+        payload = b"".join([frame.payload for frame in frames])
+        # A close frame ends its batch (`_WriteQueue.get`): the last frame says.
+        super().__init__(payload=payload, should_close=frames[-1].should_close)
+        self.frames = frames
+
+    @property
+    def should_drain(self) -> bool:
+        return any(frame.should_drain for frame in self.frames)
+
+    def drain(self) -> None:
+        for frame in self.frames:
+            frame.drain()
+
+
+class _WriteQueue(asyncio.Queue[ChannelFrame]):
+    """A Burrow connection's write queue: aiormq's writer takes one frame per `get`, and
+    this `get` gives every frame queued by now (see the module doc)."""
+
+    async def get(self) -> ChannelFrame:
+        frame = await super().get()
+        if frame.should_close or self.empty():
+            return frame  # (yielding once first to gather more was measured: no more per write)
+        frames, size = [frame], len(frame.payload)
+        while size < MAX_BATCH_BYTES and not self.empty():
+            frame = self.get_nowait()
+            self.task_done()  # aiormq marks the one it took
+            frames.append(frame)
+            size += len(frame.payload)
+            if frame.should_close:
+                break
+        return _Batch(frames)
+
+
 class _Inline:
-    """A consumer callback aiormq can run as a task, and the shim's reader calls directly."""
+    """A consumer callback aiormq can run as a task, and Burrow's channel calls directly."""
 
     __slots__ = ("_call", "burrow_inline")
 
@@ -378,133 +526,212 @@ class _Inline:
 def inline_consumer(
     call: Callable[[Any], Awaitable[None]], inline: Callable[[Any], None]
 ) -> Callable[[Any], Awaitable[None]]:
-    """A consumer callback for `basic_consume` whose deliveries `install()`'s reader hands to
-    `inline` in the channel's reader instead of a task running `call` (the same work)."""
+    """A consumer callback for `basic_consume` whose deliveries a Burrow channel hands to
+    `inline` in its reader instead of a task running `call` (the same work)."""
     return _Inline(call, inline)
 
 
-async def _on_deliver_frame(self: Any, frame: Any) -> None:
-    """`Channel._on_deliver_frame`, calling an `inline_consumer` in place (no task)."""
-    header = await self._Channel__get_content_header()
-    message = await self._read_content(frame, header)
-    if frame.consumer_tag is None:
-        _aiormq_log.warning("Frame %r has no consumer tag", frame)
-        return
-    consumer = self.consumers.get(frame.consumer_tag)
-    if consumer is None:
-        return
-    inline = getattr(consumer, "burrow_inline", None)
-    if inline is not None:
+class _AmqpChannel(aiormq.Channel):
+    """aiormq's channel, delivering to an `inline_consumer` in its reader (no task)."""
+
+    __slots__ = ()
+
+    async def _on_deliver_frame(self, frame: commands.Basic.Deliver) -> None:
+        consumer = self.consumers.get(frame.consumer_tag or "")
+        if not isinstance(consumer, _Inline):
+            await super()._on_deliver_frame(frame)
+            return
+        # aiormq's own first steps (content header, body), then the call in place of a task
+        header = await cast(Any, self)._Channel__get_content_header()
+        message = await self._read_content(frame, header)
         try:
-            inline(message)
+            consumer.burrow_inline(message)
         except Exception:
             _aiormq_log.exception("Consumer callback failed")  # as aiormq logs a task's failure
-        return
-    task = self.create_task(consumer(message))
-    task.add_done_callback(self._on_consumer_done)
 
 
-async def _get_frame(self: Any) -> tuple[int, int, Any]:
-    """`FrameReceiver.get_frame`: the same frames and errors, two reads per frame."""
-    reader = self.reader
-    if reader.at_eof():
-        del self.reader
-        raise StopAsyncIteration
-    async with self.lock:
+# -- the guard: what Burrow re-implements or builds on, by content ----------------------------
+#
+# Each function (or class) of aiormq, pamqp and aio-pika whose code Burrow re-implements above,
+# or whose behaviour it relies on, by the SHA-256 of its source (`fingerprint`). The values
+# name the releases each fingerprint was read from and reviewed against. A new release whose
+# code is unchanged passes; one that changed any of these stops every link at its start, with
+# one error that says what changed. To admit it: read the change, adapt this module, add the
+# fingerprint (`installed_fingerprints()` gives the installed ones).
+
+_KNOWN: Mapping[str, Mapping[str, str]] = {
+    "aiormq.connection:FrameReceiver.__init__": {"84926cf0729b53e3": "7.1.0-7.2.4"},
+    "aiormq.connection:FrameReceiver.get_frame": {
+        "77b0fc18f7cf93e0": "7.1.0-7.1.6",
+        "28739fce9b3907b9": "7.2.0-7.2.4",
+    },
+    "aiormq.abc:ChannelFrame.drain": {"5e93626c10c96b7d": "7.1.0-7.2.4"},
+    "aiormq.abc:ChannelFrame.should_drain": {"c55b9c89c9ac72a7": "7.1.0-7.2.4"},
+    "aiormq.connection:FrameGenerator.__anext__": {"c9d61eb1774a3a62": "7.1.0-7.2.4"},
+    "aiormq.connection:Connection.__init__": {
+        "18fca43faa39ef31": "7.1.0-7.2.0",
+        "558e8226684ef1d3": "7.2.1-7.2.4",
+    },
+    "aiormq.connection:Connection.__reader": {
+        "ea1f42e54f943b49": "7.1.0-7.2.0",
+        "a08cbcffa5cc6dea": "7.2.1-7.2.3",
+        "69280cdec090ad91": "7.2.4",
+    },
+    "aiormq.connection:Connection.__writer": {
+        "a76d9b70202b97e2": "7.1.0-7.1.3",
+        "580fb38ffda8c34c": "7.1.4-7.2.3",
+        "90448c1ee65ad912": "7.2.4",
+    },
+    "aiormq.connection:Connection.channel": {
+        "43c2f5b75507b19c": "7.1.0-7.2.0",
+        "71c410ffcb901696": "7.2.1",
+        "411d0975f5161dd2": "7.2.2-7.2.4",
+    },
+    "aiormq.connection:Connection.is_connection_was_stuck": {"fe62bbcaea9d5105": "7.1.0-7.2.4"},
+    "aiormq.connection:Connection.__handle_connection_blocked": {"d4840f59786b8fd0": "7.1.0-7.2.4"},
+    "aiormq.connection:connect": {
+        "1d29b3f3554ccb4d": "7.1.0-7.2.0",
+        "9dbd7fdaa8a08ea8": "7.2.1-7.2.4",
+    },
+    "aiormq.channel:Channel._on_deliver_frame": {
+        "c38155bbf700982d": "7.1.0-7.1.4",
+        "ec7b7783c5ef18f3": "7.1.5-7.2.4",
+    },
+    "aiormq.channel:Channel.basic_publish": {
+        "b50f62b2235c3f60": "7.1.0-7.1.2",
+        "cb698f9b38f24502": "7.1.3-7.2.4",
+    },
+    "aiormq.channel:Channel.basic_ack": {
+        "799bc4e11455354b": "7.1.0-7.1.3",
+        "4fde720fffd5cfec": "7.1.4-7.2.3",
+        "ec78767cff5e708a": "7.2.4",
+    },
+    "aio_pika.connection:Connection.connect": {"5b2def72bcfc8109": "10.0.0-10.2.1"},
+    "aio_pika.abc:UnderlayConnection.make_connection": {"60110e879dabc8c2": "10.0.0-10.2.1"},
+    "aio_pika.abc:UnderlayConnection.connect": {"f441030f0ce47f94": "10.0.0-10.2.1"},
+    "pamqp.decode:short_str": {"6f535b7aaa125aec": "4.0.1"},
+    "pamqp.decode:field_table": {"cd20672a04f9eaa4": "4.0.1"},
+    "pamqp.decode:field_array": {"88d50527b8e73281": "4.0.1"},
+    "pamqp.decode:embedded_value": {"705653404683d7d1": "4.0.1"},
+    "pamqp.decode:by_type": {"86cc65369330cf0a": "4.0.1"},
+    "pamqp.decode:timestamp": {"64d63c732623d534": "4.0.1"},
+    "pamqp.base:Frame.unmarshal": {"13e438ea09ba7d98": "4.0.1"},
+    "pamqp.base:BasicProperties.unmarshal": {"6dc3fcb6eff561fc": "4.0.1"},
+    "pamqp.base:BasicProperties.marshal": {"ac3a2c9a42c9a686": "4.0.1"},
+    "pamqp.base:Frame.marshal": {"f527ca718f26ce61": "4.0.1"},
+    "pamqp.header:ContentHeader.unmarshal": {"8d3869ec09de19f9": "4.0.1"},
+    "pamqp.header:ContentHeader._get_flags": {"879b9e44adce289a": "4.0.1"},
+    "pamqp.frame:unmarshal": {"400fbda67c8aa154": "4.0.1"},
+    "pamqp.frame:_unmarshal_method_frame": {"c269ea9cd028f40c": "4.0.1"},
+    "pamqp.frame:_marshal": {"6718c2ed10b74066": "4.0.1"},
+    "pamqp.encode:encode_table_value": {"bbfe42da2327c30d": "4.0.1"},
+    "pamqp.encode:field_table": {"7c44b8aace14bc3c": "4.0.1"},
+    "pamqp.encode:field_array": {"26f16b0aaa0022c0": "4.0.1"},
+    "pamqp.commands:Basic.Deliver": {"74c6a3786c67c475": "4.0.1"},
+    "pamqp.commands:Basic.Ack": {"686232fb47a36644": "4.0.1"},
+    "pamqp.commands:Basic.Publish": {"68832473a4aa64cd": "4.0.1"},
+    "pamqp.commands:Basic.Properties": {"96f981d67d71f343": "4.0.1"},
+}
+
+
+_DISTRIBUTIONS = {"aiormq": "aiormq", "pamqp": "pamqp", "aio_pika": "aio-pika"}
+_checked: list[ConfigError | None] = []  # the one verdict of this process, once made
+
+
+def fingerprint(obj: object) -> str:
+    """The fingerprint of a function or class: SHA-256 of its source, as Python keeps it."""
+    source = textwrap.dedent(inspect.getsource(cast(Callable[..., Any], obj)))
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+
+
+def installed_fingerprints() -> dict[str, str]:
+    """The fingerprints of what `_KNOWN` lists, as installed: to review and add there."""
+    return {name: fingerprint(_resolve(name)) for name in _KNOWN}
+
+
+def _resolve(name: str) -> object:
+    """`module:Class.attribute` (private `__names` as written in the class) to the object."""
+    module, _, path = name.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in path.split("."):
+        if isinstance(obj, type):
+            mangled = part.startswith("__") and not part.endswith("__")
+            obj = vars(obj)[f"_{obj.__name__.lstrip('_')}{part}" if mangled else part]
+        else:
+            obj = getattr(obj, part)
+    if isinstance(obj, property):
+        obj = obj.fget
+    return obj
+
+
+def _changes() -> dict[str, list[str]]:
+    """What differs from `_KNOWN`, by distribution: one line per function."""
+    changes: dict[str, list[str]] = {}
+    for name, known in _KNOWN.items():
         try:
-            head = await reader.readexactly(_FRAME.size)
-            if not self.started:
-                if head.startswith(b"AMQP"):
-                    raise ProtocolSyntaxError("Unexpected AMQP protocol header")
-                self.started = True
-            frame_type, channel, size = _FRAME.unpack(head)
-            rest = await reader.readexactly(size + 1)
-        except asyncio.IncompleteReadError as e:
-            raise AMQPConnectionError(
-                "Server connection unexpectedly closed. "
-                f"Read {len(e.partial)} bytes but {e.expected} bytes expected"
-            ) from e
-        except ConnectionRefusedError as e:
-            raise AMQPConnectionError(f"Server connection refused: {e!r}") from e
-        except ConnectionResetError as e:
-            raise AMQPConnectionError(f"Server connection reset: {e!r}") from e
-        except ConnectionError as e:
-            raise AMQPConnectionError(f"Server connection error: {e!r}") from e
-        except OSError as e:
-            raise AMQPConnectionError(f"Server communication error: {e!r}") from e
+            found = fingerprint(_resolve(name))
+        except (ImportError, AttributeError, KeyError, OSError, TypeError) as exc:
+            problem = f"{name} cannot be read ({type(exc).__name__}: {exc})"
+        else:
+            if found in known:
+                continue
+            versions = ", ".join(sorted(set(known.values())))
+            problem = f"{name} changed (fingerprint {found}; Burrow knows it from {versions})"
+        changes.setdefault(_DISTRIBUTIONS[name.partition(".")[0].partition(":")[0]], []).append(
+            problem
+        )
+    return changes
+
+
+def check_libraries() -> None:
+    """Make sure the installed aiormq, pamqp and aio-pika are ones Burrow was checked against
+    (the code it re-implements or builds on is unchanged); computed once per process.
+
+    Raises:
+        ConfigError: something changed; says which library, which version, and what.
+    """
+    if not _checked:
+        changes = _changes()
+        if not changes:
+            _checked.append(None)
+        else:
+            lines = [
+                f"{dist} {_version(dist)}: " + "; ".join(problems)
+                for dist, problems in sorted(changes.items())
+            ]
+            _checked.append(
+                ConfigError(
+                    "the AMQP libraries changed under Burrow's connections (service/shim.py): "
+                    + " | ".join(lines)
+                    + ". Install the versions deploy/constraints.txt pins, or review "
+                    "service/shim.py against the new code and add its fingerprints."
+                )
+            )
+    if _checked[0] is not None:
+        raise _checked[0]
+
+
+def _version(distribution: str) -> str:
     try:
-        return _decode(frame_type, channel, size, head, rest)
-    except PAMQPException as e:
-        raise InvalidFrameError(str(e)) from e
-
-
-def install() -> None:
-    """Make pamqp's decoding tolerant and aiormq's writer coalesce (idempotent; process-wide,
-    as pamqp's tables and aiormq's classes are)."""
-    if _original:
-        return
-    generator = getattr(aiormq_connection, "FrameGenerator", None)
-    if generator is None or "__anext__" not in vars(generator):
-        raise RuntimeError("aiormq.connection.FrameGenerator.__anext__ is gone: aiormq changed")
-    for name in ("queue", "close_event"):
-        if name not in generator.__init__.__code__.co_names:
-            raise RuntimeError(f"aiormq's FrameGenerator has no {name!r}: aiormq changed")
-    _original["frames"] = generator.__anext__
-    generator.__anext__ = _next_frames
-    receiver = getattr(aiormq_connection, "FrameReceiver", None)
-    if receiver is None or "get_frame" not in vars(receiver):
-        raise RuntimeError("aiormq.connection.FrameReceiver.get_frame is gone: aiormq changed")
-    for name in ("reader", "lock", "started"):
-        if name not in receiver.__init__.__code__.co_names:
-            raise RuntimeError(f"aiormq's FrameReceiver has no {name!r}: aiormq changed")
-    _original["get_frame"] = receiver.get_frame
-    receiver.get_frame = _get_frame
-    deliver = vars(aiormq_channel.Channel).get("_on_deliver_frame")
-    used = {"_Channel__get_content_header", "_read_content", "consumers", "create_task"}
-    if deliver is None or not used <= set(deliver.__code__.co_names):
-        raise RuntimeError("aiormq's Channel._on_deliver_frame changed: review shim.py")
-    _original["deliver"] = deliver
-    aiormq_channel.Channel._on_deliver_frame = _on_deliver_frame  # type: ignore[method-assign]
-    _original["timestamp"] = decode.timestamp
-    _original["properties"] = base.BasicProperties.unmarshal
-    _original["table_value"] = encode.encode_table_value
-    replacements: dict[str, _Decoder] = {
-        "shortstr": _short_str,
-        "table": _field_table,
-        "array": _field_array,
-        "timestamp": _timestamp,
-    }
-    for name, decoder in replacements.items():
-        if name not in decode.METHODS:
-            raise RuntimeError(f"pamqp.decode.METHODS has no {name!r}: pamqp changed")
-        decode.METHODS[name] = decoder
-    for tag, decoder in ((b"F", _field_table), (b"A", _field_array), (b"T", _timestamp)):
-        if tag not in decode.TABLE_MAPPING:
-            raise RuntimeError(f"pamqp.decode.TABLE_MAPPING has no {tag!r}: pamqp changed")
-        decode.TABLE_MAPPING[tag] = decoder
-    decode.short_str = _short_str
-    decode.field_table = _field_table  # type: ignore[assignment]
-    decode.field_array = _field_array  # type: ignore[assignment]
-    decode.timestamp = _timestamp
-    base.BasicProperties.unmarshal = _properties_unmarshal  # type: ignore[method-assign]
-    encode.encode_table_value = _table_value
-
-
-def installed() -> bool:
-    """Whether `install()` is in effect (and pamqp still dispatches through its tables)."""
-    return (
-        bool(_original)
-        and decode.METHODS.get("shortstr") is _short_str
-        and decode.TABLE_MAPPING.get(b"F") is _field_table
-        and base.BasicProperties.unmarshal is _properties_unmarshal
-        and encode.encode_table_value is _table_value
-        and vars(aiormq_connection.FrameGenerator).get("__anext__") is _next_frames
-        and vars(aiormq_connection.FrameReceiver).get("get_frame") is _get_frame
-        and vars(aiormq_channel.Channel).get("_on_deliver_frame") is _on_deliver_frame
-    )
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "(version unknown)"
 
 
 # -- aiormq's private connection state: each accessor fails loudly when aiormq renames it ------
+#
+# `_KNOWN` holds the aiormq code that keeps this state (the reader's clock and its stuck check,
+# Connection.Blocked); these checks only turn a rename into a clear error at the call.
+
+
+def silent_for(connection: object) -> float | None:
+    """Seconds since aiormq last read a frame on `connection` (its private record, the one its
+    own heartbeat check reads); None when the connection or the record is not there."""
+    last = getattr(connection, "_Connection__last_frame_time", None)
+    loop = getattr(connection, "loop", None)
+    if not isinstance(last, float) or loop is None:
+        return None
+    return float(loop.time() - last)
 
 
 def connection_blocked(connection: object) -> bool:
@@ -564,7 +791,8 @@ _PUBLISH_METHOD = struct.Struct(">IH")  # class 60 / method 40, reserved short (
 _HEADER = struct.Struct(">HHQ")  # class 60, weight 0, body size (then flags and properties)
 _BASIC_PUBLISH = 0x003C0028
 _FRAME_METHOD, _FRAME_HEADER, _FRAME_BODY = 1, 2, 3
-_MAX_KEY = 128  # pamqp truncates longer header names: its path keeps that rule
+_MAX_KEY = 128  # pamqp truncates longer header names (in bytes), and so does `_table`
+_pamqp_log = logging.getLogger("pamqp.encode")  # where pamqp warns of a truncated name
 
 
 def _put_short(value: str) -> bytes:
@@ -574,20 +802,50 @@ def _put_short(value: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
-def _table(headers: dict[str, Any]) -> bytes:
-    """pamqp's `field_table`, with text values (nearly all of Burrow's) encoded inline."""
+def _table(headers: Any) -> bytes:
+    """pamqp's `encode.field_table`, with text values (nearly all of Burrow's) encoded inline
+    and floats, at any depth, as doubles."""
+    if not headers:
+        return b"\0\0\0\0"
+    if not isinstance(headers, dict):
+        raise TypeError(f"dict required, received {type(headers)}")
     parts = []
-    for key, value in sorted(headers.items()):
-        name = key.encode("utf-8")
+    for given, value in sorted(headers.items()):
+        key, name = given, given.encode("utf-8")
         if len(name) > _MAX_KEY:
-            return encode.field_table(headers)
+            _pamqp_log.warning("Truncating key %s to 128 bytes", given)
+            key = name[:_MAX_KEY].decode("utf-8", "ignore")
+            name = key.encode("utf-8")
         if type(value) is str:
             raw = value.encode("utf-8")
             parts.append(b"%c%sS%s%s" % (len(name), name, _UINT.pack(len(raw)), raw))
-        else:
-            parts.append(bytes((len(name),)) + name + encode.encode_table_value(value))
+            continue
+        try:
+            parts.append(bytes((len(name),)) + name + _table_value(value))
+        except TypeError as err:
+            raise TypeError(f"{key} error: {err}") from err
     data = b"".join(parts)
     return _UINT.pack(len(data)) + data
+
+
+def _array(items: Any) -> bytes:
+    """pamqp's `encode.field_array`, floats as doubles."""
+    if not isinstance(items, list):
+        raise TypeError(f"list of values required, received {type(items)}")
+    data = b"".join([_table_value(item) for item in items])
+    return _UINT.pack(len(data)) + data
+
+
+def _table_value(value: Any) -> bytes:
+    """pamqp's `encode.encode_table_value`, but a float is a double and tables and arrays
+    are Burrow's (so their floats are too)."""
+    if isinstance(value, float):
+        return b"d" + encode.double(value)
+    if isinstance(value, dict):
+        return b"F" + _table(value)
+    if isinstance(value, list):
+        return b"A" + _array(value)
+    return encode.encode_table_value(value)
 
 
 def _texts(parts: list[bytes], fields: tuple[tuple[int, str | None], ...]) -> int:
@@ -615,22 +873,8 @@ def content_properties(
     message_type: str | None = None,
     app_id: str | None = None,
 ) -> bytes:
-    """The property flags and values of a content header, as pamqp marshals them."""
-    if timestamp is not None:  # rare (a copy of a received message): pamqp's own encoder
-        return commands.Basic.Properties(
-            content_type=content_type,
-            content_encoding=content_encoding,
-            headers=headers,
-            delivery_mode=delivery_mode,
-            priority=priority,
-            correlation_id=correlation_id,
-            reply_to=reply_to,
-            expiration=expiration,
-            message_id=message_id,
-            timestamp=timestamp,
-            message_type=message_type,
-            app_id=app_id,
-        ).marshal()
+    """The property flags and values of a content header, as pamqp marshals them (header
+    floats as doubles)."""
     parts: list[bytes] = []
     flags = _texts(parts, ((0x8000, content_type), (0x4000, content_encoding)))
     if headers is not None:
@@ -644,6 +888,9 @@ def content_properties(
         parts,
         ((0x0400, correlation_id), (0x0200, reply_to), (0x0100, expiration), (0x0080, message_id)),
     )
+    if timestamp is not None:
+        flags |= 0x0040
+        parts.append(encode.timestamp(timestamp))
     flags |= _texts(parts, ((0x0020, message_type), (0x0008, app_id)))
     return struct.pack(">H", flags) + b"".join(parts)
 

@@ -53,8 +53,6 @@ from service.vocabulary import ARG_DELIVERY_LIMIT
 # ConsumerSpec, Link and LinkFactory live in service.link; re-exported for older imports.
 __all__ = ["Acks", "AmqpLink", "ConsumerSpec", "Link", "LinkFactory", "Transport", "open_tool_link"]
 
-shim.install()  # before any frame is read: foreign bytes must not kill a connection
-
 
 _log = structlog.get_logger("burrow.transport")
 
@@ -106,13 +104,24 @@ class AmqpLink(LinkState):
         self._serving = False  # ready was set since the last loss (`ready` may be cleared early)
         self._connects = 0
         self._failure_said: tuple[str, float] | None = None  # last warned cause, and when
+        self._unlimited: set[str] = set()  # dead-letter queues declared before their limit
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Begin connecting in the background; `ready` is set once consumers are attached."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._supervise())
+        if self._task is not None:
+            return
+        try:
+            shim.check_libraries()
+        except ConfigError as exc:
+            # aiormq, pamqp or aio-pika changed what Burrow's connections build on: no
+            # connect can work; say so once, at start, instead of failing per delivery.
+            self._set_fatal(exc)
+            _log.error("unsupported AMQP library; not connecting", link=self.name, error=str(exc))
+            self._lost(exc)
+            return
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     async def close(self) -> None:
         """Stop reconnecting and close the connection."""
@@ -245,6 +254,8 @@ class AmqpLink(LinkState):
                     timeout=self.settings.connect_timeout,
                     client_properties={"connection_name": f"burrow:{self.name}"},
                     ssl_context=context,
+                    # Burrow's own connection classes: tolerant decoding, coalesced writes.
+                    connection_class=shim.Connection,
                 )
             )
             try:
@@ -273,8 +284,6 @@ class AmqpLink(LinkState):
         shim.check_publishing(raw)
         if self.prefetch is not None:
             await channel.set_qos(prefetch_count=self.prefetch)
-        if not self.settings.passive_topology:
-            await self._declare_look_only(connection)
         await self._declare(channel)
         self._raw = raw
         self._acks = Acks(raw, self.settings.ack_delay, self.prefetch)
@@ -296,15 +305,21 @@ class AmqpLink(LinkState):
 
     async def _declare(self, channel: AbstractChannel) -> None:
         passive = self.settings.passive_topology
+        queue: QueueDecl | None = None
         try:
             for ex in self.topology.exchanges:
                 await channel.declare_exchange(ex.name, ex.type, durable=True, passive=passive)
             for queue in self.topology.queues:
-                if queue.look_only and not passive:
-                    continue  # declared by `_declare_look_only`
+                # A dead-letter queue declared before Burrow gave it a delivery limit cannot
+                # take one now: it is kept as it is (see `_without_limit`).
+                kept = queue.name in self._unlimited
                 await channel.declare_queue(
-                    queue.name, durable=True, arguments=queue.arguments, passive=passive
+                    queue.name,
+                    durable=True,
+                    arguments=None if kept else queue.arguments,
+                    passive=passive or kept,
                 )
+            queue = None
             if passive:
                 return  # least privilege: bindings come with the pre-provisioned definitions
             raw = await channel.get_underlay_channel()
@@ -318,6 +333,8 @@ class AmqpLink(LinkState):
                         binding.destination, binding.exchange, routing_key=binding.key
                     )
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            if queue is not None and queue.look_only and ARG_DELIVERY_LIMIT in str(exc):
+                raise self._without_limit(queue.name) from None
             raise TopologyError(
                 f"the broker holds an entity declared with other arguments: {_describe(exc)}; "
                 "delete it or align the settings"
@@ -336,40 +353,18 @@ class AmqpLink(LinkState):
                 "BURROW_PASSIVE_TOPOLOGY=true with pre-provisioned definitions"
             ) from None
 
-    async def _declare_look_only(self, connection: AbstractConnection) -> None:
-        """Declare the dead-letter queues, each with its delivery limit, on a channel of their
-        own: one declared before Burrow set that limit is refused (PRECONDITION_FAILED closes
-        the channel), so it is kept as it is, and the operator is told once how to protect its
-        letters (on RabbitMQ 4.x they would be dropped after 20 looks)."""
-        queues = [queue for queue in self.topology.queues if queue.look_only]
-        if not queues:
-            return
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            for queue in queues:
-                try:
-                    await channel.declare_queue(queue.name, durable=True, arguments=queue.arguments)
-                except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                    if ARG_DELIVERY_LIMIT not in str(exc):
-                        raise
-                    if not channel.is_closed:
-                        await channel.close()
-                    channel = await connection.channel(publisher_confirms=False)
-                    await channel.declare_queue(queue.name, passive=True)
-                    self._warn_unlimited(queue.name)
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise TopologyError(
-                f"the broker holds an entity declared with other arguments: {_describe(exc)}; "
-                "delete it or align the settings"
-            ) from None
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+    def _without_limit(self, queue: str) -> ConnectionLost:
+        """A dead-letter queue declared by an earlier Burrow, without the delivery limit that
+        keeps looking at letters from using them up: its redeclare was refused (and its channel
+        closed), so the link reconnects at once and keeps the queue as it is. The operator is
+        told once how to protect its letters (on RabbitMQ 4.x they are dropped after 20 looks)."""
+        self._unlimited.add(queue)
+        if queue not in _WARNED_UNLIMITED:
+            _WARNED_UNLIMITED.add(queue)
+            self._warn_unlimited(queue)
+        return ConnectionLost(f"{queue} has no delivery limit; declaring it as it is")
 
     def _warn_unlimited(self, queue: str) -> None:
-        if queue in _WARNED_UNLIMITED:
-            return
-        _WARNED_UNLIMITED.add(queue)
         policy = (
             f"rabbitmqctl set_policy burrow-dlq-delivery-limit '^{re.escape(queue)}$' "
             f"'{{\"delivery-limit\": {DLQ_DELIVERY_LIMIT}}}' --apply-to queues --priority 10"
@@ -842,7 +837,11 @@ _NOT_ALLOWED = 530  # AMQP reply code RabbitMQ closes with when Connection.Open 
 def _broker_close(exc: BaseException) -> spec.Connection.Close | None:
     """The Connection.Close the broker answered a handshake step with, if that is what `exc`
     is. aiormq reports it as an InvalidFrameError whose text drops the reply code and reason;
-    the frame is still a local (`frame`) of the innermost call its traceback passed through."""
+    the frame is still a local (`frame`) of the innermost call its traceback passed through.
+    (Before 7.2 aiormq raised pamqp's AMQPInternalError with the frame among its arguments.)"""
+    for arg in exc.args:
+        if isinstance(arg, spec.Connection.Close):
+            return arg
     if not isinstance(exc, aiormq.exceptions.InvalidFrameError):
         return None
     found = None

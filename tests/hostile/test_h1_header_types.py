@@ -20,11 +20,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pamqp import decode
+import pytest
 
+from service import Context, Service, Unavailable, shim
 from service.codec import H_DEADLINE, H_KIND, H_VERSION
+from service.dead_letters import DeadLetter
 from service.tracing import HEADER as TRACEPARENT
-from service.vocabulary import H_CALLBACK_DATA, MAX_CALLBACK_DATA
+from service.vocabulary import H_ATTEMPT, H_CALLBACK_DATA, MAX_ATTEMPT, MAX_CALLBACK_DATA
+from tests.hostile import conftest as hostile_conftest
 from tests.hostile.conftest import (
     CALLBACK_DATA,
     EVENT,
@@ -32,11 +35,14 @@ from tests.hostile.conftest import (
     NOT_UTF8,
     Case,
     Check,
+    HandlerLog,
     Hostile,
     MakeHostile,
     Outcome,
+    Probe,
     Sent,
     non_text,
+    probe_service,
     refused,
     text_types,
 )
@@ -311,8 +317,8 @@ OTHER = "x-hostile-other"
 
 
 def _decoded(value: Field) -> Any:
-    """The value as pamqp (with Burrow's shim) decodes it: what a handler is given."""
-    _consumed, decoded = decode.embedded_value(value.encode())
+    """The value as a Burrow connection decodes it: what a handler is given."""
+    _consumed, decoded = shim.field_value(value.encode())
     return decoded
 
 
@@ -433,3 +439,172 @@ async def test_h1_forwarder_target_headers_of_every_type(hostile: MakeHostile) -
     any other type, or a foreign exchange, is parked in the scheduler DLQ `invalid_target`."""
     env = await hostile()
     await run(env, target_cases(env))
+
+
+# -- x-burrow-attempt -------------------------------------------------------------------------
+
+RETRIES = 2  # calc.flaky's retries (the probe service's default) and on_flaky's
+FLAKY_EVENT = "hflaky.fired"  # matched by the `on_flaky` subscription added here (`hflaky.#`)
+NO_COUNT = -1  # an attempt header read as absent: x-death (none sent) counts, i.e. 0
+# A count the reader may take either way (see `attempt_values`).
+CAPPED_OR_ABSENT = -2
+
+
+def flaky_probe_service(log: HandlerLog, *, flaky_retries: int = RETRIES) -> Service:
+    """The probe service with an `on_flaky` subscription (`hflaky.#`) that records the event,
+    then fails retryably, every time (the probe service has no failing subscription)."""
+    svc = probe_service(log, flaky_retries=flaky_retries)
+
+    @svc.subscribe("hflaky.#", name="on_flaky", retries=flaky_retries)
+    async def on_flaky(event: Probe, ctx: Context) -> None:
+        """Record the event; fail retryably."""
+        log.record("event", event.token, ctx)
+        raise Unavailable("the probe's dependency is away")
+
+    return svc
+
+
+def attempt_values() -> list[tuple[str, Field, int]]:
+    """x-burrow-attempt of every type, with the count it must be read as (`NO_COUNT`: absent).
+
+    Readable: an integer of any width, the same as text (string or UTF-8 bytes), an integral
+    float, double or decimal; negative is 0, above MAX_ATTEMPT is MAX_ATTEMPT."""
+    return [
+        *((label, value, 1) for label, value in non_text(1)[1:8]),  # b B s u I i l
+        ("f", f(1.0), 1),
+        ("d", d(1.0), 1),
+        ("D", D(0, 1), 1),
+        ("D-scaled", D(2, 100), 1),  # 1.00
+        *((label, value, 1) for label, value in text_types("1")),
+        ("l-zero", l(0), 0),
+        ("S-zero", S("0"), 0),
+        ("B-retries", B(RETRIES), RETRIES),
+        ("s-beyond-retries", s(RETRIES + 1), RETRIES + 1),
+        # negative: 0
+        ("b-negative", b(-1), 0),
+        ("s-negative", s(-300), 0),
+        ("I-min", I(-(2**31)), 0),
+        ("l-min", l(-(2**63)), 0),
+        ("f-negative", f(-1.0), 0),
+        ("d-negative", d(-5.0), 0),
+        ("D-negative", D(0, -7), 0),
+        *((f"{label}-negative", value, 0) for label, value in text_types("-5")),
+        # huge: the cap
+        ("I-max", I(2**31 - 1), MAX_ATTEMPT),
+        ("i-max", i(2**32 - 1), MAX_ATTEMPT),
+        ("l-max", l(2**63 - 1), MAX_ATTEMPT),
+        ("i-cap", i(MAX_ATTEMPT), MAX_ATTEMPT),
+        ("i-cap+1", i(MAX_ATTEMPT + 1), MAX_ATTEMPT),
+        ("D-max", D(0, 2**31 - 1), MAX_ATTEMPT),
+        ("f-3e38", f(3.0e38), MAX_ATTEMPT),
+        ("d-2^64", d(2.0**64), MAX_ATTEMPT),
+        ("d-1e100", d(1e100), MAX_ATTEMPT),
+        ("d-1e300", d(1e300), MAX_ATTEMPT),
+        ("S-32-digits", S("9" * 32), MAX_ATTEMPT),
+        ("x-2^64", x(str(2**64).encode()), MAX_ATTEMPT),
+        # protocol §3 says text above the cap is the cap; the reader takes at most 32 characters
+        # of text and treats longer text as absent (reported): either ends the retries.
+        ("S-10^100", S(str(10**100)), CAPPED_OR_ABSENT),
+        # unreadable: absent
+        ("t-true", t(True), NO_COUNT),
+        ("t-false", t(False), NO_COUNT),
+        ("f-half", f(1.5), NO_COUNT),
+        ("d-half", d(0.5), NO_COUNT),
+        ("D-half", D(1, 15), NO_COUNT),
+        ("S-word", S("one"), NO_COUNT),
+        ("S-empty", S(""), NO_COUNT),
+        ("S-float", S("1.0"), NO_COUNT),
+        ("S-hex", S("0x10"), NO_COUNT),
+        ("S-not-utf8", S(NOT_UTF8), NO_COUNT),
+        ("x-not-utf8", x(NOT_UTF8), NO_COUNT),
+        ("T", T(1), NO_COUNT),
+        ("F", F({"n": l(1)}), NO_COUNT),
+        ("A", A([l(1)]), NO_COUNT),
+        ("V", V(), NO_COUNT),
+    ]
+
+
+def _runs(count: int) -> int:
+    """How often a handler that always fails retryably runs when the first delivery says
+    `count` retries were made (absent: 0): until `count` reaches the retries, then parked."""
+    return max(0, RETRIES - max(count, 0)) + 1
+
+
+def _ran(runs: int) -> str:
+    return "ran" if runs == 1 else f"ranx{runs}"
+
+
+def _parked_after(runs: int, path: str) -> Outcome:
+    """What a retried cast, submit, event or delayed cast shows after `runs` runs."""
+    atoms = {_ran(runs), "parked:retries_exhausted"}
+    if path == "submit":
+        atoms.add("completed:UNAVAILABLE")  # the submitter learns it failed
+    return frozenset(atoms)
+
+
+def _attempts_reported(count: int) -> Check:
+    """The letter's error says how many attempts were made: the count read, once the
+    retries were used up, plus this one (`details.attempts`)."""
+    want = max(count, RETRIES) + 1
+
+    def check(env: Hostile, one: Sent) -> str | None:
+        errors = [DeadLetter.from_message(p.message).error for p in env.parked.get(one.token, ())]
+        got = [e.get("details", {}).get("attempts") if isinstance(e, dict) else e for e in errors]
+        return None if got == [want] else f"details.attempts {got}, want [{want}]"
+
+    return check
+
+
+def attempt_cases(env: Hostile) -> list[Case]:
+    """x-burrow-attempt x every type on calls (ignored: never retried), casts, submits, events
+    and delayed casts to a handler that always fails retryably."""
+    names = env.names
+    flaky = "calc.flaky"
+    props: dict[str, dict[str, Any]] = {
+        "call": {"route": (names.rpc_exchange, flaky), "type": flaky},
+        "cast": {"route": (names.commands_exchange, flaky), "type": flaky},
+        "submit": {"route": (names.commands_exchange, flaky), "type": flaky},
+        "event": {"route": (names.events_exchange, FLAKY_EVENT)},
+        "forward": {"type": flaky},
+    }
+    target = (S(names.commands_exchange), S(flaky))
+    cases: list[Case] = []
+    for path in NORMAL:
+        for label, value, count in attempt_values():
+            check: Check | None = None
+            if path == "call":
+                expect = [frozenset({"ran", "reply:UNAVAILABLE"})]
+            elif count == CAPPED_OR_ABSENT:
+                expect = [_parked_after(_runs(MAX_ATTEMPT), path), _parked_after(_runs(0), path)]
+            else:
+                expect = [_parked_after(_runs(count), path)]
+                check = _attempts_reported(max(count, 0))
+            cases.append(
+                Case(
+                    path,
+                    label,
+                    {H_ATTEMPT: value},
+                    expect,
+                    target=target if path == "forward" else None,
+                    check=check,
+                    props=props[path],
+                )
+            )
+    return cases
+
+
+async def test_h1_attempt_header_of_every_type(
+    hostile: MakeHostile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """H1: x-burrow-attempt read as a count (negative 0, huge capped) lets a retried message
+    run only the retries left, then parks it; another type is absent; calls ignore it."""
+    monkeypatch.setattr(hostile_conftest, "probe_service", flaky_probe_service)
+    env = await hostile(retry_base_delay=0.05)
+    accounted = env.accounted
+
+    def ended(one: Sent) -> bool:
+        """Accounted for, and done retrying: answered (a call) or parked."""
+        return accounted(one) and (one.path == "call" or one.token in env.parked)
+
+    monkeypatch.setattr(env, "accounted", ended)
+    await run(env, attempt_cases(env))

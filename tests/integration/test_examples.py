@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import pytest
@@ -26,7 +26,8 @@ from tests.conftest import AppFactory
 
 __all__: list[str] = []
 
-HttpClient = TestClient[Any, Any]
+if TYPE_CHECKING:  # TestClient takes type arguments at run time only from aiohttp 3.11
+    HttpClient = TestClient[Any, Any]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""The shim: frames pamqp alone would choke on decode to marked values instead, and aiormq's
-writer coalesces the frames queued together."""
+"""The shim: on Burrow's connections, frames pamqp alone would choke on decode to marked values
+instead, aiormq's writer coalesces the frames queued together, and the libraries under it are
+the ones Burrow was checked against."""
 
 from __future__ import annotations
 
@@ -8,20 +9,20 @@ import datetime
 import inspect
 import struct
 import sys
+from importlib import metadata
 from typing import Any, cast
 
 import aiormq
 import pytest
 from aiormq.abc import ChannelFrame
 from aiormq.connection import FrameGenerator
-from pamqp import commands, decode, frame, header
+from pamqp import commands, frame, header
 
-from service import shim
+from service import ConfigError, Settings, shim
 from service.shim import MAX_DEPTH, UNDECODABLE_HEADER, Undecodable
+from service.transport import AmqpLink
 
 __all__: list[str] = []
-
-shim.install()
 
 
 def _header_frame(props: commands.Basic.Properties, *replace: tuple[bytes, bytes]) -> bytes:
@@ -33,24 +34,71 @@ def _header_frame(props: commands.Basic.Properties, *replace: tuple[bytes, bytes
     return raw
 
 
+def _read(raw: bytes) -> Any:
+    """The frame as a Burrow connection reads it."""
+    return shim.read_frame(raw[:7], raw[7:])[2]
+
+
 def _properties(raw: bytes) -> commands.Basic.Properties:
-    _, _, decoded = frame.unmarshal(raw)
+    decoded = _read(raw)
     assert isinstance(decoded, header.ContentHeader)
     return decoded.properties
 
 
-def test_installed_on_import_of_the_transport() -> None:
-    """Importing the transport installs the shim, and pamqp still dispatches through it."""
-    import service.transport  # noqa: F401 - the import is the point
+def test_the_installed_libraries_are_ones_burrow_was_checked_against() -> None:
+    """Every function Burrow re-implements or builds on has a known fingerprint (fails when
+    aiormq, pamqp or aio-pika change it: review service/shim.py, then add the new one)."""
+    shim.check_libraries()
+    assert shim.installed_fingerprints().keys() == shim._KNOWN.keys()
 
-    assert shim.installed()
+
+def test_a_changed_function_fails_once_naming_the_library_and_what_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fingerprint Burrow does not know makes `check_libraries` raise one ConfigError that
+    names the library, its version and the function; the verdict is kept for the process."""
+    name = "aiormq.connection:FrameReceiver.get_frame"
+    monkeypatch.setattr(shim, "_KNOWN", {**shim._KNOWN, name: {"0" * 16: "7.0.0"}})
+    monkeypatch.setattr(shim, "_checked", [])
+    with pytest.raises(ConfigError) as raised:
+        shim.check_libraries()
+    text = str(raised.value)
+    assert f"aiormq {metadata.version('aiormq')}: " in text
+    assert f"{name} changed" in text
+    assert "Burrow knows it from 7.0.0" in text
+    monkeypatch.setattr(shim, "_KNOWN", dict(shim._KNOWN) | {name: {"1" * 16: "7.0.0"}})
+    with pytest.raises(ConfigError) as again:
+        shim.check_libraries()  # computed once: the same verdict, not a second look
+    assert again.value is raised.value
 
 
-def test_pamqp_tables_still_hold_what_the_shim_patches() -> None:
-    """pamqp still has the decoder tables the shim patches (fails loudly if pamqp changes)."""
-    assert {"shortstr", "table", "array", "timestamp"} <= set(decode.METHODS)
-    assert {b"F", b"A", b"T", b"S", b"x"} <= set(decode.TABLE_MAPPING)
-    assert callable(getattr(commands.Basic.Properties, "unmarshal", None))
+async def test_a_link_on_changed_libraries_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    """With a library changed under Burrow, a link fails at start (wait_ready raises the
+    ConfigError) instead of connecting and failing per delivery."""
+    changed = ConfigError("the AMQP libraries changed under Burrow's connections")
+    monkeypatch.setattr(shim, "_checked", [changed])
+    link = AmqpLink("changed", settings)
+    link.start()
+    with pytest.raises(ConfigError) as raised:
+        await link.wait_ready(1)
+    assert raised.value is changed
+    await link.close()
+
+
+def test_a_fingerprint_is_the_source_of_what_it_names() -> None:
+    """The fingerprint follows the code: the same source, the same fingerprint."""
+
+    def one() -> int:
+        return 1
+
+    def two() -> int:
+        return 2
+
+    assert shim.fingerprint(one) != shim.fingerprint(two)
+    assert shim.fingerprint(one) == shim.fingerprint(one)
+    assert len(shim.fingerprint(FrameGenerator.__anext__)) == 16
 
 
 def test_non_utf8_short_string_property_is_marked() -> None:
@@ -119,16 +167,29 @@ def test_non_utf8_routing_key_in_deliver_is_marked() -> None:
     """A Basic.Deliver whose routing key is not UTF-8 decodes, with the key marked."""
     deliver = commands.Basic.Deliver("ctag", 1, False, "ex", "RKEY")
     raw = frame.marshal(deliver, 1).replace(b"RKEY", b"\xffKEY")
-    _, _, decoded = frame.unmarshal(raw)
+    decoded = _read(raw)
     assert isinstance(decoded, commands.Basic.Deliver)
     assert isinstance(decoded.routing_key, Undecodable)
 
 
+def test_non_utf8_routing_key_in_return_is_marked() -> None:
+    """Any other method frame (a Basic.Return here) decodes with Burrow's decoders too."""
+    returned = commands.Basic.Return(reply_code=312, reply_text="NO_ROUTE", routing_key="RKEY")
+    decoded = _read(frame.marshal(returned, 1).replace(b"RKEY", b"\xffKEY"))
+    assert isinstance(decoded, commands.Basic.Return)
+    assert isinstance(decoded.routing_key, Undecodable)
+    assert (decoded.reply_code, decoded.reply_text) == (312, "NO_ROUTE")
+
+
 def test_header_floats_are_written_as_doubles() -> None:
-    """A float header goes out as a double: exact, and beyond single precision's range."""
-    props = commands.Basic.Properties(headers={"d": 0.1, "big": 1e300})
-    decoded = _properties(_header_frame(props))
-    assert decoded.headers == {"d": 0.1, "big": 1e300}
+    """A float header goes out as a double (at any depth): exact, and beyond single
+    precision's range."""
+    headers = {"d": 0.1, "big": 1e300, "in": {"table": [0.1, {"x": 1e-300}]}}
+    properties = shim.content_properties(headers=headers)
+    raw = struct.pack(">BHI", 2, 1, 12 + len(properties))
+    raw += struct.pack(">HHQ", 60, 0, 0) + properties + b"\xce"
+    assert _properties(raw).headers == headers
+    assert b"\x01dd" in properties
 
 
 async def test_silent_for_reads_aiormq_last_frame_time() -> None:
@@ -187,7 +248,8 @@ async def test_expire_heartbeat_grace_writes_aiormq_grace() -> None:
 
 
 def _queued(*frames: ChannelFrame) -> FrameGenerator:
-    queue: asyncio.Queue[ChannelFrame] = asyncio.Queue()
+    """aiormq's own frame generator, over a Burrow connection's write queue."""
+    queue = shim._WriteQueue()
     for queued in frames:
         queue.put_nowait(queued)
     return FrameGenerator(queue)

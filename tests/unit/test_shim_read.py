@@ -1,22 +1,25 @@
-"""The frame reader's own decoding (`shim.read_frame`) gives what pamqp gives, for any bytes."""
+"""The frame reader's own decoding (`shim.read_frame`) gives what pamqp gives with Burrow's
+tolerant field decoders in its tables, for any bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import struct
+from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import pamqp.frame
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pamqp import base, decode
 from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from service import shim
-
-shim.install()  # pamqp's decoders as Burrow runs them (tolerant short strings)
 
 _SHORT = st.binary(max_size=255)  # any bytes: not UTF-8 must come out Undecodable, as pamqp's
 
@@ -48,10 +51,36 @@ def _same(ours: tuple[int, int, Any], theirs: tuple[int, int, Any]) -> None:
         assert (type(a), a) == (type(b), b), name
 
 
+@contextlib.contextmanager
+def _pamqp_made_tolerant() -> Iterator[None]:
+    """The oracle, for the length of one call: pamqp's own decoding with Burrow's field
+    decoders in its tables, and properties that fail marked instead of raising. (Burrow's
+    connections never change pamqp; only this test does, and puts it back.)"""
+    stock = base.BasicProperties.unmarshal
+
+    def unmarshal(self: base.BasicProperties, flags: int, data: bytes) -> None:
+        try:
+            stock(self, flags, data)
+        except Exception as exc:
+            shim._undecodable_properties(self, exc)
+
+    with (
+        mock.patch.dict(decode.METHODS, shim._FIELD_TYPES),
+        mock.patch.dict(decode.TABLE_MAPPING, shim._TABLE_TYPES),
+        mock.patch.object(base.BasicProperties, "unmarshal", unmarshal),
+    ):
+        yield
+
+
+def _pamqps(data: bytes) -> tuple[int, int, Any]:
+    with _pamqp_made_tolerant():
+        return pamqp.frame.unmarshal(data)
+
+
 def _check(data: bytes) -> None:
     head, rest = data[:7], data[7:]
     try:
-        theirs = pamqp.frame.unmarshal(data)
+        theirs = _pamqps(data)
     except Exception as exc:  # PAMQPException, or pamqp's own ValueError / struct.error
         with pytest.raises(type(exc)):
             shim.read_frame(head, rest)
@@ -171,7 +200,7 @@ def test_truncated_deliver_and_ack_frames_fail_as_pamqp_fails(payload: bytes) ->
 
 
 def test_other_frames_are_pamqps() -> None:
-    """Returns and closes still come from pamqp itself."""
+    """Returns and closes decode as pamqp decodes them."""
     frames = [
         pamqp.frame.marshal(spec.Basic.Return(reply_code=312, exchange="x", routing_key="k"), 2),
         pamqp.frame.marshal(
@@ -182,27 +211,23 @@ def test_other_frames_are_pamqps() -> None:
         _check(data)
 
 
-class _DeliveringChannel:
-    """What `Channel._on_deliver_frame` reads of an aiormq channel."""
+class _DeliveringChannel(shim._AmqpChannel):
+    """A Burrow channel with what `Channel._on_deliver_frame` reads of it stood in for."""
 
-    def __init__(self, consumer: Any) -> None:
+    def __init__(self, consumer: Any) -> None:  # no connection: aiormq's own is not called
         self.consumers = {"ctag": consumer}
         self.tasks: list[Any] = []
 
     async def _Channel__get_content_header(self) -> ContentHeader:
         return ContentHeader(body_size=0)
 
-    async def _read_content(self, frame: Any, header: ContentHeader) -> tuple[Any, Any]:
+    async def _read_content(self, frame: Any, header: ContentHeader) -> Any:
         return frame, header
 
     def create_task(self, coro: Any) -> Any:
         self.tasks.append(coro)
         coro.close()
         return _Task()
-
-    @staticmethod
-    def _on_consumer_done(task: Any) -> None:
-        """aiormq's done callback (unused here)."""
 
 
 class _Task:
@@ -220,17 +245,17 @@ async def test_inline_consumers_run_in_the_reader_and_others_get_a_task() -> Non
 
     deliver = spec.Basic.Deliver(consumer_tag="ctag", delivery_tag=1)
     inline = _DeliveringChannel(shim.inline_consumer(as_task, handled.append))
-    await shim._on_deliver_frame(inline, deliver)
+    await inline._on_deliver_frame(deliver)
     assert len(handled) == 1
     assert handled[0][0] is deliver
     assert not inline.tasks
 
     plain = _DeliveringChannel(as_task)
-    await shim._on_deliver_frame(plain, deliver)
+    await plain._on_deliver_frame(deliver)
     assert len(plain.tasks) == 1
     assert len(handled) == 1
 
     def fails(_: Any) -> None:
         raise RuntimeError("boom")
 
-    await shim._on_deliver_frame(_DeliveringChannel(shim.inline_consumer(as_task, fails)), deliver)
+    await _DeliveringChannel(shim.inline_consumer(as_task, fails))._on_deliver_frame(deliver)
