@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-stamp
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install broker run test test-unit test-integration test-faults lint format typecheck check clean deploy-files deploy-tools schemas schemas-check
+.PHONY: install broker broker4 run test test-3 test-4 test-lowest test-unit test-integration test-faults lint format typecheck check clean deploy-files deploy-tools schemas schemas-check
 
 # `install`: the package and the dev extra (tests, linters); `run` needs only the package.
 install: $(STAMP)
@@ -27,8 +27,31 @@ broker:
 run: $(RUNTIME_STAMP) broker
 	$(BIN)/burrow run
 
-test: install broker deploy-tools
+# The supported brokers (docs/operations.md "Supported brokers"): the machine's own RabbitMQ
+# (3.10 here) and a RabbitMQ 4.x node on 5673 (deploy/local/rabbitmq4.sh: Debian 13's package in
+# a chroot, built once per machine). BURROW_TEST_AMQP_URL names the broker a test run uses.
+RABBITMQ4_PORT ?= 5673
+RABBITMQ4_URL := amqp://guest:guest@127.0.0.1:$(RABBITMQ4_PORT)/
+
+broker4:
+	@deploy/local/rabbitmq4.sh ensure $(RABBITMQ4_PORT)
+
+# Every suite on every supported broker.
+test: test-3 test-4
+
+test-3: install broker deploy-tools
 	$(BIN)/pytest
+
+test-4: install broker4 deploy-tools
+	BURROW_TEST_AMQP_URL=$(RABBITMQ4_URL) $(BIN)/pytest
+
+# The lowest versions pyproject.toml's ranges admit (the newest are what `install` resolves):
+# the unit and integration suites, in a venv of their own.
+LOWEST_VENV ?= .venv-lowest
+
+test-lowest: broker
+	deploy/local/venv.sh $(LOWEST_VENV) lowest
+	$(LOWEST_VENV)/bin/pytest tests/unit tests/integration
 
 test-unit: install deploy-tools
 	$(BIN)/pytest tests/unit tests/contract
