@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import re
 import ssl
@@ -46,7 +47,7 @@ from service.link import (
     check_body_size,
     record_publish,
 )
-from service.topology import DLQ_DELIVERY_LIMIT, QueueDecl, Topology
+from service.topology import QueueDecl, Topology, dead_letter_policy
 from service.types import Delivery, Outgoing, Settle
 from service.vocabulary import ARG_DELIVERY_LIMIT
 
@@ -365,9 +366,12 @@ class AmqpLink(LinkState):
         return ConnectionLost(f"{queue} has no delivery limit; declaring it as it is")
 
     def _warn_unlimited(self, queue: str) -> None:
+        shipped = dead_letter_policy(Topology(queues=[QueueDecl(queue, look_only=True)]))
+        assert shipped is not None  # one look-only queue: always a policy
         policy = (
-            f"rabbitmqctl set_policy burrow-dlq-delivery-limit '^{re.escape(queue)}$' "
-            f"'{{\"delivery-limit\": {DLQ_DELIVERY_LIMIT}}}' --apply-to queues --priority 10"
+            f"rabbitmqctl set_policy {shipped['name']} '{shipped['pattern']}' "
+            f"'{json.dumps(shipped['definition'])}' --apply-to {shipped['apply-to']} "
+            f"--priority {shipped['priority']}"
         )
         _log.warning(
             "dead-letter queue declared without a delivery limit: on RabbitMQ 4.x every look "
