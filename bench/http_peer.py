@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from bench.tools.burrow_tool import settings_for
 from examples.http_errors import error_answer
 from service import Client, ServiceError, Settings
+from service._observe.log import configure_logging
 from service.example import (
     AddReply,
     AddRequest,
@@ -34,7 +35,6 @@ from service.example import (
     SlowSquareReply,
     SlowSquareRequest,
 )
-from service.log import configure_logging
 
 __all__ = ["HTTP_IMPL", "create_app", "client_of", "main"]
 

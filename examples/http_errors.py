@@ -7,9 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import InvalidArgument, ServiceError
+from service import InvalidArgument, JobStatus, ServiceError
 from service.gateway import HTTP_STATUS, RETRY_AFTER_S, http_status, retry_after
-from service.jobs import JobStatus
 
 __all__ = [
     "HTTP_STATUS",
@@ -22,7 +21,7 @@ __all__ = [
     "job_accepted",
 ]
 
-# The status per code and Retry-After are the gateway's (`burrow gateway`): service/gateway.py
+# The status per code and Retry-After are the gateway's (`burrow gateway`): `service.gateway`
 # defines them once, so both ways of putting HTTP in front of Burrow agree.
 
 MAX_WAIT_S = 25.0  # longest call timeout or job long-poll a request may ask for

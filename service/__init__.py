@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from service import contracts, tracing
-from service.app import App
-from service.blocking import BlockingClient, BlockingJob, get_client
-from service.client import Client
-from service.codec import Model
-from service.config import Settings, load_settings
-from service.errors import (
+from service._amqp.link import Outbound, Publishing, PublishNext
+from service._calling.client import Client
+from service._calling.jobs import Job
+from service._protocol import contracts, tracing
+from service._protocol.codec import Model
+from service._protocol.config import Settings, load_settings
+from service._protocol.errors import (
     BurrowError,
     ClientUnusable,
     ConfigError,
@@ -29,15 +29,20 @@ from service.errors import (
     Unavailable,
     Unroutable,
 )
-from service.link import Outbound, Publishing, PublishNext
-from service.middleware import Middleware, Next, Request, Result
-from service.registry import Context, Lifespan, Operation, Service, State
+from service._protocol.jobs import JobRecord, JobState, JobStatus
+from service._protocol.registry import Context, Lifespan, Operation, Service, State
+from service._runtime.app import App
+from service._serving.middleware import Middleware, Next, Request, Result
+from service._stores.base import Claim, IdempotencyStore, JobStore
+from service._stores.registry import register_store
+from service.blocking import BlockingClient, BlockingJob, get_client
 
 __all__ = [
     "App",
     "BlockingClient",
     "BlockingJob",
     "BurrowError",
+    "Claim",
     "Client",
     "ClientUnusable",
     "ConfigError",
@@ -46,8 +51,14 @@ __all__ = [
     "DeadlineExceeded",
     "ErrorCode",
     "FailedPrecondition",
+    "IdempotencyStore",
     "Internal",
     "InvalidArgument",
+    "Job",
+    "JobRecord",
+    "JobState",
+    "JobStatus",
+    "JobStore",
     "Lifespan",
     "MessageTooLarge",
     "Middleware",
@@ -74,5 +85,6 @@ __all__ = [
     "contracts",
     "get_client",
     "load_settings",
+    "register_store",
     "tracing",
 ]

@@ -23,11 +23,17 @@ from typing import Any, TypeVar, TypeVarTuple, overload
 import structlog
 from pydantic import BaseModel
 
-from service.client import Client
-from service.config import Settings, load_settings
-from service.errors import ClientUnusable, ConnectionLost, DeadlineExceeded, ResourceExhausted
-from service.jobs import Job, JobStatus
-from service.registry import Operation
+from service._calling.client import Client
+from service._calling.jobs import Job
+from service._protocol.config import Settings, load_settings
+from service._protocol.errors import (
+    ClientUnusable,
+    ConnectionLost,
+    DeadlineExceeded,
+    ResourceExhausted,
+)
+from service._protocol.jobs import JobStatus
+from service._protocol.registry import Operation
 
 __all__ = ["DEFAULT_MAX_IN_FLIGHT", "ClientUnusable", "BlockingClient", "BlockingJob", "get_client"]
 
@@ -115,7 +121,7 @@ class Portal:
         if slot and timeout <= 0:
             raise ValueError("timeout must be positive")
         self.check()
-        if threading.get_ident() == self._thread.ident:
+        if threading.current_thread() is self._thread:  # idents are reused once it ends
             raise RuntimeError("a blocking call on the client's own loop thread would deadlock")
         deadline = time.monotonic() + timeout
         with self._slot(timeout, deadline) if slot else nullcontext():
@@ -144,7 +150,7 @@ class Portal:
         """Run `shutdown` and stop the loop thread. Idempotent; a no-op after `fork()`."""
         if self.pid != os.getpid():
             return  # the socket is the parent's: never send it a Close frame from here
-        if threading.get_ident() == self._thread.ident:
+        if threading.current_thread() is self._thread:  # idents are reused once it ends
             raise RuntimeError("close() called on the client's own loop thread")
         with self._lock:
             if self._closed:

@@ -8,20 +8,9 @@ import math
 
 from pydantic import Field
 
-from service.codec import Model
-from service.errors import InvalidArgument
-from service.registry import Context, Service
-
-__all__ = [
-    "calc",
-    "AddRequest",
-    "AddReply",
-    "DivideRequest",
-    "DivideReply",
-    "SlowSquareRequest",
-    "SlowSquareReply",
-    "SquareComputed",
-]
+from service._protocol.codec import Model
+from service._protocol.errors import InvalidArgument
+from service._protocol.registry import Context, Service
 
 calc = Service("calc", description="A calculator: the example every Burrow guide uses.")
 

@@ -20,8 +20,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service import App, Client, Service, Settings, load_settings, testing, tracing
-from service.topology import Topology
+from service import App, Client, Service, Settings, load_settings, testing
+from service._protocol import tracing
+from service._protocol.topology import Topology
 from tests.brokers import AMQP_URL, TEST_BROKER
 
 __all__ = [

@@ -15,11 +15,12 @@ from collections.abc import Callable
 from bench.common import EVENT_EXCHANGE, EVENT_KEY, EVENT_PATTERN, EVENT_QUEUE, event_payload
 from bench.tools import Caller, Closer, Publisher
 from bench.tools.burrow_tool import OrderEvent, settings_for
-from service.codec import decode_model, encode
-from service.log import configure_logging
-from service.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
-from service.transport import AmqpLink, ConsumerSpec
-from service.types import Delivery, Outgoing
+from service._amqp.link import ConsumerSpec
+from service._amqp.transport import AmqpLink
+from service._observe.log import configure_logging
+from service._protocol.codec import decode_model, encode
+from service._protocol.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
+from service._protocol.types import Delivery, Outgoing
 
 __all__ = ["serve", "open_caller", "consume", "open_publisher"]
 

@@ -14,8 +14,8 @@ from typing import Any
 from bench.common import AMQP_URL, EVENT_KEY, EVENT_PATTERN, event_payload
 from bench.tools import Caller, Closer, Publisher, Submitter, Waiter
 from service import App, Client, Model, Service, Settings, load_settings
+from service._observe.log import configure_logging
 from service.example import calc
-from service.log import configure_logging
 
 __all__ = [
     "OrderEvent",

@@ -20,13 +20,14 @@ import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
-from service import metrics
+from service._observe import metrics
+from service._protocol.config import Settings, load_settings
+from service._protocol.topology import service_topology, to_definitions
+from service._protocol.vocabulary import Names
+from service._runtime.health import Health
+from service._runtime.http import LIVENESS_PATH, METRICS_PATH, READINESS_PATH, HttpServer
 from service.cli import DEFAULT_TARGET
-from service.config import Settings, load_settings
 from service.example import calc
-from service.health import Health
-from service.http import LIVENESS_PATH, METRICS_PATH, READINESS_PATH, HttpServer
-from service.topology import Names, service_topology, to_definitions
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -38,7 +39,7 @@ GATEWAY_DEPLOYMENT = "burrow-gateway"
 COMPOSE_SERVICE, COMPOSE_GATEWAY, COMPOSE_IMAGE = "burrow", "gateway", "burrow:dev"
 # The dashboard row whose panels show the gateway's own metrics.
 GATEWAY_ROW = "Gateway"
-# The gateway's own metric families (service/metrics.py), per route or outcome.
+# The gateway's own metric families (service/_observe/metrics.py), per route or outcome.
 GATEWAY_METRICS: tuple[MetricWrapperBase, ...] = (
     metrics.GATEWAY_REQUESTS,
     metrics.GATEWAY_DURATION,

@@ -15,8 +15,10 @@ import yaml
 from openapi_spec_validator import validate
 from pydantic import BaseModel, Field, create_model
 
-from service import Model, Service, contracts, load_settings, openapi
+from service import Model, Service, load_settings
+from service._protocol import contracts
 from service.example import calc
+from service.gateway import _openapi as openapi
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "schemas"

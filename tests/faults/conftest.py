@@ -15,8 +15,9 @@ import aio_pika
 import pytest
 
 from service import App, Client, Service, Settings, load_settings
-from service.topology import Topology
-from service.transport import AmqpLink, ConsumerSpec
+from service._amqp.link import ConsumerSpec
+from service._amqp.transport import AmqpLink
+from service._protocol.topology import Topology
 from tests.conftest import delete_topology
 from tests.faults.harness import BrokerStartError, FaultProxy, Ledger, PrivateBroker
 

@@ -35,11 +35,11 @@ from pamqp.commands import Basic
 from prometheus_client import REGISTRY
 
 from service import Client, InvalidArgument, Service
-from service.codec import H_DEADLINE, H_KIND, Model
-from service.errors import ConnectionLost, PublishFailed, ServiceError, Unavailable
-from service.topology import DIRECT_REPLY_TO, Names
-from service.transport import Link
-from service.types import Outgoing
+from service._amqp.link import Link
+from service._protocol.codec import Model
+from service._protocol.errors import ConnectionLost, PublishFailed, ServiceError, Unavailable
+from service._protocol.types import Outgoing
+from service._protocol.vocabulary import DIRECT_REPLY_TO, H_DEADLINE, H_KIND, Names
 from tests.brokers import TEST_BROKER, Installation
 
 __all__ = [

@@ -31,11 +31,11 @@ from service import (
     Service,
     Unavailable,
 )
-from service.codec import H_DEAD_ERROR, H_KIND, H_STATUS, encode
-from service.dead_letters import DeadLetter, DeadLetterTool
-from service.jobs import H_CALLBACK, H_JOB_ID
-from service.topology import Names
-from service.tracing import HEADER as TRACEPARENT
+from service._amqp.tools import delivery_from_message
+from service._protocol.codec import encode
+from service._protocol.tracing import HEADER as TRACEPARENT
+from service._protocol.vocabulary import H_CALLBACK, H_DEAD_ERROR, H_JOB_ID, H_KIND, H_STATUS, Names
+from service._serving.dead_letters import DeadLetter, DeadLetterTool
 from tests.faults.conftest import MakeClient, MakeLink, RunApp
 from tests.faults.harness import (
     Ledger,
@@ -146,7 +146,7 @@ async def _garbage_without_caller(
     assert parked.correlation_id == correlation_id
     headers = parked.headers or {}
     assert H_KIND not in headers
-    assert DeadLetter.from_message(parked).reason == "malformed"
+    assert DeadLetter.from_delivery(delivery_from_message(parked)).reason == "malformed"
     assert '"INVALID_ARGUMENT"' in str(headers[H_DEAD_ERROR])
     await app.stop()
     summary = await drain_service(broker.url, ledger, names.namespace)
@@ -299,7 +299,7 @@ async def test_c3_foreign_content_without_caller_dead_lettered(
     [parked] = await drain_dead_letters(
         broker.url, names.dead_letter_queue("work"), ledger, expect=1
     )
-    assert DeadLetter.from_message(parked).reason == "unsupported_content"
+    assert DeadLetter.from_delivery(delivery_from_message(parked)).reason == "unsupported_content"
     assert parked.body == body
     await app.stop()
     summary = await drain_service(broker.url, ledger, names.namespace)

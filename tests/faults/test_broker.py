@@ -28,9 +28,10 @@ from service import (
     TopologyError,
     Unavailable,
 )
-from service.topology import Names, QueueDecl, Topology, service_topology
-from service.transport import ConsumerSpec, Link
-from service.types import Delivery, Outgoing
+from service._amqp.link import ConsumerSpec, Link
+from service._protocol.topology import QueueDecl, Topology, service_topology
+from service._protocol.types import Delivery, Outgoing
+from service._protocol.vocabulary import Names
 from tests.faults.conftest import MakeClient, MakeLink, RunApp, make_settings
 from tests.faults.harness import (
     FaultProxy,

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from service import Service
-from service.topology import Names, service_topology
-from service.transport import AmqpLink
+from service._amqp.transport import AmqpLink
+from service._protocol.topology import service_topology
+from service._protocol.vocabulary import Names
 from tests.faults.conftest import MakeClient, MakeLink, RunApp, make_settings
 from tests.faults.harness import (
     BrokerStartError,

@@ -14,11 +14,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from service import App, DeadlineExceeded, InvalidArgument, Service, Settings, Unavailable
-from service.dead_letters import DeadLetterTool
-from service.idempotency import MemoryStore
-from service.topology import Names
-from service.transport import Link
-from service.types import Delivery, DeliveryCallback, Settle
+from service._amqp.link import Link
+from service._protocol.types import Delivery, DeliveryCallback, Settle
+from service._protocol.vocabulary import Names
+from service._serving.dead_letters import DeadLetterTool
+from service._stores.memory import MemoryStore
 from tests.faults.conftest import MakeClient, MakeLink, RunApp
 from tests.faults.harness import (
     Ledger,

@@ -25,8 +25,8 @@ from service import (
     ResourceExhausted,
     Unavailable,
 )
-from service.topology import Names
-from service.types import Outgoing
+from service._protocol.types import Outgoing
+from service._protocol.vocabulary import Names
 from tests.faults.conftest import MakeClient, MakeLink, RunApp, make_settings
 from tests.faults.harness import (
     FaultProxy,

@@ -29,14 +29,15 @@ import aio_pika
 import pytest
 
 from service import App, Client, Model, Service, ServiceError, Unavailable
-from service.dispatcher import Dispatcher
-from service.jobs import Job
-from service.middleware import Request, Result
-from service.results import JobState, SqliteJobStore
-from service.settlement import Publish
+from service._calling.jobs import Job
+from service._protocol.jobs import JobState
+from service._protocol.topology import service_topology
+from service._protocol.vocabulary import Names, PublishKind
+from service._serving.dispatcher import Dispatcher
+from service._serving.middleware import Request, Result
+from service._serving.settlement import Publish
+from service._stores.sqlite import SqliteJobStore
 from service.testing import delete_entities
-from service.topology import Names, service_topology
-from service.vocabulary import PublishKind
 from tests.conftest import delete_topology
 from tests.faults.conftest import MakeClient, RunApp, make_settings
 from tests.faults.harness import Ledger, PrivateBroker, wait_until, watch_loss

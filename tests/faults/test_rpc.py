@@ -28,9 +28,10 @@ from service import (
     ResourceExhausted,
     Unroutable,
 )
-from service.codec import H_DEAD_ERROR, H_KIND, H_STATUS, encode
-from service.dead_letters import DeadLetter
-from service.topology import Names
+from service._amqp.tools import delivery_from_message
+from service._protocol.codec import encode
+from service._protocol.vocabulary import H_DEAD_ERROR, H_KIND, H_STATUS, Names
+from service._serving.dead_letters import DeadLetter
 from tests.faults.conftest import MakeClient, RunApp
 from tests.faults.harness import (
     DIRECT_REPLY_TO,
@@ -85,7 +86,9 @@ async def _park(
     """Take the one letter the service parked (exactly one: a loop would park it again)."""
     dlq = Names(app.settings.namespace).dead_letter_queue("work")
     parked = await drain_dead_letters(broker.url, dlq, ledger, expect=1)
-    assert len(parked) == 1, [DeadLetter.from_message(m).summary() for m in parked]
+    assert len(parked) == 1, [
+        DeadLetter.from_delivery(delivery_from_message(m), full=True).summary() for m in parked
+    ]
     return parked[0]
 
 
@@ -125,7 +128,7 @@ async def test_d1_unknown_operation_cast_dead_lettered(
     caller = RawCaller(await raw_channel(amqp_channel), app.settings.namespace, ledger)
     correlation_id = await caller.publish("work.nope", encode({}), reply_to=None)
     parked = await _park(broker, app, ledger)
-    assert DeadLetter.from_message(parked).reason == "unknown_operation"
+    assert DeadLetter.from_delivery(delivery_from_message(parked)).reason == "unknown_operation"
     summary = await _stop_and_drain(broker, app, ledger)
     assert ledger.dead == {correlation_id}, summary
     assert _dead_lettered("unknown_operation") == parked_before + 1
@@ -362,7 +365,9 @@ async def test_d6_call_without_reply_to_dead_lettered_not_executed(
         headers={H_KIND: "call"},
         reply_to=None,
     )
-    letter = DeadLetter.from_message(await _park(broker, app, ledger))
+    letter = DeadLetter.from_delivery(
+        delivery_from_message(await _park(broker, app, ledger)), full=True
+    )
     assert letter.reason == "missing_reply_to"
     assert '"PERMISSION_DENIED"' in str(letter.headers[H_DEAD_ERROR])
     assert not ledger.started
@@ -396,7 +401,7 @@ async def test_d7_spoofed_reply_to_refused_target_gets_nothing(
         reply_to=victim,
     )
     parked = await _park(broker, app, ledger)
-    assert DeadLetter.from_message(parked).reason == "invalid_reply_to"
+    assert DeadLetter.from_delivery(delivery_from_message(parked)).reason == "invalid_reply_to"
     assert parked.reply_to == victim
     assert not ledger.started
     summary = await _stop_and_drain(broker, app, ledger)
@@ -415,7 +420,7 @@ async def test_d7_reply_to_lookalike_prefix_refused(
         "work.do", encode({"key": "d7"}), correlation_id="d7", reply_to=DIRECT_REPLY_TO + "-evil"
     )
     parked = await _park(broker, app, ledger)
-    assert DeadLetter.from_message(parked).reason == "invalid_reply_to"
+    assert DeadLetter.from_delivery(delivery_from_message(parked)).reason == "invalid_reply_to"
     assert not ledger.started
     summary = await _stop_and_drain(broker, app, ledger)
     assert ledger.dead == {"d7"}, summary

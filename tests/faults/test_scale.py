@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.topology import Names
+from service._protocol.vocabulary import Names
 from tests.faults.conftest import MakeLink, RunApp
 from tests.faults.harness import (
     FaultProxy,

@@ -39,25 +39,26 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from structlog.testing import capture_logs
 
-from service import (
-    App,
-    Context,
-    InvalidArgument,
-    Model,
-    Service,
-    Settings,
-    Unavailable,
-    tracing,
+from service import App, Context, InvalidArgument, Model, Service, Settings, Unavailable
+from service._amqp.link import ConsumerSpec
+from service._amqp.tools import delivery_from_message
+from service._protocol import tracing
+from service._protocol.codec import decode_json
+from service._protocol.types import Delivery, Settle
+from service._protocol.vocabulary import (
+    DIRECT_REPLY_TO,
+    H_CALLBACK,
+    H_CALLBACK_DATA,
+    H_JOB_ID,
+    H_KIND,
+    H_TARGET_EXCHANGE,
+    H_TARGET_KEY,
+    LEVELS,
+    Names,
+    delay_route,
 )
-from service.codec import H_KIND, decode_json
-from service.dead_letters import DeadLetter
-from service.jobs import H_CALLBACK, H_JOB_ID
-from service.scheduler import H_TARGET_EXCHANGE, H_TARGET_KEY, LEVELS, delay_route
+from service._serving.dead_letters import DeadLetter
 from service.testing import delete_entities
-from service.topology import DIRECT_REPLY_TO, Names
-from service.transport import ConsumerSpec
-from service.types import Delivery, Settle
-from service.vocabulary import H_CALLBACK_DATA
 from tests.brokers import TEST_BROKER
 from tests.conftest import AMQP_URL, delete_topology
 from tests.faults.harness import sample, wait_until
@@ -434,7 +435,7 @@ class Hostile:
                     self.markers.add(message.body.decode())
                 return
             token = token_of(message.body) or "(no token)"
-            reason = DeadLetter.from_message(message).reason
+            reason = DeadLetter.from_delivery(delivery_from_message(message)).reason
             with self._lock:
                 self.parked[token].append(Parked(queue, reason, message))
 

@@ -42,14 +42,25 @@ from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from service import Settings, shim
-from service.codec import H_DEADLINE, H_KIND, H_VERSION
-from service.jobs import H_CALLBACK, H_JOB_ID, valid_job_id
-from service.metrics import DEAD_LETTER_REASONS
-from service.scheduler import H_TARGET_EXCHANGE, H_TARGET_KEY, LEVELS, delay_route
-from service.topology import DIRECT_REPLY_TO, Names
-from service.tracing import HEADER as TRACEPARENT
-from service.vocabulary import H_ATTEMPT
+from service import Settings
+from service._amqp import shim
+from service._observe.metrics import DEAD_LETTER_REASONS
+from service._protocol.jobs import valid_job_id
+from service._protocol.tracing import HEADER as TRACEPARENT
+from service._protocol.vocabulary import (
+    DIRECT_REPLY_TO,
+    H_ATTEMPT,
+    H_CALLBACK,
+    H_DEADLINE,
+    H_JOB_ID,
+    H_KIND,
+    H_TARGET_EXCHANGE,
+    H_TARGET_KEY,
+    H_VERSION,
+    LEVELS,
+    Names,
+    delay_route,
+)
 from tests.faults.harness import wait_until
 from tests.hostile.conftest import (
     EVENT,

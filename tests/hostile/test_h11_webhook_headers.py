@@ -1,6 +1,6 @@
 """H11: the gateway's webhook consumer reads its completion headers of every AMQP field type.
 
-The gateway's own service (`service.webhooks`) consumes the completions published to the
+The gateway's own service (`service.gateway._webhooks`) consumes the completions published to the
 callback route `gateway.webhook` (`<ns>.gateway.webhooks.events`) and POSTs each to the URL its
 `x-callback-data` names, with `x-job-id` (else the correlation id) as the webhook's job id and
 `x-status: error` making it `job.failed`. Another team's Java or Go service may publish those
@@ -42,12 +42,10 @@ from aiohttp import web
 from pydantic import SecretStr
 from standardwebhooks import Webhook
 
-from service.codec import decode_json
-from service.dead_letters import DeadLetter
-from service.example import calc
-from service.gateway import Gateway
-from service.types import Settle
-from service.vocabulary import (
+from service._amqp.tools import delivery_from_message
+from service._protocol.codec import decode_json
+from service._protocol.types import Settle
+from service._protocol.vocabulary import (
     H_CALLBACK_DATA,
     H_DEAD_REASON,
     H_JOB_ID,
@@ -55,7 +53,10 @@ from service.vocabulary import (
     H_VERSION,
     Names,
 )
-from service.webhooks import CALLBACK_ROUTE, callback_data
+from service._serving.dead_letters import DeadLetter
+from service.example import calc
+from service.gateway._server import Gateway
+from service.gateway._webhooks import CALLBACK_ROUTE, callback_data
 from tests.conftest import AMQP_URL, RUN_PREFIX, delete_topology, quick_settings
 from tests.faults.harness import sample, wait_until
 from tests.hostile.conftest import (
@@ -161,7 +162,9 @@ class Webhooks:
         if message.body.startswith(b"marker-"):
             self.markers.add(message.body.decode())
             return
-        self.parked[token_of(message.body) or "(no token)"].append(DeadLetter.from_message(message))
+        self.parked[token_of(message.body) or "(no token)"].append(
+            DeadLetter.from_delivery(delivery_from_message(message), full=True)
+        )
 
     def reconnect_counts(self) -> dict[str, float]:
         """The process's AMQP reconnects so far, per link kind."""

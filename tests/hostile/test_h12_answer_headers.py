@@ -41,8 +41,9 @@ import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage
 
 from service import App, Client
-from service.codec import encode
-from service.errors import (
+from service._calling.jobs import Job
+from service._protocol.codec import encode
+from service._protocol.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -53,11 +54,17 @@ from service.errors import (
     ServiceError,
     Unavailable,
 )
+from service._protocol.topology import client_topology
+from service._protocol.vocabulary import (
+    DIRECT_REPLY_TO,
+    H_JOB_ID,
+    H_KIND,
+    H_STATUS,
+    H_VERSION,
+    Names,
+)
 from service.example import calc
-from service.jobs import Job
 from service.testing import delete_entities
-from service.topology import client_topology
-from service.vocabulary import DIRECT_REPLY_TO, H_JOB_ID, H_KIND, H_STATUS, H_VERSION, Names
 from tests.conftest import AMQP_URL, RUN_PREFIX, delete_topology, quick_settings
 from tests.faults.harness import sample
 from tests.hostile.conftest import (

@@ -22,11 +22,20 @@ from typing import Any
 
 import pytest
 
-from service import Context, Service, Unavailable, shim
-from service.codec import H_DEADLINE, H_KIND, H_VERSION
-from service.dead_letters import DeadLetter
-from service.tracing import HEADER as TRACEPARENT
-from service.vocabulary import H_ATTEMPT, H_CALLBACK_DATA, MAX_ATTEMPT, MAX_CALLBACK_DATA
+from service import Context, Service, Unavailable
+from service._amqp import shim
+from service._amqp.tools import delivery_from_message
+from service._protocol.tracing import HEADER as TRACEPARENT
+from service._protocol.vocabulary import (
+    H_ATTEMPT,
+    H_CALLBACK_DATA,
+    H_DEADLINE,
+    H_KIND,
+    H_VERSION,
+    MAX_ATTEMPT,
+    MAX_CALLBACK_DATA,
+)
+from service._serving.dead_letters import DeadLetter
 from tests.hostile import conftest as hostile_conftest
 from tests.hostile.conftest import (
     CALLBACK_DATA,
@@ -548,7 +557,10 @@ def _attempts_reported(count: int) -> Check:
     want = max(count, RETRIES) + 1
 
     def check(env: Hostile, one: Sent) -> str | None:
-        errors = [DeadLetter.from_message(p.message).error for p in env.parked.get(one.token, ())]
+        errors = [
+            DeadLetter.from_delivery(delivery_from_message(p.message), full=True).error
+            for p in env.parked.get(one.token, ())
+        ]
         got = [e.get("details", {}).get("attempts") if isinstance(e, dict) else e for e in errors]
         return None if got == [want] else f"details.attempts {got}, want [{want}]"
 

@@ -16,9 +16,8 @@ from typing import Any
 
 import aio_pika
 
-from service.codec import H_KIND
-from service.dead_letters import DeadLetterTool
-from service.scheduler import H_DUE, LEVELS, delay_route
+from service._protocol.vocabulary import H_DUE, H_KIND, LEVELS, delay_route
+from service._serving.dead_letters import DeadLetterTool
 from tests.conftest import AMQP_URL
 from tests.faults.harness import eventually, wait_until
 from tests.hostile.conftest import EVENT, Hostile, MakeHostile, Sent

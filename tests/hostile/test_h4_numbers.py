@@ -18,10 +18,10 @@ import pytest
 from pydantic import BaseModel
 
 from service import Client, InvalidArgument, Model, Service
-from service.codec import H_DEAD_ERROR, H_DEAD_REASON, H_KIND, decode_json
-from service.errors import Internal
+from service._protocol.codec import decode_json
+from service._protocol.errors import Internal
+from service._protocol.vocabulary import H_DEAD_ERROR, H_DEAD_REASON, H_KIND, Names
 from service.example import AddReply, calc
-from service.topology import Names
 from tests.conftest import AMQP_URL, AppFactory
 from tests.integration.test_async_support import next_dead_letter
 

@@ -25,8 +25,9 @@ import aio_pika
 import pytest
 
 from service import Client, Settings
+from service._protocol.topology import service_topology
+from service._protocol.vocabulary import Names
 from service.example import calc
-from service.topology import Names, service_topology
 from tests.brokers import TEST_BROKER
 from tests.conftest import AMQP_URL, delete_topology
 

@@ -19,10 +19,9 @@ import structlog
 from structlog.testing import capture_logs
 
 from service import Client, InvalidArgument
-from service.codec import H_KIND
+from service._observe.log import configure_logging
+from service._protocol.vocabulary import H_KIND, Names
 from service.example import calc
-from service.log import configure_logging
-from service.topology import Names
 from tests.brokers import TEST_BROKER
 from tests.conftest import AppFactory
 from tests.integration.test_async_support import next_dead_letter

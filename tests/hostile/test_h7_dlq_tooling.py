@@ -29,20 +29,20 @@ from pamqp import commands as spec
 from pydantic import SecretStr
 
 from service import Client, ConfigError, FailedPrecondition, Model, Service, Settings
-from service.codec import (
+from service._amqp.tools import tail
+from service._protocol.topology import service_topology
+from service._protocol.types import Delivery, Undecodable
+from service._protocol.vocabulary import (
     H_DEAD_ERROR,
     H_DEAD_REASON,
     H_DEADLINE,
     H_KIND,
     H_ORIGINAL_EXCHANGE,
     H_ORIGINAL_ROUTING_KEY,
+    Names,
 )
-from service.dead_letters import DeadLetter, DeadLetterTool, json_line
-from service.events import tail
-from service.shim import Undecodable
+from service._serving.dead_letters import DeadLetter, DeadLetterTool, json_line
 from service.testing import delete_entities
-from service.topology import Names, service_topology
-from service.types import Delivery
 from tests.brokers import TEST_BROKER
 from tests.conftest import AMQP_URL, AppFactory
 from tests.hostile.rawamqp import Props, RawAmqp, S, ShortStr, T, nested_table, x

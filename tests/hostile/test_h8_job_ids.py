@@ -8,9 +8,8 @@ import aio_pika
 import pytest
 
 from service import Client, Model, Service
-from service.codec import H_DEAD_REASON, H_KIND, decode_json
-from service.jobs import H_CALLBACK, H_JOB_ID
-from service.topology import Names
+from service._protocol.codec import decode_json
+from service._protocol.vocabulary import H_CALLBACK, H_DEAD_REASON, H_JOB_ID, H_KIND, Names
 from tests.conftest import AppFactory
 
 __all__: list[str] = []

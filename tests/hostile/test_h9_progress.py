@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 
 from service import Client, Model, Service
-from service.topology import Names
+from service._protocol.vocabulary import Names
 from tests.conftest import AppFactory
 from tests.faults.harness import wait_until
 

@@ -8,7 +8,7 @@ import aio_pika
 import pytest
 
 from service import Client, Context, Model, NotFound, Service
-from service.topology import Names
+from service._protocol.vocabulary import Names
 from tests.conftest import AppFactory
 from tests.integration.test_async_support import (
     Recorder,

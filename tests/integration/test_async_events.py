@@ -7,7 +7,7 @@ from __future__ import annotations
 import aio_pika
 
 from service import Client, Context, Model, Service
-from service.topology import Names
+from service._protocol.vocabulary import Names
 from tests.conftest import AppFactory
 from tests.integration.test_async_support import (
     Recorder,

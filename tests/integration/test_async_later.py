@@ -12,7 +12,8 @@ import aio_pika
 import pytest
 
 from service import Client, Context, Model, Service, Settings
-from service.topology import Names, delay_topology
+from service._protocol.topology import delay_topology
+from service._protocol.vocabulary import Names
 from tests.conftest import AppFactory
 from tests.integration.test_async_support import Recorder, ladder_depth, queue_depth
 

@@ -11,8 +11,7 @@ import aio_pika
 import pytest
 
 from service import Client, InvalidArgument, Model, NotFound, Service, Unroutable
-from service.codec import H_STATUS
-from service.jobs import H_JOB_ID
+from service._protocol.vocabulary import H_JOB_ID, H_STATUS
 from tests.brokers import TEST_BROKER
 from tests.conftest import AppFactory, ClientFactory
 from tests.integration.test_async_support import EventTap, Recorder, body_json

@@ -15,9 +15,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from prometheus_client import REGISTRY
 
-from service.codec import H_DEAD_ERROR, H_DEAD_REASON
-from service.scheduler import LEVELS
-from service.topology import Names
+from service._protocol.vocabulary import H_DEAD_ERROR, H_DEAD_REASON, LEVELS, Names
 
 __all__ = [
     "WAIT",

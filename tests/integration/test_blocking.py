@@ -28,7 +28,8 @@ from service import (
     Service,
     Settings,
 )
-from service.blocking import BlockingClient, ClientUnusable, get_client
+from service._protocol.errors import ClientUnusable
+from service.blocking import BlockingClient, get_client
 from service.example import AddReply, calc
 from tests.conftest import AMQP_URL, AppFactory
 

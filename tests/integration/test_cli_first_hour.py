@@ -20,7 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from service import Client, Service, load_settings
-from service.topology import client_topology, service_topology
+from service._protocol.topology import client_topology, service_topology
 from tests.conftest import AMQP_URL, delete_topology
 from tests.integration.test_cli_commands import BURROW, RUN_TIMEOUT, Run, run_burrow
 

@@ -9,7 +9,7 @@ import structlog
 import structlog.testing
 
 from service import Client, FailedPrecondition, Model, Service
-from service.dead_letters import DeadLetterTool
+from service._serving.dead_letters import DeadLetterTool
 from tests.conftest import AppFactory
 
 

@@ -18,10 +18,10 @@ from flask.testing import FlaskClient
 from examples.flask_app import create_app as create_flask_app
 from examples.http_api import create_app as create_aiohttp_app
 from service import Client, Settings
+from service._protocol.codec import encode
+from service._protocol.vocabulary import Names
 from service.blocking import BlockingClient
-from service.codec import encode
 from service.example import calc
-from service.topology import Names
 from tests.conftest import AppFactory
 
 __all__: list[str] = []

@@ -11,7 +11,7 @@ import aio_pika
 import pytest
 
 from service import Settings
-from service.transport import AmqpLink
+from service._amqp.transport import AmqpLink
 from tests.conftest import AppFactory, ClientFactory
 from tests.integration.test_fidelity_scenarios import SCENARIOS, Env
 

@@ -27,26 +27,21 @@ from service import (
     Settings,
     Unroutable,
 )
-from service.codec import (
+from service._amqp.link import ConsumerSpec, Link, LinkFactory
+from service._protocol.codec import decode_json, decode_model, encode
+from service._protocol.topology import BindingDecl, ExchangeDecl, QueueDecl, Topology
+from service._protocol.types import Delivery, Outgoing
+from service._protocol.vocabulary import (
+    DIRECT_REPLY_TO,
     H_DEAD_REASON,
+    H_DUE,
+    H_JOB_ID,
     H_ORIGINAL_ROUTING_KEY,
-    decode_json,
-    decode_model,
-    encode,
+    H_TARGET_EXCHANGE,
+    H_TARGET_KEY,
+    Names,
 )
 from service.example import AddRequest, calc
-from service.jobs import H_JOB_ID
-from service.link import ConsumerSpec, Link, LinkFactory
-from service.scheduler import H_DUE, H_TARGET_EXCHANGE, H_TARGET_KEY
-from service.topology import (
-    DIRECT_REPLY_TO,
-    BindingDecl,
-    ExchangeDecl,
-    Names,
-    QueueDecl,
-    Topology,
-)
-from service.types import Delivery, Outgoing
 
 __all__ = [
     "WAIT",

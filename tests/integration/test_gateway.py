@@ -21,9 +21,10 @@ from pydantic import SecretStr
 from standardwebhooks import Webhook
 
 from service import App, Settings
+from service._protocol.vocabulary import Names
 from service.example import calc
-from service.gateway import CALLBACK_HEADER, Gateway
-from service.topology import Names
+from service.gateway._routes import CALLBACK_HEADER
+from service.gateway._server import Gateway
 from tests.conftest import delete_topology
 from tests.faults.harness import sample, wait_until
 from tests.integration.test_async_support import EventTap, queue_depth

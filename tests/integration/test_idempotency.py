@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from service.idempotency import RedisStore, store_from_url
+from service._stores.redis import RedisStore
+from service._stores.registry import idempotency_store_from_url
 
 
 async def test_redis_store_is_shared_between_instances() -> None:
     """Two RedisStores (two instances) see each other's completed keys; keys expire."""
     key = f"burrow-test:{uuid.uuid4().hex}"
     first, second = (
-        store_from_url("redis://127.0.0.1:6379/0"),
+        idempotency_store_from_url("redis://127.0.0.1:6379/0"),
         RedisStore("redis://127.0.0.1:6379/0"),
     )
     try:

@@ -8,9 +8,9 @@ import uuid
 import aio_pika
 
 from service import Model, Service
-from service.errors import Unavailable
-from service.idempotency import RedisStore
-from service.topology import Names
+from service._protocol.errors import Unavailable
+from service._protocol.vocabulary import Names
+from service._stores.redis import RedisStore
 from tests.conftest import AppFactory
 from tests.integration.test_async_support import wait_until
 from tests.unit.test_idempotency import check_claim_states_and_lease

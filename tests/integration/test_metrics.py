@@ -18,12 +18,12 @@ from pamqp import commands as spec
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import App, Client, Service
-from service.codec import H_DEADLINE, H_KIND, Model
-from service.errors import InvalidArgument, NotFound, ServiceError
+from service._amqp.transport import AmqpLink
+from service._protocol.codec import Model
+from service._protocol.errors import InvalidArgument, NotFound, ServiceError
+from service._protocol.types import Outcome
+from service._protocol.vocabulary import H_DEADLINE, H_KIND, Names
 from service.example import calc
-from service.topology import Names
-from service.transport import AmqpLink
-from service.types import Outcome
 from tests.conftest import AppFactory
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

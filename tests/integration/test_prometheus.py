@@ -26,9 +26,9 @@ import pytest
 import yaml
 
 from service import App, Client
-from service.errors import InvalidArgument, NotFound, ServiceError
+from service._protocol.errors import InvalidArgument, NotFound, ServiceError
 from service.example import calc
-from service.gateway import Gateway
+from service.gateway._server import Gateway
 from service.testing import delete_entities
 from tests.brokers import TEST_BROKER
 from tests.conftest import AMQP_URL, AppFactory

@@ -29,8 +29,8 @@ from service import (
     Unavailable,
     Unroutable,
 )
+from service._protocol.vocabulary import Names
 from service.example import calc
-from service.topology import Names
 from tests.conftest import AppFactory
 
 __all__: list[str] = []

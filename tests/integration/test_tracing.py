@@ -6,7 +6,8 @@ import asyncio
 
 import aio_pika
 
-from service import Client, Context, Model, Service, tracing
+from service import Client, Context, Model, Service
+from service._protocol import tracing
 from tests.conftest import AppFactory
 
 TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

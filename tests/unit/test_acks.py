@@ -1,4 +1,5 @@
-"""Held acks (`service.transport.Acks`): one `basic.ack(multiple)` for many, never an early one."""
+"""Held acks (`service._amqp.transport.Acks`): one `basic.ack(multiple)` for many, never an early
+one."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pamqp import commands as spec
 
-from service import shim
-from service.transport import Acks
+from service._amqp import shim
+from service._amqp.transport import Acks
 
 
 class _Channel:

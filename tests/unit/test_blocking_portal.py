@@ -18,8 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service import blocking
+from service._protocol.errors import (
+    ClientUnusable,
+    ConnectionLost,
+    DeadlineExceeded,
+    ResourceExhausted,
+)
 from service.blocking import Portal
-from service.errors import ClientUnusable, ConnectionLost, DeadlineExceeded, ResourceExhausted
 
 __all__: list[str] = []
 
@@ -203,3 +208,17 @@ def test_refuses_in_a_forked_child(portal: Portal) -> None:
     assert reported["closed"] is True
     assert f"created in pid {os.getpid()} used in pid {pid} after fork()" in reported["refused"]
     assert portal.call(add, 2, 2, timeout=5)[0] == 4
+
+
+def test_a_thread_reusing_the_ended_loop_threads_ident_may_close_and_is_refused_calls(
+    portal: Portal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the loop thread ended, a thread the OS gave the same ident closes again quietly
+    and gets ClientUnusable for a call (thread idents are reused; identity is not)."""
+    portal.close(timeout=5)
+    ended = portal._thread.ident
+    assert ended is not None
+    monkeypatch.setattr(threading, "get_ident", lambda: ended)
+    portal.close(timeout=5)
+    with pytest.raises(ClientUnusable, match="closed"):
+        portal.call(add, 1, 2, timeout=5)

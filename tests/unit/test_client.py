@@ -29,8 +29,8 @@ from service import (
     Settings,
     Unroutable,
 )
-from service.registry import Operation
-from service.scheduler import delay_route
+from service._protocol.registry import Operation
+from service._protocol.vocabulary import delay_route
 from service.testing import InMemoryBroker, MemoryLink, PublishedMessage
 from tests.unit.conftest import ServeApp
 

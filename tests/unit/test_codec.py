@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from service.codec import (
+from service._protocol.codec import (
     CONTENT_TYPE,
     MAX_ERROR_DETAILS,
     Model,
@@ -22,8 +22,8 @@ from service.codec import (
     decode_model,
     encode,
 )
-from service.errors import InvalidArgument, MessageTooLarge
-from service.types import Delivery
+from service._protocol.errors import InvalidArgument, MessageTooLarge
+from service._protocol.types import Delivery
 
 __all__: list[str] = []
 

@@ -14,10 +14,11 @@ import aiormq
 import pytest
 from pamqp import commands as spec
 
-from service import config
-from service.config import Settings, load_settings, redact_url, unknown_variables
-from service.errors import ConfigError
-from service.transport import _describe, _tls_context, _tls_problem, _vhost_refusal
+from service._amqp import shim
+from service._amqp.transport import _describe, _tls_context, _tls_problem, _vhost_refusal
+from service._protocol import config
+from service._protocol.config import Settings, load_settings, redact_url, unknown_variables
+from service._protocol.errors import ConfigError
 
 __all__: list[str] = []
 
@@ -370,13 +371,10 @@ def test_load_settings_warns_once_per_unknown_variable(
 
 
 def _open_refused(reply_code: int, reply_text: str) -> aiormq.exceptions.InvalidFrameError:
-    """The error aiormq raises when the broker answers Connection.Open with a close: the frame
-    is a local of the raising function, as in aiormq's `_rpc`."""
+    """The error a Burrow connection raises when the broker answers Connection.Open with a
+    close: aiormq's InvalidFrameError, keeping the frame (`shim.HandshakeRefused`)."""
     frame = spec.Connection.Close(reply_code, reply_text)
-    try:
-        raise aiormq.exceptions.InvalidFrameError(f"Expected one of ['Connection.OpenOk'], {frame}")
-    except aiormq.exceptions.InvalidFrameError as exc:
-        return exc
+    return shim.HandshakeRefused(f"Expected one of ['Connection.OpenOk'], got {frame!r}", frame)
 
 
 def test_refused_vhost_reads_the_brokers_reason() -> None:

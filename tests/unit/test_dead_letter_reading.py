@@ -1,4 +1,4 @@
-"""Reading dead letters without a broker: `DeadLetter.from_delivery` (and `from_message`) on
+"""Reading dead letters without a broker: `DeadLetter.from_delivery` (also of aio-pika messages) on
 letters Burrow parked, letters the broker dead-lettered, and poisoned letters — which become a
 letter with a `problem`, never an exception (docs/protocol.md §8, "Dead letters")."""
 
@@ -18,10 +18,10 @@ from pamqp import commands
 from pamqp.header import ContentHeader
 
 from service import Settings
-from service.dead_letters import MAX_ERROR_CHARS, DeadLetter, json_line
-from service.shim import Undecodable
+from service._amqp.tools import delivery_from_message
+from service._protocol.types import Delivery, Outgoing, Undecodable
+from service._serving.dead_letters import MAX_ERROR_CHARS, DeadLetter, json_line
 from service.testing import InMemoryBroker
-from service.types import Delivery, Outgoing
 
 __all__: list[str] = []
 
@@ -506,7 +506,7 @@ def test_any_letter_reads_and_prints_without_raising(
         _readable(found)
 
 
-# -- from_message (aio-pika) -----------------------------------------------------------------
+# -- aio-pika messages (delivery_from_message) -----------------------------------------------------
 
 
 def _incoming(headers: dict[str, Any] | None, **props: Any) -> aio_pika.IncomingMessage:
@@ -523,15 +523,15 @@ def _incoming(headers: dict[str, Any] | None, **props: Any) -> aio_pika.Incoming
     return aio_pika.IncomingMessage(delivered, no_ack=True)
 
 
-def test_from_message_reads_an_aio_pika_message_whole() -> None:
-    """A letter received with aio-pika reads as from_delivery with full=True by default."""
+def test_an_aio_pika_message_reads_whole() -> None:
+    """A letter received with aio-pika, as a `Delivery`, reads whole with full=True."""
     message = _incoming(
         parked(**{"x-burrow-dead-at": decimal.Decimal(3)}),
         message_id="m-9",
         content_type="application/json",
         app_id="shop",
     )
-    found = DeadLetter.from_message(message)
+    found = DeadLetter.from_delivery(delivery_from_message(message), full=True)
     assert (found.message_id, found.reason) == ("m-9", "retries_exhausted")
     assert (found.original_exchange, found.original_routing_key) == ("rt.commands", "orders.place")
     assert found.body == BODY
@@ -539,12 +539,12 @@ def test_from_message_reads_an_aio_pika_message_whole() -> None:
     assert (found.properties["app_id"], found.properties["redelivered"]) == ("shop", True)
     assert found.headers["x-burrow-kind"] == "cast"
     assert found.dead_at is None  # a decimal is not an integer
-    assert DeadLetter.from_message(message, full=False).body is None
+    assert DeadLetter.from_delivery(delivery_from_message(message)).body is None
 
 
-def test_from_message_without_headers_or_id_never_raises() -> None:
+def test_an_aio_pika_message_without_headers_or_id_never_raises() -> None:
     """An aio-pika message with no headers and no id still reads."""
-    found = DeadLetter.from_message(_incoming(None))
+    found = DeadLetter.from_delivery(delivery_from_message(_incoming(None)), full=True)
     assert (found.message_id, found.reason, found.size) == (None, "unknown", len(BODY))
     assert (found.headers, found.body) == ({}, BODY)
     _readable(found)

@@ -8,11 +8,9 @@ from typing import Any
 import pytest
 
 from service import Model, Service, Settings, Unavailable
-from service.codec import H_DEAD_REASON, H_KIND
-from service.shim import Undecodable
+from service._protocol.types import Outgoing, Undecodable
+from service._protocol.vocabulary import H_DEAD_REASON, H_KIND, Names
 from service.testing import InMemoryBroker
-from service.topology import Names
-from service.types import Outgoing
 from tests.unit.conftest import ServeApp
 
 __all__: list[str] = []

@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 from pamqp import commands, frame, header
 
-from service import envelope, messages
-from service.codec import H_DEADLINE, H_KIND, H_VERSION
-from service.shim import Undecodable
-from service.types import Delivery
+from service._protocol import envelope, messages
+from service._protocol.types import Delivery, Undecodable
+from service._protocol.vocabulary import H_DEADLINE, H_KIND, H_VERSION
 
 __all__: list[str] = []
 

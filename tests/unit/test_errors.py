@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from service.errors import (
+from service._protocol.errors import (
     BurrowError,
     ConnectionLost,
     DeadlineExceeded,

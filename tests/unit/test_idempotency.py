@@ -10,7 +10,9 @@ import uuid
 import pytest
 
 from service import ConfigError
-from service.idempotency import IdempotencyStore, MemoryStore, store_from_url
+from service._stores.base import IdempotencyStore
+from service._stores.memory import MemoryStore
+from service._stores.registry import idempotency_store_from_url
 
 __all__: list[str] = []
 
@@ -27,7 +29,7 @@ async def test_memory_store_is_bounded() -> None:
 def test_unknown_store_scheme_is_a_config_error() -> None:
     """BURROW_IDEMPOTENCY_URL with an unknown scheme fails clearly."""
     with pytest.raises(ConfigError, match="unsupported store"):
-        store_from_url("etcd://x")
+        idempotency_store_from_url("etcd://x")
 
 
 async def check_claim_states_and_lease(store: IdempotencyStore) -> None:

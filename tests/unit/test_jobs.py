@@ -14,11 +14,11 @@ from prometheus_client import REGISTRY
 from referencing import Registry, Resource
 
 from service import Model, NotFound, Service, Unavailable
-from service.jobs import JobStatus
-from service.results import JobRecord, JobState, MemoryJobStore
+from service._protocol.jobs import JobRecord, JobState, JobStatus
+from service._protocol.types import Outgoing
+from service._protocol.vocabulary import DIRECT_REPLY_TO, H_JOB_ID, H_KIND, Kind
+from service._stores.memory import MemoryJobStore
 from service.testing import MemoryLink
-from service.types import Outgoing
-from service.vocabulary import DIRECT_REPLY_TO, H_JOB_ID, H_KIND, Kind
 from tests.unit.conftest import ServeApp
 
 __all__: list[str] = []

@@ -17,7 +17,7 @@ import aio_pika
 import pytest
 
 from service import Settings
-from service.transport import AmqpLink
+from service._amqp.transport import AmqpLink
 
 __all__: list[str] = []
 
@@ -56,7 +56,7 @@ async def test_closing_a_link_mid_connect_loses_no_error_and_no_connection(
 ) -> None:
     """A link closed mid-connect leaves no unretrieved error; a late connection is closed."""
     connect = _Connect(opens)
-    monkeypatch.setattr(aio_pika, "connect", connect)  # what service.transport calls
+    monkeypatch.setattr(aio_pika, "connect", connect)  # what service._amqp.transport calls
     loop = asyncio.get_running_loop()
     unhandled: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()

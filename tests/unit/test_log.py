@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from service.log import configure_logging
+from service._observe.log import configure_logging
 
 
 @pytest.fixture(autouse=True)

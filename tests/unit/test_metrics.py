@@ -1,4 +1,4 @@
-"""Unit tests of `service.metrics` that need no traffic: the build-info series."""
+"""Unit tests of `service._observe.metrics` that need no traffic: the build-info series."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from importlib import metadata
 import aio_pika
 from prometheus_client import REGISTRY
 
-from service import metrics
+from service._observe import metrics
 
 
 def test_build_info_names_the_running_versions() -> None:

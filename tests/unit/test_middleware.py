@@ -11,8 +11,9 @@ import time
 import pytest
 from structlog.testing import capture_logs
 
-from service.errors import DeadlineExceeded, ErrorCode, Internal, InvalidArgument
-from service.middleware import (
+from service._protocol.errors import DeadlineExceeded, ErrorCode, Internal, InvalidArgument
+from service._protocol.types import Delivery, Outcome
+from service._serving.middleware import (
     Next,
     Request,
     Result,
@@ -23,7 +24,6 @@ from service.middleware import (
     error_middleware,
     failure,
 )
-from service.types import Delivery, Outcome
 
 __all__: list[str] = []
 

@@ -16,10 +16,11 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from service import ErrorCode, InvalidArgument, Model, Service
-from service.contracts import contract
+from service._protocol.contracts import contract
 from service.example import AddRequest, calc
-from service.gateway import problem as problem_answer
-from service.openapi import GATEWAY_JOB_ID_PATTERN, openapi_document
+from service.gateway._openapi import openapi_document
+from service.gateway._routes import JOB_ID_PATTERN
+from service.gateway._server import problem as problem_answer
 
 __all__: list[str] = []
 
@@ -204,7 +205,7 @@ def test_an_operation_carries_its_doc_headers_and_callback() -> None:
     assert doc["paths"]["/v1/jobs/{job_id}"]["get"]["parameters"] == [
         {"$ref": "#/components/parameters/JobId"}
     ]
-    assert doc["components"]["parameters"]["JobId"]["schema"]["pattern"] == GATEWAY_JOB_ID_PATTERN
+    assert doc["components"]["parameters"]["JobId"]["schema"]["pattern"] == JOB_ID_PATTERN
 
 
 def test_the_problem_code_enum_is_error_codes_plus_unauthenticated() -> None:
@@ -297,7 +298,7 @@ async def test_job_status_bodies_validate() -> None:
     assert not status.is_valid({"job_id": JOB_ID, "status": "failed", "error": {"code": "NOPE"}})
     assert not status.is_valid({"job_id": "nope", "status": "pending"})
     assert not status.is_valid({"job_id": JOB_ID, "status": "completed"})
-    assert re.match(GATEWAY_JOB_ID_PATTERN, JOB_ID)
+    assert re.match(JOB_ID_PATTERN, JOB_ID)
 
 
 async def test_the_webhook_body_validates() -> None:

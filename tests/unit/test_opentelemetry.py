@@ -13,7 +13,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from service import InvalidArgument, Model, Service, tracing
+from service import InvalidArgument, Model, Service
+from service._protocol import tracing
 from service.testing import serve
 from tests.conftest import Recorded
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from service import Model, Service
-from service.codec import H_CALLBACK, H_DEADLINE, H_JOB_ID, H_KIND
-from service.config import load_settings
-from service.dispatcher import read_request
-from service.shim import Undecodable
-from service.topology import Names
-from service.types import Delivery
+from service._protocol.config import load_settings
+from service._protocol.types import Delivery, Undecodable
+from service._protocol.vocabulary import H_CALLBACK, H_DEADLINE, H_JOB_ID, H_KIND, Names
+from service._serving.dispatcher import read_request
 
 __all__: list[str] = []
 

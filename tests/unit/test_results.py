@@ -10,18 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import Unavailable
-from service.expiring import ExpiringMap
-from service.results import (
-    JobRecord,
-    JobState,
-    JobStore,
-    MemoryJobStore,
-    RedisJobStore,
-    SqliteJobStore,
-    job_store_from_url,
-    owner_digest,
-)
+from service._protocol.errors import Unavailable
+from service._protocol.jobs import JobRecord, JobState, owner_digest
+from service._stores.base import JobStore
+from service._stores.memory import ExpiringMap, MemoryJobStore
+from service._stores.redis import RedisJobStore
+from service._stores.registry import job_store_from_url
+from service._stores.sqlite import SqliteJobStore
 
 __all__: list[str] = []
 

@@ -1,23 +1,143 @@
-"""Retry counting and copies without a broker: `attempts` over Burrow's own `x-burrow-attempt`
-in every AMQP type and over forged `x-death` records (the fallback), `retry_level`'s back-off
-ladder, and the copy `retry_message` publishes (docs/protocol.md §10)."""
+"""The retry policy without a broker (docs/protocol.md §10): its decisions as a table (kind,
+failure, attempt → retried at level L, parked `retries_exhausted`, or not retried), the cap,
+`attempts` over Burrow's own `x-burrow-attempt` in every AMQP type and over forged `x-death`
+records (the fallback), `retry_level`'s back-off ladder, and the copy a retry publishes."""
 
 from __future__ import annotations
 
 import datetime
 import decimal
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from service.retry import attempts, retry_level, retry_message
-from service.topology import Names
-from service.types import Delivery
+from service._protocol.config import load_settings
+from service._protocol.errors import InvalidArgument, ServiceError, Unavailable
+from service._protocol.messages import retry_copy
+from service._protocol.types import Delivery, Outcome
+from service._protocol.vocabulary import Names
+from service._serving.retry import (
+    EXHAUSTED,
+    RETRY,
+    attempts,
+    max_retries,
+    retry_level,
+    verdict,
+)
 
 __all__: list[str] = []
 
 NAMES = Names("rt")
 CAP = 1_000_000  # what one forged entry can add at most
+
+
+MAX_RETRIES = 3
+LEVELS = 2
+
+
+def fate(kind: str, error: ServiceError, reason: str | None, attempt: int) -> str:
+    """What the policy alone makes of a failure: the row's last column."""
+    decided = verdict(kind, error, reason, attempt, MAX_RETRIES)
+    if decided is None:
+        return "not retried"  # middleware.decide answers it, or parks it for its own reason
+    if decided is RETRY:
+        return f"retried at level {retry_level(attempt, LEVELS)}"
+    assert decided is EXHAUSTED
+    return f"parked {decided.dead_reason}, attempts {error.details['attempts']}"
+
+
+def retryable() -> ServiceError:
+    """A fresh retryable error (the policy adds `attempts` to the one it parks)."""
+    return Unavailable("db down")
+
+
+def final() -> ServiceError:
+    """A fresh error that is not retryable."""
+    return InvalidArgument("bad")
+
+
+# With at most 3 retries on a ladder of 2 holding levels.
+FATES = [
+    # A retryable failure of a cast, submit or event: retried up the ladder, then parked.
+    ("cast", retryable, "failed", 0, "retried at level 0"),
+    ("cast", retryable, "failed", 1, "retried at level 1"),
+    ("cast", retryable, "failed", 2, "retried at level 1"),
+    ("cast", retryable, "failed", 3, "parked retries_exhausted, attempts 4"),
+    ("cast", retryable, "failed", 50, "parked retries_exhausted, attempts 51"),
+    ("submit", retryable, "failed", 0, "retried at level 0"),
+    ("submit", retryable, "failed", 3, "parked retries_exhausted, attempts 4"),
+    ("event", retryable, "failed", 2, "retried at level 1"),
+    ("event", retryable, "failed", 3, "parked retries_exhausted, attempts 4"),
+    ("cast", retryable, None, 0, "retried at level 0"),  # a failure without a reason of its own
+    # Calls (and a job's result lookup) are answered: the caller holds the deadline.
+    ("call", retryable, "failed", 0, "not retried"),
+    ("call", retryable, "failed", 3, "not retried"),
+    ("result", retryable, "failed", 0, "not retried"),
+    # A final error is never retried: answered or parked at once, whatever the attempt.
+    ("cast", final, "failed", 0, "not retried"),
+    ("submit", final, "failed", 3, "not retried"),
+    ("event", final, "failed", 1, "not retried"),
+    # A refusal of the input is never retried, even when its error is retryable.
+    ("cast", retryable, "too_large", 0, "not retried"),
+    ("event", retryable, "invalid", 0, "not retried"),
+    ("submit", retryable, "unknown_operation", 0, "not retried"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "reason", "attempt", "expected"),
+    FATES,
+    ids=[
+        f"{kind}-{error.__name__}-{reason}-{attempt}" for kind, error, reason, attempt, _ in FATES
+    ],
+)
+def test_decisions_table(
+    kind: str,
+    error: Callable[[], ServiceError],
+    reason: str | None,
+    attempt: int,
+    expected: str,
+) -> None:
+    """Each kind, failure and attempt is retried at its level, parked retries_exhausted, or
+    left to be answered or parked for its own reason."""
+    assert fate(kind, error(), reason, attempt) == expected
+
+
+def test_exhausted_is_parked_and_retry_is_not() -> None:
+    """A retry's outcome is RETRIED with no dead-letter reason; running out parks the message."""
+    assert (RETRY.outcome, RETRY.dead_reason) == (Outcome.RETRIED, None)
+    assert (EXHAUSTED.outcome, EXHAUSTED.dead_reason) == (
+        Outcome.DEAD_LETTERED,
+        "retries_exhausted",
+    )
+
+
+def test_exhausted_keeps_the_error_details() -> None:
+    """Parking after the last retry adds `attempts` to the error's own details."""
+    error = Unavailable("db down", details={"host": "db-1"})
+    assert verdict("cast", error, "failed", 3, 3) is EXHAUSTED
+    assert error.details == {"host": "db-1", "attempts": 4}
+
+
+def test_retry_leaves_the_error_as_it_is() -> None:
+    """A retried failure's error is not touched: only the parked one says its attempts."""
+    error = retryable()
+    assert verdict("cast", error, "failed", 0, 3) is RETRY
+    assert "attempts" not in error.details
+
+
+def test_no_retries_parks_at_the_first_failure() -> None:
+    """With retries=0 a retryable failure is parked after its one run."""
+    error = retryable()
+    assert verdict("event", error, "failed", 0, 0) is EXHAUSTED
+    assert error.details["attempts"] == 1
+
+
+@pytest.mark.parametrize(("configured", "cap"), [(None, 5), (0, 0), (2, 2), (50, 50)])
+def test_max_retries_is_the_operations_else_the_settings(configured: int | None, cap: int) -> None:
+    """`retries=` of the operation or subscription wins; without it, BURROW_MAX_RETRIES."""
+    assert max_retries(configured, load_settings(max_retries=5)) == cap
 
 
 def death(
@@ -151,17 +271,17 @@ def _failed(**overrides: Any) -> Delivery:
     return Delivery(**fields)
 
 
-def test_retry_message_goes_back_to_its_queue_through_the_level() -> None:
+def test_retry_copy_goes_back_to_its_queue_through_the_level() -> None:
     """The copy enters the level's fanout exchange keyed by the queue it was consumed from."""
-    copy = retry_message(_failed(), NAMES, 3, 0)
+    copy = retry_copy(_failed(), NAMES, 3, 0)
     assert (copy.exchange, copy.routing_key) == ("rt.retry.3", "rt.notes.commands")
 
 
-def test_retry_message_keeps_properties_and_headers() -> None:
+def test_retry_copy_keeps_properties_and_headers() -> None:
     """Body, ids, type, reply address, content type and every header (x-death too) are kept;
     the copy is persistent and never expires on its own."""
     failed = _failed()
-    copy = retry_message(failed, NAMES, 0, 2)
+    copy = retry_copy(failed, NAMES, 0, 2)
     assert copy.headers == failed.headers | {"x-burrow-attempt": 3}
     assert copy.body == failed.body
     assert (copy.message_id, copy.correlation_id, copy.reply_to, copy.type) == (
@@ -180,10 +300,10 @@ def test_retry_message_keeps_properties_and_headers() -> None:
     assert copy.expiration_ms is None
 
 
-def test_retry_message_counts_one_more_retry() -> None:
+def test_retry_copy_counts_one_more_retry() -> None:
     """The copy carries retry number attempt + 1, which `attempts` reads back."""
     failed = _failed()
-    copy = retry_message(failed, NAMES, 0, attempts(failed.headers, NAMES))
+    copy = retry_copy(failed, NAMES, 0, attempts(failed.headers, NAMES))
     assert copy.headers["x-burrow-attempt"] == 3
     assert attempts(copy.headers, NAMES) == 3
 
@@ -250,7 +370,7 @@ def test_unreadable_own_count_falls_back_to_x_death(value: object) -> None:
     assert attempts({"x-burrow-attempt": value}, NAMES) == 0
 
 
-def test_retry_message_without_an_id_gets_one() -> None:
+def test_retry_copy_without_an_id_gets_one() -> None:
     """A message that arrived without a message id is copied with a fresh one."""
-    copy = retry_message(_failed(message_id=None), NAMES, 0, 0)
+    copy = retry_copy(_failed(message_id=None), NAMES, 0, 0)
     assert copy.message_id

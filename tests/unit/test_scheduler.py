@@ -14,11 +14,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from service import load_settings
-from service.config import Settings
-from service.scheduler import Forwarder, _early_by, delay_route, level_pattern, schedule
+from service._protocol.config import Settings
+from service._protocol.messages import schedule
+from service._protocol.topology import Topology, delay_topology
+from service._protocol.types import Delivery, Outgoing, Settle
+from service._protocol.vocabulary import Names, delay_route, level_pattern
+from service._serving.scheduler import Forwarder, _early_by
 from service.testing import InMemoryBroker, topic_matches
-from service.topology import Names, Topology, delay_topology
-from service.types import Delivery, Outgoing, Settle
 
 __all__: list[str] = []
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from service.codec import H_DEAD_REASON, H_JOB_ID, H_STATUS, decode_json
-from service.errors import InvalidArgument, ServiceError, Unavailable
-from service.middleware import Request, Result, decide
-from service.settlement import Plan, Role, plan
-from service.topology import Names
-from service.types import Delivery, Outcome, Settle
+from service._protocol.codec import decode_json
+from service._protocol.errors import InvalidArgument, ServiceError, Unavailable
+from service._protocol.types import Delivery, Outcome, Settle
+from service._protocol.vocabulary import H_DEAD_REASON, H_JOB_ID, H_STATUS, Names
+from service._serving.middleware import Request, Result, decide
+from service._serving.settlement import Plan, Role, plan
 
 __all__: list[str] = []
 
@@ -69,7 +69,8 @@ DECISIONS = [
     # An answer is final whatever the kind.
     Row("call", Result(Outcome.OK, reply=b"{}"), 0, Outcome.OK, None),
     Row("cast", Result(Outcome.EXPIRED), 0, Outcome.EXPIRED, None),
-    # A retryable failure: calls are answered, async work is retried, then parked.
+    # A retryable failure: calls are answered, async work is retried, then parked (the retry
+    # policy's own table, by kind, failure and attempt: test_retry.py).
     Row("call", Result(Outcome.ERROR, error=RETRYABLE, dead_reason="failed"), 0, Outcome.ERROR, "failed"),
     Row("cast", Result(Outcome.ERROR, error=RETRYABLE, dead_reason="failed"), 0, Outcome.RETRIED, None),
     Row("submit", Result(Outcome.ERROR, error=RETRYABLE, dead_reason="failed"), 2, Outcome.RETRIED, None),

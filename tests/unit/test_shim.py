@@ -18,9 +18,11 @@ from aiormq.abc import ChannelFrame
 from aiormq.connection import FrameGenerator
 from pamqp import commands, frame, header
 
-from service import ConfigError, Settings, shim
-from service.shim import MAX_DEPTH, UNDECODABLE_HEADER, Undecodable
-from service.transport import AmqpLink
+from service import ConfigError, Settings
+from service._amqp import shim
+from service._amqp.shim import MAX_DEPTH, UNDECODABLE_HEADER
+from service._amqp.transport import AmqpLink
+from service._protocol.types import Undecodable
 
 __all__: list[str] = []
 
@@ -47,7 +49,7 @@ def _properties(raw: bytes) -> commands.Basic.Properties:
 
 def test_the_installed_libraries_are_ones_burrow_was_checked_against() -> None:
     """Every function Burrow re-implements or builds on has a known fingerprint (fails when
-    aiormq, pamqp or aio-pika change it: review service/shim.py, then add the new one)."""
+    aiormq, pamqp or aio-pika change it: review service/_amqp/shim.py, then add the new one)."""
     shim.check_libraries()
     assert shim.installed_fingerprints().keys() == shim._KNOWN.keys()
 

@@ -30,11 +30,11 @@ from pamqp.header import ContentHeader, ProtocolHeader
 from pamqp.heartbeat import Heartbeat
 from pydantic import SecretStr
 
-from service import Settings, shim
-from service.link import ConsumerSpec
-from service.shim import Undecodable
-from service.transport import AmqpLink
-from service.types import Delivery, Outgoing
+from service import Settings
+from service._amqp import shim
+from service._amqp.link import ConsumerSpec
+from service._amqp.transport import AmqpLink
+from service._protocol.types import Delivery, Outgoing, Undecodable
 
 __all__: list[str] = []
 
@@ -78,7 +78,7 @@ def test_importing_service_changes_nothing_in_the_amqp_libraries() -> None:
     script = textwrap.dedent(inspect.getsource(_snapshot)) + textwrap.dedent(
         """
         before = _snapshot()
-        import service, service.shim, service.transport, service.testing
+        import service, service._amqp.shim, service._amqp.transport, service.testing
         after = _snapshot()
         changed = [k for k in before.keys() | after.keys() if before.get(k) is not after.get(k)]
         print(sorted(changed))

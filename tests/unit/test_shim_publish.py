@@ -22,7 +22,7 @@ from pamqp import encode
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from service import shim
+from service._amqp import shim
 
 SHORT = st.text(max_size=40)
 VALUES: st.SearchStrategy[Any] = st.recursive(

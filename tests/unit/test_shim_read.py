@@ -19,7 +19,7 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from service import shim
+from service._amqp import shim
 
 _SHORT = st.binary(max_size=255)  # any bytes: not UTF-8 must come out Undecodable, as pamqp's
 

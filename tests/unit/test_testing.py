@@ -23,20 +23,21 @@ from service import (
     Settings,
     TopologyError,
     Unroutable,
-    metrics,
 )
-from service.example import calc
-from service.link import (
+from service._amqp.link import (
     PUBLISH_OUTCOMES,
     ConsumerSpec,
     LinkFactory,
     PublishOutcome,
     record_publish,
 )
+from service._amqp.transport import AmqpLink
+from service._observe import metrics
+from service._protocol.topology import BindingDecl, QueueDecl, Topology
+from service._protocol.types import Delivery, Outgoing
+from service._protocol.vocabulary import DIRECT_REPLY_TO
+from service.example import calc
 from service.testing import InMemoryBroker, MemoryLink, topic_matches
-from service.topology import DIRECT_REPLY_TO, BindingDecl, QueueDecl, Topology
-from service.transport import AmqpLink
-from service.types import Delivery, Outgoing
 
 __all__: list[str] = []
 

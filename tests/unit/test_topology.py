@@ -11,17 +11,17 @@ from typing import Any
 import pytest
 
 from service import Model, Service
-from service.config import Settings, load_settings
-from service.topology import (
-    DIRECT_REPLY_TO,
+from service._protocol.config import Settings, load_settings
+from service._protocol.topology import (
     DLQ_DELIVERY_LIMIT,
     ExchangeDecl,
-    Names,
     QueueDecl,
     Topology,
+    retry_topology,
     service_topology,
     to_definitions,
 )
+from service._protocol.vocabulary import DIRECT_REPLY_TO, Names
 
 __all__: list[str] = []
 
@@ -104,6 +104,38 @@ def test_bounded_request_queue_rejects_publish() -> None:
     assert requests["x-overflow"] == "reject-publish"
     assert requests["x-queue-type"] == "classic"
     assert "x-max-length" not in _queue(topo, "shop.calc.dlq").arguments
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_retry_ladder_doubles_its_delay_per_level(queue_type: str) -> None:
+    """BURROW_RETRY_LEVELS holding queues: level L waits BURROW_RETRY_BASE_DELAY·2^L, then
+    dead-letters through the default exchange, i.e. back into the queue named by its key."""
+    settings = load_settings(
+        namespace="shop", retry_levels=4, retry_base_delay=0.25, queue_type=queue_type
+    )
+    topo = retry_topology(settings)
+    assert [(e.name, e.type) for e in topo.exchanges] == [
+        (f"shop.retry.{level}", "fanout") for level in range(4)
+    ]
+    assert [(b.exchange, b.destination, b.key) for b in topo.bindings] == [
+        (f"shop.retry.{level}", f"shop.retry.{level}.wait", "") for level in range(4)
+    ]
+    queues = [_queue(topo, f"shop.retry.{level}.wait") for level in range(4)]
+    assert [q.arguments["x-message-ttl"] for q in queues] == [250, 500, 1000, 2000]
+    for queue in queues:
+        assert queue.arguments["x-dead-letter-exchange"] == ""
+        assert queue.arguments["x-queue-type"] == queue_type
+        assert "x-dead-letter-routing-key" not in queue.arguments
+
+
+def test_service_topology_has_the_retry_ladder(shop: Settings) -> None:
+    """A service declares every retry holding queue of the settings, the defaults 1…32 s."""
+    ttls = {
+        q.name: q.arguments["x-message-ttl"]
+        for q in service_topology(_service("calc"), shop).queues
+        if q.name.startswith("shop.retry.")
+    }
+    assert ttls == {f"shop.retry.{level}.wait": 1000 << level for level in range(6)}
 
 
 def test_merge_removes_duplicates_keeps_order(shop: Settings) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service import tracing
+from service._protocol import tracing
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

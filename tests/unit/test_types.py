@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
-from service.types import Delivery, Settle
+from service._protocol.types import Delivery, Settle
 
 __all__: list[str] = []
 
