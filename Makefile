@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-stamp
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install broker broker4 run test test-3 test-4 test-lowest test-unit test-integration test-faults lint format typecheck check clean deploy-files deploy-tools schemas schemas-check
+.PHONY: install broker broker4 postgres run test test-3 test-4 test-lowest test-unit test-integration test-faults lint format typecheck check clean deploy-files deploy-tools schemas schemas-check
 
 # `install`: the package and the dev extra (tests, linters); `run` needs only the package.
 install: $(STAMP)
@@ -24,6 +24,10 @@ $(STAMP): $(RUNTIME_STAMP) pyproject.toml
 broker:
 	@deploy/local/ensure-rabbitmq.sh
 
+# PostgreSQL backs the outbox and inbox tests (deploy/local/ensure-postgres.sh starts it).
+postgres:
+	@deploy/local/ensure-postgres.sh
+
 run: $(RUNTIME_STAMP) broker
 	$(BIN)/burrow run
 
@@ -39,17 +43,17 @@ broker4:
 # Every suite on every supported broker.
 test: test-3 test-4
 
-test-3: install broker deploy-tools
+test-3: install broker postgres deploy-tools
 	$(BIN)/pytest
 
-test-4: install broker4 deploy-tools
+test-4: install broker4 postgres deploy-tools
 	BURROW_TEST_AMQP_URL=$(RABBITMQ4_URL) $(BIN)/pytest
 
 # The lowest versions pyproject.toml's ranges admit (the newest are what `install` resolves):
 # the unit and integration suites, in a venv of their own.
 LOWEST_VENV ?= .venv-lowest
 
-test-lowest: broker
+test-lowest: broker postgres
 	deploy/local/venv.sh $(LOWEST_VENV) lowest
 	$(LOWEST_VENV)/bin/pytest tests/unit tests/integration
 

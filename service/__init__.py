@@ -5,6 +5,9 @@ from __future__ import annotations
 from service._amqp.link import Outbound, Publishing, PublishNext
 from service._calling.client import Client
 from service._calling.jobs import Job
+from service._outbox.inbox import Inbox
+from service._outbox.relay import Relay as OutboxRelay
+from service._outbox.writer import Outbox
 from service._protocol import contracts, tracing
 from service._protocol.codec import Model
 from service._protocol.config import Settings, load_settings
@@ -52,6 +55,7 @@ __all__ = [
     "ErrorCode",
     "FailedPrecondition",
     "IdempotencyStore",
+    "Inbox",
     "Internal",
     "InvalidArgument",
     "Job",
@@ -67,6 +71,8 @@ __all__ = [
     "NotFound",
     "Operation",
     "Outbound",
+    "Outbox",
+    "OutboxRelay",
     "PermissionDenied",
     "PublishFailed",
     "PublishNext",

@@ -13,19 +13,21 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar, TypeVarTuple, overload
 
-import structlog
 from pydantic import BaseModel
 
-from service._calling.client import Client
+from service._amqp.link import LinkFactory, Outbound
+from service._amqp.transport import AmqpLink
+from service._calling.client import Client, Headers, check_headers
 from service._calling.jobs import Job
-from service._protocol.config import Settings, load_settings
+from service._observe.log import get_logger
+from service._protocol.config import Settings, settings_from
 from service._protocol.errors import (
     ClientUnusable,
     ConnectionLost,
@@ -47,7 +49,7 @@ DEFAULT_MAX_IN_FLIGHT = 1000
 # `DeadlineExceeded` itself at the deadline, and this is only the safety net if it cannot.
 _MARGIN = 1.0
 
-_log = structlog.get_logger("burrow.blocking")
+_log = get_logger("burrow.blocking")
 
 
 class Portal:
@@ -206,7 +208,9 @@ class BlockingClient:
     that created it: after `fork()` the child must create its own (`get_client()` does).
 
     Args:
-        settings: as for `Client` (default: from `BURROW_*` environment variables).
+        settings, link_factory, outbound, overrides: as for `Client` (default settings: from
+            `BURROW_*` environment variables); an override that is no setting raises
+            `ConfigError` naming the closest one.
         max_in_flight: calls, submits and job waits running at once; a caller that would wait
             for a slot past its deadline gets `ResourceExhausted`.
         uvloop: run the loop thread on uvloop when it is installed.
@@ -220,15 +224,18 @@ class BlockingClient:
         self,
         settings: Settings | None = None,
         *,
+        link_factory: LinkFactory = AmqpLink,
+        outbound: Sequence[Outbound] = (),
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         uvloop: bool = True,
         **overrides: Any,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self.settings = settings or load_settings(**overrides)
+        arguments = ("settings", "link_factory", "outbound", "max_in_flight", "uvloop")
+        self.settings = settings_from(settings, overrides, arguments)
         self.max_in_flight = max_in_flight
-        self._client = Client(self.settings)
+        self._client = Client(self.settings, link_factory=link_factory, outbound=outbound)
         self._started = False  # read and written on the loop thread only
         # cast/submit/emit are bounded inside by publish_timeout (twice for submit: declare,
         # then publish), after connecting if this is the first use.
@@ -281,6 +288,7 @@ class BlockingClient:
         *,
         timeout: float | None = None,
         fallback_to_submit: bool = False,
+        headers: Headers | None = None,
     ) -> Rep: ...
 
     @overload
@@ -292,6 +300,7 @@ class BlockingClient:
         reply: type[M],
         timeout: float | None = None,
         fallback_to_submit: bool = False,
+        headers: Headers | None = None,
     ) -> M: ...
 
     @overload
@@ -302,6 +311,7 @@ class BlockingClient:
         *,
         timeout: float | None = None,
         fallback_to_submit: bool = False,
+        headers: Headers | None = None,
     ) -> Any: ...
 
     def call(
@@ -312,16 +322,26 @@ class BlockingClient:
         reply: type[BaseModel] | None = None,
         timeout: float | None = None,
         fallback_to_submit: bool = False,
+        headers: Headers | None = None,
     ) -> Any:
         """Call an operation and wait for its reply, at most `timeout` seconds.
 
-        Same arguments, replies and errors as `Client.call`; waiting for a free in-flight slot
-        counts against the deadline and ends in `ResourceExhausted` if none frees in time.
+        Same arguments (`headers=` included), replies and errors as `Client.call`; waiting for
+        a free in-flight slot counts against the deadline and ends in `ResourceExhausted` if
+        none frees in time.
         """
         timeout = self.settings.default_deadline if timeout is None else timeout
-        return self._portal.call(
-            self._call, operation, payload, reply, fallback_to_submit, timeout=timeout
+        # The overloads are ours to check (above); pass the arguments through unchanged.
+        untyped_call: Callable[..., Awaitable[Any]] = self._client.call
+        work = partial(
+            untyped_call,
+            operation,
+            payload,
+            reply=reply,
+            fallback_to_submit=fallback_to_submit,
+            headers=check_headers(headers),  # refused here, on the caller's thread
         )
+        return self._portal.call(self._call, work, timeout=timeout)
 
     def cast(
         self,
@@ -330,9 +350,17 @@ class BlockingClient:
         *,
         delay: float | None = None,
         at: datetime | None = None,
+        headers: Headers | None = None,
     ) -> str:
         """Fire-and-forget: return the message id once the broker confirmed it (`Client.cast`)."""
-        work = partial(self._client.cast, operation, payload, delay=delay, at=at)
+        work = partial(
+            self._client.cast,
+            operation,
+            payload,
+            delay=delay,
+            at=at,
+            headers=check_headers(headers),
+        )
         return self._portal.call(self._publish, work, timeout=self._publish_wait)
 
     def submit(
@@ -341,26 +369,43 @@ class BlockingClient:
         payload: Any,
         *,
         callback: str | None = None,
+        callback_data: str | None = None,
         delay: float | None = None,
         at: datetime | None = None,
+        headers: Headers | None = None,
     ) -> BlockingJob:
         """Hand work over; return its `BlockingJob` once the broker confirmed it
         (`Client.submit`)."""
         work = partial(
-            self._client.submit, operation, payload, callback=callback, delay=delay, at=at
+            self._client.submit,
+            operation,
+            payload,
+            callback=callback,
+            callback_data=callback_data,
+            delay=delay,
+            at=at,
+            headers=check_headers(headers),
         )
         return BlockingJob(self, self._portal.call(self._publish, work, timeout=self._publish_wait))
 
-    def job(self, job_id: str, route: str = "") -> BlockingJob:
-        """A handle on a job submitted elsewhere, by its id."""
+    def job(self, job_id: str, route: str = "", *, headers: Headers | None = None) -> BlockingJob:
+        """A handle on a job submitted elsewhere, by its id (`Client.job`)."""
         self._portal.check()
-        return BlockingJob(self, self._client.job(job_id, route))
+        return BlockingJob(self, self._client.job(job_id, route, headers=headers))
 
     def emit(
-        self, event: str, payload: Any, *, delay: float | None = None, at: datetime | None = None
+        self,
+        event: str,
+        payload: Any,
+        *,
+        delay: float | None = None,
+        at: datetime | None = None,
+        headers: Headers | None = None,
     ) -> bool:
         """Publish a domain event (confirmed); False when no subscriber queue matched it."""
-        work = partial(self._client.emit, event, payload, delay=delay, at=at)
+        work = partial(
+            self._client.emit, event, payload, delay=delay, at=at, headers=check_headers(headers)
+        )
         return self._portal.call(self._publish, work, timeout=self._publish_wait)
 
     # -- the coroutines the portal runs, on the loop thread ----------------------------------
@@ -385,24 +430,14 @@ class BlockingClient:
         await self._connect(deadline)
         return await wait(max(0.001, deadline - time.monotonic()))
 
-    async def _call(
-        self,
-        deadline: float,
-        operation: str | Operation[Any, Any],
-        payload: Any,
-        reply: type[BaseModel] | None,
-        fallback_to_submit: bool,
-    ) -> Any:
-        """`Client.call` once connected, given the time left (none left: `DeadlineExceeded`)."""
-        client = await self._connect(deadline)
+    async def _call(self, deadline: float, work: Callable[..., Awaitable[Any]]) -> Any:
+        """`work(timeout=…)`, a `Client.call`, once connected, given the time left (none
+        left: `DeadlineExceeded`)."""
+        await self._connect(deadline)
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded("no reply within the deadline (still connecting)")
-        # The overloads are ours to check (above); pass the arguments through unchanged.
-        untyped_call: Callable[..., Awaitable[Any]] = client.call
-        return await untyped_call(
-            operation, payload, reply=reply, timeout=left, fallback_to_submit=fallback_to_submit
-        )
+        return await work(timeout=left)
 
 
 class BlockingJob:

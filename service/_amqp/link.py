@@ -7,17 +7,18 @@ inherits from the other. Both report publishes through one table, `PUBLISH_OUTCO
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Protocol
 
-import structlog
-
 from service._observe import metrics
+from service._observe.log import get_logger
 from service._protocol import tracing
 from service._protocol.errors import (
     BurrowError,
@@ -29,9 +30,9 @@ from service._protocol.errors import (
     Unavailable,
     Unroutable,
 )
-from service._protocol.topology import QueueDecl, Topology
+from service._protocol.topology import QueueDecl, Topology, delay_ladder
 from service._protocol.types import Delivery, DeliveryCallback, Outgoing
-from service._protocol.vocabulary import PublishKind
+from service._protocol.vocabulary import H_DUE, LEVELS, UNIT_MS, Names, PublishKind, delay_route
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from service._protocol.config import Settings
 
 LostCallback = Callable[[BaseException], None]
+_log = get_logger("burrow.link")
 
 
 @dataclass(slots=True)
@@ -154,8 +156,15 @@ class Link(Protocol):
         """Declare a queue once (not re-declared on reconnect)."""
         ...
 
-    async def delete_queue(self, name: str) -> None:
-        """Delete a queue (best effort: it may be gone already)."""
+    async def delete_queue(
+        self, name: str, *, if_unused: bool = False, if_empty: bool = False
+    ) -> bool:
+        """Delete a queue, best effort (it may be gone already); True if this call deleted it.
+
+        Args:
+            if_unused: only if no consumer is attached to it.
+            if_empty: only if it holds no ready message.
+        """
         ...
 
     async def peek(self, queue: str, timeout: float) -> Delivery:
@@ -321,6 +330,14 @@ class LinkState(ABC):
         self._send_chain: PublishNext | None = None  # set once outbound middleware is added
         # With OUTBOUND_SCOPE's layers inside the link's own, built once per scope.
         self._scoped_chains: dict[tuple[Outbound, ...], PublishNext] = {}
+        # The delay ladder is declared by the first publish into it on each connection.
+        names = Names(settings.namespace)
+        self._ladder_entry = names.delay_exchange(LEVELS - 1)
+        self._ladder_end = names.delay_ready_queue
+        self._ladder: Topology | None = None  # built at its first use
+        self._ladder_lock = asyncio.Lock()
+        self._connection_number = 0  # one more at every loss: "this connection"
+        self._ladder_declared_on: int | None = None  # the connection that declared it
         metrics.watch_link(self)
 
     @property
@@ -374,7 +391,8 @@ class LinkState(ABC):
     ) -> None:
         """Publish with a broker confirm (through the outbound middleware, if any); raise
         what `PUBLISH_OUTCOMES` says when it fails. With spans recorded, the publish is a
-        PRODUCER span whose context the message carries."""
+        PRODUCER span whose context the message carries. A publish into the delay ladder
+        declares the ladder first, once per connection (`_deliver`)."""
         span = tracing.start_producer(
             message.type or kind,
             message.headers,
@@ -393,7 +411,7 @@ class LinkState(ABC):
                 chain = self._scoped_chains[scoped] = _chain([*self._outbound, *scoped], self)
         try:
             if chain is None:
-                await self._send(
+                await self._deliver(
                     message, kind=kind, mandatory=mandatory, timeout=timeout, check_size=check_size
                 )
             else:
@@ -411,13 +429,85 @@ class LinkState(ABC):
         self._scoped_chains.clear()
 
     async def _send_publishing(self, publishing: Publishing) -> None:
-        await self._send(
+        await self._deliver(
             publishing.message,
             kind=publishing.kind,
             mandatory=publishing.mandatory,
             timeout=publishing.timeout,
             check_size=publishing.check_size,
         )
+
+    async def _deliver(
+        self,
+        message: Outgoing,
+        *,
+        kind: str,
+        mandatory: bool,
+        timeout: float | None,
+        check_size: bool,
+    ) -> None:
+        """`_send`, but for a publish into the delay ladder: the ladder is declared first, once
+        per connection (again after a reconnect: a namespace's queues may have been deleted
+        meanwhile), so a namespace holds its 25 holding queues only once a delay needed them."""
+        if message.exchange != self._ladder_entry:
+            await self._send(
+                message, kind=kind, mandatory=mandatory, timeout=timeout, check_size=check_size
+            )
+            return
+        if check_size:  # before declaring anything for it
+            check_body_size(message, kind=kind, limit=self.settings.max_body_bytes)
+        declared = self._ladder_declared_on == self._connection_number
+        if not declared:
+            message = await self._declare_ladder(message, kind=kind, timeout=timeout)
+        try:
+            await self._send(
+                message, kind=kind, mandatory=mandatory, timeout=timeout, check_size=False
+            )
+        except Unroutable:
+            if not declared:
+                raise
+            # Every ladder route ends in one queue: returned means the ladder (or its exchange)
+            # was deleted under this connection. Nothing was enqueued: declare it again, once.
+            self._ladder_declared_on = None
+            message = await self._declare_ladder(message, kind=kind, timeout=timeout)
+            await self._send(
+                message, kind=kind, mandatory=mandatory, timeout=timeout, check_size=False
+            )
+
+    async def _declare_ladder(
+        self, message: Outgoing, *, kind: str, timeout: float | None
+    ) -> Outgoing:
+        """Declare the delay ladder on this connection unless done already; `message` routed
+        again from its due time (declaring takes a while). `Unroutable` (counted as returned,
+        as a publish into a missing ladder was) when the namespace has no ready queue: no
+        service ever ran there to forward what comes out of the ladder."""
+        timeout = self.settings.publish_timeout if timeout is None else timeout
+        async with self._ladder_lock:
+            connection = self._connection_number
+            if self._ladder_declared_on != connection:
+                if self._ladder is None:
+                    self._ladder = delay_ladder(self.settings)
+                found = await self._declare_on_demand(
+                    self._ladder, requires=self._ladder_end, timeout=timeout
+                )
+                if not found:
+                    record_publish(PublishOutcome.RETURNED, message, kind=kind)
+                if connection == self._connection_number:  # not lost meanwhile
+                    self._ladder_declared_on = connection
+                _log.debug("delay ladder declared", link=self.name)
+        return _rerouted(message)
+
+    @abstractmethod
+    async def _declare_on_demand(
+        self, topology: Topology, *, requires: str, timeout: float
+    ) -> bool:
+        """Declare `topology` now, on the current connection (not again on reconnect), once
+        queue `requires` is found to exist; False when it does not (nothing declared).
+
+        A conflicting or refused declare raises `TopologyError` and leaves the link as it was;
+        `Unavailable` when not connected within `timeout` seconds or the declare is cut short.
+        Passive (`Settings.passive_topology`): only checks that everything exists.
+        """
 
     @abstractmethod
     async def _send(
@@ -472,6 +562,7 @@ class LinkState(ABC):
         self._failed.set()
 
     def _notify_lost(self, reason: BaseException) -> None:
+        self._connection_number += 1  # what was declared on demand is declared again
         for callback in list(self._lost_callbacks):
             callback(reason)
 
@@ -484,6 +575,16 @@ class LinkState(ABC):
                 await self._ready.wait()
         except TimeoutError:
             raise Unavailable("not connected to the broker") from None
+
+
+def _rerouted(message: Outgoing) -> Outgoing:
+    """A ladder message's routing key spelled again from its `x-burrow-due`, as
+    `messages.schedule` spells it: the delay left now (a first publish waited for a declare)."""
+    due_ms = message.headers.get(H_DUE)
+    if isinstance(due_ms, bool) or not isinstance(due_ms, int):
+        return message
+    units = max(0, math.ceil((due_ms - time.time() * 1000) / UNIT_MS))
+    return replace(message, routing_key=delay_route(min(units, (1 << LEVELS) - 1)))
 
 
 def _chain(layers: Sequence[Outbound], link: LinkState) -> PublishNext:
@@ -500,7 +601,7 @@ def _bind_outbound(layer: Outbound, inner: PublishNext) -> PublishNext:
     return call
 
 
-_events_log = structlog.get_logger("burrow.events")
+_events_log = get_logger("burrow.events")
 
 
 async def publish_event(link: Link, message: Outgoing) -> bool:

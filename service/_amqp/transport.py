@@ -23,7 +23,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
-import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
@@ -39,6 +38,7 @@ from service._amqp.link import (
     record_publish,
 )
 from service._observe import metrics
+from service._observe.log import get_logger
 from service._protocol.config import Settings, redact_url
 from service._protocol.errors import (
     ConfigError,
@@ -52,10 +52,14 @@ from service._protocol.topology import QueueDecl, Topology, dead_letter_policy
 from service._protocol.types import Delivery, Outgoing, Settle
 from service._protocol.vocabulary import ARG_DELIVERY_LIMIT
 
-_log = structlog.get_logger("burrow.transport")
+_log = get_logger("burrow.transport")
 
 # What the AMQP library raises when the connection or channel goes away under a call: the one
 # list every user of a connection in service/_amqp/ catches (TimeoutError is an OSError).
+# `delete_queue(if_unused/if_empty)`: how often, and how far apart, a queue is looked at
+# before it is left in place as busy (at most about 0.4 s).
+_IDLE_LOOKS = 5
+_IDLE_PAUSE = 0.1
 CONNECTION_ERRORS = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: channel closed under us
@@ -303,13 +307,15 @@ class AmqpLink(LinkState):
         self._serving = True
         self._ready.set()
 
-    async def _declare(self, channel: AbstractChannel) -> None:
+    async def _declare(self, channel: AbstractChannel, topology: Topology | None = None) -> None:
+        """Declare `topology` (default: the link's own) on `channel`."""
+        topology = self.topology if topology is None else topology
         passive = self.settings.passive_topology
         queue: QueueDecl | None = None
         try:
-            for ex in self.topology.exchanges:
+            for ex in topology.exchanges:
                 await channel.declare_exchange(ex.name, ex.type, durable=True, passive=passive)
-            for queue in self.topology.queues:
+            for queue in topology.queues:
                 # A dead-letter queue declared before Burrow gave it a delivery limit cannot
                 # take one now: it is kept as it is (see `_without_limit`).
                 kept = queue.name in self._unlimited
@@ -323,7 +329,7 @@ class AmqpLink(LinkState):
             if passive:
                 return  # least privilege: bindings come with the pre-provisioned definitions
             raw = await channel.get_underlay_channel()
-            for binding in self.topology.bindings:
+            for binding in topology.bindings:
                 if binding.destination_type == "exchange":
                     await raw.exchange_bind(
                         binding.destination, binding.exchange, routing_key=binding.key
@@ -537,13 +543,86 @@ class AmqpLink(LinkState):
         except CONNECTION_ERRORS as exc:
             raise ConnectionLost(f"could not declare {queue.name}: {_describe(exc)}") from None
 
-    async def delete_queue(self, name: str) -> None:
-        """Delete a queue this link declared once (best effort: it may be gone already)."""
+    async def _declare_on_demand(
+        self, topology: Topology, *, requires: str, timeout: float
+    ) -> bool:
+        """Declare `topology` on a channel of its own (a refused declare closes only that one),
+        once queue `requires` is found to exist (a passive declare); False when it does not."""
+        await self._live_raw(timeout)
+        connection = self._connection
+        assert connection is not None  # ready: connected
+        try:
+            async with asyncio.timeout(timeout):
+                channel = await connection.channel(publisher_confirms=False)
+                try:
+                    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+                    try:
+                        await raw.queue_declare(requires, passive=True)
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        return False
+                    await self._declare(channel, topology)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+        except TimeoutError:
+            raise ConnectionLost(f"declaring took longer than {timeout:.1f}s") from None
+        except CONNECTION_ERRORS as exc:
+            raise ConnectionLost(f"declare failed: {_describe(exc)}") from None
+        return True
+
+    async def delete_queue(
+        self, name: str, *, if_unused: bool = False, if_empty: bool = False
+    ) -> bool:
+        """Delete a queue, best effort (it may be gone already); True if this call deleted it.
+
+        With `if_unused` / `if_empty` the queue is looked at first (a passive declare on a
+        throwaway channel, after this link's held acks are written) and deleted only when no
+        consumer is attached / no message is ready; a busy answer is asked again up to
+        `_IDLE_LOOKS` times (a quorum queue's counts trail its state). Not the flags of
+        `queue.delete`: quorum queues refuse them with a connection error (540
+        NOT_IMPLEMENTED, RabbitMQ 3.10 to 4.x). So a consumer attaching between the look and
+        the delete is cancelled by the broker (its link re-declares the queue), and a message
+        published in between goes with the queue.
+        """
         raw = self._raw
         if raw is None or raw.is_closed:
-            return
-        with contextlib.suppress(*CONNECTION_ERRORS, asyncio.TimeoutError):
-            await raw.queue_delete(name, timeout=self.settings.publish_timeout)
+            return False
+        timeout = self.settings.publish_timeout
+        if not (if_unused or if_empty):
+            with contextlib.suppress(*CONNECTION_ERRORS, asyncio.TimeoutError):
+                await raw.queue_delete(name, timeout=timeout)
+                return True
+            return False
+        if self._acks is not None:
+            await self._acks.drain(timeout)  # settled deliveries leave the queue first
+        connection = self._connection
+        if connection is None:
+            return False
+        try:
+            # A passive declare of a missing queue closes its channel: a throwaway one.
+            channel = await connection.channel(publisher_confirms=False)
+        except (TimeoutError, *CONNECTION_ERRORS):
+            return False
+        try:
+            probe = cast(aiormq.Channel, await channel.get_underlay_channel())
+            for look in range(_IDLE_LOOKS):
+                # A quorum queue's counts trail its state a little (RabbitMQ 4.x still counted
+                # a consumer cancelled a moment ago): a busy answer is asked again, briefly.
+                declared = await probe.queue_declare(name, passive=True, timeout=timeout)
+                used = if_unused and (declared.consumer_count or 0) > 0
+                if not used and not (if_empty and (declared.message_count or 0) > 0):
+                    await probe.queue_delete(name, timeout=timeout)
+                    return True
+                if look + 1 < _IDLE_LOOKS:
+                    await asyncio.sleep(_IDLE_PAUSE)
+            return False
+        except (TimeoutError, *CONNECTION_ERRORS) as exc:
+            # Gone already (404), not ours to delete (403), or the connection went away.
+            _log.debug("queue not deleted", link=self.name, queue=name, error=_describe(exc))
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def peek(self, queue: str, timeout: float) -> Delivery:
         """Wait for the first message of `queue` and leave it there (read, then requeued).

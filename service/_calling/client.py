@@ -1,13 +1,15 @@
 """`Client`: how Python code reaches Burrow services — call, cast, submit, emit, later.
 
 One client per process is enough: it multiplexes any number of concurrent calls over one
-connection and one channel.
+connection and one channel. Every call, cast, submit and event can carry the caller's own
+message headers (`headers=`: an API token, a tenant), which the service's middleware reads in
+`request.delivery.headers`; Burrow's protocol headers are Burrow's to set.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -16,17 +18,18 @@ from pydantic import BaseModel
 
 from service._amqp.link import LinkFactory, Outbound, publish_event
 from service._amqp.transport import AmqpLink
-from service._calling.jobs import Job
-from service._calling.rpc_client import RpcClient
-from service._protocol import codec, tracing
-from service._protocol.config import Settings, load_settings
-from service._protocol.errors import Internal, NotFound, QueueFull
+from service._calling.jobs import Job, Reader
+from service._calling.rpc_client import RpcClient, tag
+from service._protocol import codec, tracing, vocabulary
+from service._protocol.config import Settings, settings_from
+from service._protocol.errors import Internal, NotFound, QueueFull, ServiceError
 from service._protocol.jobs import JobState, JobStatus
 from service._protocol.messages import command, event_message, schedule, submit_request
 from service._protocol.registry import Operation
 from service._protocol.topology import client_topology
 from service._protocol.types import Outgoing
 from service._protocol.vocabulary import (
+    BURROW_HEADER_PREFIX,
     H_JOB_ID,
     H_KIND,
     H_VERSION,
@@ -40,6 +43,20 @@ from service._stores.registry import job_store_from_url
 M = TypeVar("M", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
 
+# What a caller's own header may hold (AMQP field-table values Burrow passes on unchanged).
+HeaderValue = str | int | float | bool | bytes
+Headers = Mapping[str, HeaderValue]
+
+# Burrow's protocol headers (every `H_*` of the vocabulary, lower-cased) and its prefix: a
+# caller's header may set none of them.
+PROTOCOL_HEADERS = frozenset(
+    value.lower()
+    for name, value in vars(vocabulary).items()
+    if name.startswith("H_") and isinstance(value, str)
+)
+_MAX_NAME_BYTES = 255  # an AMQP short string
+_INT_RANGE = range(-(2**63), 2**63)  # a signed 64-bit field-table integer
+
 
 class Client:
     """Calls operations of Burrow services over AMQP.
@@ -49,7 +66,11 @@ class Client:
             reply = await client.call("calc.add", {"a": 1, "b": 2})  # {"sum": 3}
 
     Args:
+        settings: what to connect to (default: from `BURROW_*` environment variables).
+        link_factory: how the AMQP link is made (the in-memory test broker passes its own).
         outbound: layers around every publish this client makes (`service.Outbound`).
+        overrides: `Settings` fields over `settings` (`namespace="orders"`); a name that is no
+            setting raises `ConfigError` naming the closest one.
     """
 
     def __init__(
@@ -60,7 +81,7 @@ class Client:
         outbound: Sequence[Outbound] = (),
         **overrides: Any,
     ) -> None:
-        self.settings = settings or load_settings(**overrides)
+        self.settings = settings_from(settings, overrides, _ARGUMENTS)
         self.names = Names(self.settings.namespace)
         self.link = link_factory("client", self.settings, topology=client_topology(self.settings))
         self.link.use(*outbound)
@@ -99,6 +120,7 @@ class Client:
         *,
         timeout: float | None = None,
         fallback_to_submit: bool = False,
+        headers: Headers | None = None,
     ) -> Rep: ...
 
     @overload
@@ -110,6 +132,7 @@ class Client:
         reply: type[M],
         timeout: float | None = None,
         fallback_to_submit: bool = False,
+        headers: Headers | None = None,
     ) -> M: ...
 
     @overload
@@ -120,6 +143,7 @@ class Client:
         *,
         timeout: float | None = None,
         fallback_to_submit: bool = False,
+        headers: Headers | None = None,
     ) -> Any: ...
 
     async def call(
@@ -130,6 +154,7 @@ class Client:
         reply: type[BaseModel] | None = None,
         timeout: float | None = None,
         fallback_to_submit: bool = False,
+        headers: Headers | None = None,
     ) -> Any:
         """Call an operation and wait for its reply, at most `timeout` seconds.
 
@@ -140,34 +165,40 @@ class Client:
             timeout: the call's deadline in seconds (default: `BURROW_DEFAULT_DEADLINE`).
             fallback_to_submit: when the request queue is full (`QueueFull`), submit the
                 request as a job instead and wait for its result within the same deadline.
+            headers: message headers of the caller's own (`{"x-service-token": "…"}`), which
+                the service reads in `request.delivery.headers`.
 
         Integers keep their exact value at any size, in the payload and in the reply.
 
         Raises:
             ServiceError: the remote error, typed by its code; `DeadlineExceeded` at the
-                deadline; `ConnectionLost` if the connection drops while waiting.
-            ValueError: the payload holds NaN or ±Infinity, which JSON cannot carry.
+                deadline; `ConnectionLost` if the connection drops while waiting. Its note
+                names the request (`message_id=… correlation_id=…`).
+            ValueError: the payload holds NaN or ±Infinity, which JSON cannot carry; a header
+                is one of Burrow's protocol headers.
+            TypeError: a header's value is not str, int, float, bool or bytes.
         """
         route, reply = _route(operation), reply or _reply_model(operation)
         timeout = self.settings.default_deadline if timeout is None else timeout
         started = time.monotonic()
+        sent = {**check_headers(headers), **_version_header(operation)}
         body = codec.encode(payload)
 
         def decode(answer: bytes) -> Any:
             return codec.decode_answer(answer, reply)
 
         try:
-            return await self.rpc.call(
-                route, body, decode, timeout=timeout, headers=_version_header(operation)
-            )
+            return await self.rpc.call(route, body, decode, timeout=timeout, headers=sent)
         except QueueFull:
             if not fallback_to_submit:
                 raise
-            job = await self._submit(
-                route, body, callback=None, due_at=None, headers=_version_header(operation)
-            )
+            job = await self._submit(route, body, callback=None, due_at=None, headers=sent)
             remaining = max(0.001, timeout - (time.monotonic() - started))
-            result = await job.result(timeout=remaining)
+            try:
+                result = await job.result(timeout=remaining)
+            except ServiceError as exc:
+                tag(exc, job_id=job.id)
+                raise
             return codec.validate_answer(reply, result) if reply is not None else result
 
     async def cast(
@@ -177,12 +208,17 @@ class Client:
         *,
         delay: float | None = None,
         at: datetime | None = None,
+        headers: Headers | None = None,
     ) -> str:
         """Fire-and-forget: return the message id once the broker has confirmed the command.
 
         Args:
             delay: deliver this many seconds from now instead of now.
             at: deliver at this (timezone-aware) time instead of now.
+            headers: message headers of the caller's own (as for `call`).
+
+        Raises:
+            ServiceError: the broker refused it (`Unroutable`…), noted with its `message_id`.
         """
         message = command(
             self.names,
@@ -190,9 +226,13 @@ class Client:
             codec.encode(payload),
             Kind.CAST,
             trace=tracing.current(),
-            headers=_version_header(operation),
+            headers={**check_headers(headers), **_version_header(operation)},
         )
-        await self._publish_command(message, _due(delay, at))
+        try:
+            await self._publish_command(message, _due(delay, at))
+        except ServiceError as exc:
+            tag(exc, message_id=message.message_id)
+            raise
         return message.message_id
 
     async def submit(
@@ -204,6 +244,7 @@ class Client:
         callback_data: str | None = None,
         delay: float | None = None,
         at: datetime | None = None,
+        headers: Headers | None = None,
     ) -> Job:
         """Hand work over; return its `Job` once the broker has confirmed it.
 
@@ -217,6 +258,11 @@ class Client:
                 completion only, for the callback's consumer (`x-callback-data`).
             delay: start the job this many seconds from now.
             at: start the job at this (timezone-aware) time.
+            headers: message headers of the caller's own (as for `call`).
+
+        Raises:
+            ServiceError: the broker refused it (`Unroutable`…), noted with its `message_id`
+                (the job id).
         """
         return await self._submit(
             _route(operation),
@@ -224,19 +270,32 @@ class Client:
             callback=callback,
             callback_data=callback_data,
             due_at=_due(delay, at),
-            headers=_version_header(operation),
+            headers={**check_headers(headers), **_version_header(operation)},
         )
 
-    def job(self, job_id: str, route: str = "") -> Job:
+    def job(self, job_id: str, route: str = "", *, headers: Headers | None = None) -> Job:
         """A handle on a job submitted elsewhere (or before a restart), by its id.
 
         With its `route` (`"calc.add"`), the handle asks the service for the record, from
-        anywhere. Without it, it reads `BURROW_JOB_STORE_URL` itself: the same store the
-        service writes (Redis, or the SQLite file of this machine).
+        anywhere, with `headers` (the caller's own, as for `call`: the service's middleware
+        sees these reads too). Without it, it reads `BURROW_JOB_STORE_URL` itself: the same
+        store the service writes (Redis, or the SQLite file of this machine).
         """
-        return Job(job_id, route, self._read_job)
+        return Job(job_id, route, self._reader(check_headers(headers)))
 
-    async def _read_job(self, job_id: str, route: str) -> JobStatus | None:
+    def _reader(self, headers: dict[str, HeaderValue]) -> Reader:
+        """How a `Job` reads its record: `_read_job`, sending `headers` when it asks."""
+        if not headers:
+            return self._read_job
+
+        async def read(job_id: str, route: str) -> JobStatus | None:
+            return await self._read_job(job_id, route, headers)
+
+        return read
+
+    async def _read_job(
+        self, job_id: str, route: str, headers: Headers | None = None
+    ) -> JobStatus | None:
         if not route:
             if self._jobs is None:
                 self._jobs = job_store_from_url(self.settings.job_store_url)
@@ -259,7 +318,10 @@ class Client:
 
         try:
             return await self.rpc.call(
-                route, b"{}", decode, headers={H_KIND: Kind.RESULT, H_JOB_ID: job_id}
+                route,
+                b"{}",
+                decode,
+                headers={**(headers or {}), H_KIND: Kind.RESULT, H_JOB_ID: job_id},
             )
         except NotFound:
             return None
@@ -271,18 +333,21 @@ class Client:
         *,
         delay: float | None = None,
         at: datetime | None = None,
+        headers: Headers | None = None,
     ) -> bool:
         """Publish a domain event (confirmed); False when no subscriber queue matched it.
 
         Args:
             event: its routing key, dot-separated words: `orders.eu.created`.
             delay: publish this many seconds from now (True is returned once scheduled).
+            headers: message headers of the caller's own (as for `call`), seen by every
+                subscriber.
         """
         message = event_message(
             self.names,
             event,
             codec.encode(payload),
-            headers={tracing.HEADER: tracing.child(tracing.current())},
+            headers={**check_headers(headers), tracing.HEADER: tracing.child(tracing.current())},
         )
         due_at = _due(delay, at)
         if due_at is not None:
@@ -311,13 +376,17 @@ class Client:
             callback_data=callback_data,
             headers=headers,
         )
-        job = Job(message.message_id, route, self._read_job, pushed=True)
+        # Its reads (should the pushed completion not come) carry the submit's own headers.
+        own = {name: value for name, value in (headers or {}).items() if name != H_VERSION}
+        job = Job(message.message_id, route, self._reader(own), pushed=True)
         # Registered before the publish: a fast job's completion may beat the confirm.
         self.rpc.awaiting[job.id] = job
         try:
             await self._publish_command(message, due_at)
-        except BaseException:
+        except BaseException as exc:
             self.rpc.awaiting.pop(job.id, None)
+            if isinstance(exc, ServiceError):
+                tag(exc, message_id=job.id)
             raise
         return job
 
@@ -327,6 +396,42 @@ class Client:
             await self.link.publish(message, kind=PublishKind.SCHEDULED, mandatory=True)
         else:
             await self.link.publish(message, kind=PublishKind.COMMAND, mandatory=True)
+
+
+# Client's keyword arguments besides the settings: suggested for a misspelt one.
+_ARGUMENTS = ("settings", "link_factory", "outbound")
+
+
+def check_headers(headers: Headers | None) -> dict[str, HeaderValue]:
+    """A caller's own message headers, checked: none may be one of Burrow's protocol headers.
+
+    Raises:
+        ValueError: a name is empty, longer than 255 bytes, or one of Burrow's protocol headers
+            (every `H_*` of the vocabulary, and any `x-burrow-*`): the error names it.
+        TypeError: a value is not str, int, float, bool or bytes (or an int beyond 64 bits).
+    """
+    if not headers:
+        return {}
+    checked: dict[str, HeaderValue] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a header name is non-empty text, not {name!r}")
+        if len(name.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
+            raise ValueError(f"header name {name[:40]!r}… is longer than 255 bytes")
+        lowered = name.lower()
+        if lowered in PROTOCOL_HEADERS or lowered.startswith(BURROW_HEADER_PREFIX):
+            raise ValueError(
+                f"{name!r} is one of Burrow's protocol headers: Burrow sets it, a caller cannot"
+            )
+        if not isinstance(value, str | int | float | bytes):  # bool is an int
+            raise TypeError(
+                f"header {name!r}: a value is str, int, float, bool or bytes, "
+                f"not {type(value).__name__}"
+            )
+        if isinstance(value, int) and not isinstance(value, bool) and value not in _INT_RANGE:
+            raise TypeError(f"header {name!r}: an int header fits in 64 bits")
+        checked[name] = value
+    return checked
 
 
 def _route(operation: str | Operation[Any, Any]) -> str:

@@ -13,10 +13,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-import structlog
-
 from service._amqp.link import ConsumerSpec, Link
 from service._observe import metrics
+from service._observe.log import get_logger
 from service._protocol import codec, envelope, tracing
 from service._protocol.config import Settings
 from service._protocol.errors import ConnectionLost, DeadlineExceeded, ServiceError, error_from_wire
@@ -29,7 +28,7 @@ from service._protocol.vocabulary import (
     PublishKind,
 )
 
-_log = structlog.get_logger("burrow.rpc_client")
+_log = get_logger("burrow.rpc_client")
 T = TypeVar("T")
 _OUTCOMES = frozenset(metrics.CALL_OUTCOMES)
 
@@ -89,7 +88,10 @@ class RpcClient:
         headers: dict[str, Any] | None = None,
     ) -> T:
         """`call_raw`, returning `decode(reply body)`: a reply it cannot decode is counted
-        with the error it raises, not as `ok`."""
+        with the error it raises, not as `ok`.
+
+        A `ServiceError` raised carries a note (PEP 678) with the request's ids,
+        `message_id=… correlation_id=…`: what the service's log and dead letters name."""
         timeout = self.settings.default_deadline if timeout is None else timeout
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -134,9 +136,12 @@ class RpcClient:
             return decode(reply.body)
         except TimeoutError:
             outcome = "DEADLINE_EXCEEDED"
-            raise DeadlineExceeded(f"no reply from {label!r} within {timeout:.3f}s") from None
+            late = DeadlineExceeded(f"no reply from {label!r} within {timeout:.3f}s")
+            tag(late, message_id=correlation_id, correlation_id=correlation_id)
+            raise late from None
         except ServiceError as exc:
             outcome = exc.code.value
+            tag(exc, message_id=correlation_id, correlation_id=correlation_id)
             raise
         finally:
             if span is not None:
@@ -186,6 +191,14 @@ class RpcClient:
                     "the request may or may not have run"
                 )
             )
+
+
+def tag(exc: BaseException, **ids: str) -> None:
+    """Note on `exc` (PEP 678) which message it is about: `message_id=… correlation_id=…`,
+    once; a traceback shows it, and the CLI puts it on its `error:` line."""
+    note = " ".join(f"{name}={value}" for name, value in ids.items())
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
 
 
 def _as_is(body: bytes) -> bytes:

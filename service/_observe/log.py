@@ -1,6 +1,10 @@
 """Logging: structlog JSON lines in production, a readable console on a terminal.
 
 Standard-library loggers (aio-pika, aiormq, aiohttp) are routed through the same pipeline.
+`configure_logging` is for processes Burrow runs (`burrow run`, the CLI); a library use of
+Burrow (a `Client` in a script) configures nothing: Burrow's loggers (`get_logger`) follow the
+process's structlog configuration, and while there is none they print on stderr, never on
+stdout, whose output is the script's own.
 Every line passes `redact_secrets` last: a broker or Redis URL anywhere in it (a message, a
 field, an exception's text) is shown with its password masked (`config.redact_url`). Message ids
 are strings in every line: an absent `correlation_id` is `""`, never `null`.
@@ -11,13 +15,59 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import structlog
 
 from service._protocol.config import redact_url
 
-_URL = re.compile(r"\b(?:amqps?|rediss?)://\S+", re.IGNORECASE)
+
+def get_logger(name: str) -> Any:
+    """A structlog logger named `name` for Burrow's own lines (`burrow.transport`, …).
+
+    Its processors, wrapper class and caching are structlog's configuration at the time it is
+    first used, as for `structlog.get_logger`; what it writes to is the configured logger
+    factory's logger once anybody (the user, or `configure_logging`) configured structlog, and
+    before that a `PrintLogger` on stderr, where structlog's default would print on stdout.
+    Nothing global is changed.
+    """
+    return structlog.wrap_logger(_Destination(name))
+
+
+class _Destination:
+    """The logger under a Burrow logger, chosen at every use: structlog's configured logger
+    factory's (made once per factory), or while structlog is unconfigured a `PrintLogger` on
+    the current `sys.stderr`."""
+
+    __slots__ = ("_factory", "_file", "_made", "_printer", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # what `structlog.stdlib.add_logger_name` reads
+        self._factory: Any = None
+        self._made: Any = None
+        self._file: TextIO | None = None
+        self._printer: structlog.PrintLogger | None = None
+
+    def target(self) -> Any:
+        """The logger to write to now."""
+        if structlog.is_configured():
+            factory = structlog.get_config()["logger_factory"]
+            if factory is not self._factory:
+                self._factory, self._made = factory, factory(self.name)
+            return self._made
+        if self._printer is None or self._file is not sys.stderr:
+            self._file = sys.stderr  # replaced by a test's capture, say: follow it
+            self._printer = structlog.PrintLogger(self._file)
+        return self._printer
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self.target(), attribute)
+
+    def __repr__(self) -> str:
+        return f"<burrow logger {self.name!r} to {self.target()!r}>"
+
+
+_URL = re.compile(r"\b(?:amqps?|rediss?|postgres(?:ql)?)://\S+", re.IGNORECASE)
 
 
 def _redact_text(text: str) -> str:

@@ -1,4 +1,5 @@
-"""Prometheus metrics, prefix `burrow_`: RED on the serving and the calling side, links, build.
+"""Prometheus metrics, prefix `burrow_`: RED on the serving and the calling side, links, build,
+the outbox relay and the inbox.
 
 Label values are bounded (service, operation, outcome, reason, link) — never ids.
 """
@@ -114,11 +115,38 @@ WEBHOOK_DELIVERIES = Counter(
     ["outcome"],
 )
 
+OUTBOX_PENDING = Gauge(
+    "burrow_outbox_pending_rows",
+    "Outbox rows committed and neither published nor parked yet (read by the relay).",
+)
+OUTBOX_LAG = Gauge(
+    "burrow_outbox_lag_seconds",
+    "Age of the oldest outbox row not published yet; 0 when there is none.",
+)
+OUTBOX_PUBLISHED = Counter(
+    "burrow_outbox_published_total",
+    "Outbox rows the relay published, by outcome (confirmed; unrouted: an event no "
+    "subscriber matched).",
+    ["outcome"],
+)
+OUTBOX_PARKED = Counter(
+    "burrow_outbox_parked_total",
+    "Outbox rows parked instead of published, by reason.",
+    ["reason"],
+)
+INBOX_DUPLICATES = Counter(
+    "burrow_inbox_duplicates_total",
+    "Deliveries the inbox found already handled: acked without running the handler.",
+)
+
 PUBLISH_OUTCOMES = ("confirmed", "returned", "nacked", "timeout", "lost")  # link.PUBLISH_OUTCOMES
 CALL_OUTCOMES: tuple[str, ...] = (Status.OK, *ErrorCode)  # ok, or the error code of the reply
 DEAD_LETTER_REASONS: tuple[str, ...] = tuple(DeadReason)
 # Label values of burrow_messages_published_total{kind}, all created at zero.
 PUBLISH_KINDS: tuple[str, ...] = tuple(PublishKind)
+# What became of an outbox row the relay published; why one was parked (service/_outbox/relay).
+OUTBOX_OUTCOMES = ("confirmed", "unrouted")
+OUTBOX_PARK_REASONS = ("unroutable", "too_large", "refused", "invalid", "internal")
 # delivered: the receiver answered 2xx; failed: an error or another status (retried);
 # refused: the URL is no longer allowed, or the completion is unusable (parked, not retried).
 WEBHOOK_OUTCOMES = ("delivered", "failed", "refused")
@@ -148,6 +176,11 @@ for _kind in PUBLISH_KINDS:
 RPC_LATE_REPLIES.inc(0)
 for _outcome in WEBHOOK_OUTCOMES:
     WEBHOOK_DELIVERIES.labels(_outcome)
+for _outcome in OUTBOX_OUTCOMES:
+    OUTBOX_PUBLISHED.labels(_outcome)
+for _reason in OUTBOX_PARK_REASONS:
+    OUTBOX_PARKED.labels(_reason)
+INBOX_DUPLICATES.inc(0)
 
 
 def init_operation_labels(service: str, operations: Iterable[str]) -> None:

@@ -2,7 +2,8 @@
 
 The AMQP URL holds a password: it is kept as a secret and only ever shown redacted. TLS files
 must exist at start; amqps:// always verifies the broker's certificate and hostname. A
-`BURROW_*` variable that is no setting (a typo) is warned about, naming the closest one.
+`BURROW_*` variable that is no setting (a typo) is warned about, naming the closest one; a
+settings argument that is no setting (`Client(namspace=…)`) is an error naming the closest one.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
@@ -25,7 +27,9 @@ _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 class Settings(BaseSettings):
     """Every knob Burrow reads, each from `BURROW_<NAME>`."""
 
-    model_config = SettingsConfigDict(env_prefix="BURROW_", extra="ignore", frozen=True)
+    # extra="forbid": an argument that is no setting is refused, never dropped; the environment
+    # is read field by field, so an unknown variable is only warned about (load_settings).
+    model_config = SettingsConfigDict(env_prefix="BURROW_", extra="forbid", frozen=True)
 
     amqp_url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
@@ -76,6 +80,33 @@ class Settings(BaseSettings):
             "memory:// (one process)."
         ),
         repr=False,  # may hold a Redis password
+    )
+    outbox_dsn: SecretStr | None = Field(
+        default=None,
+        description=(
+            "PostgreSQL URL of the transactional outbox and inbox (postgresql://user:pw@host/db); "
+            "set, `burrow run` also runs the outbox relay."
+        ),
+    )
+    outbox_schema: str = Field(
+        default="burrow",
+        pattern=r"^[a-z_][a-z0-9_]{0,47}$",
+        description="Schema of the outbox and inbox tables (`burrow outbox init` creates them).",
+    )
+    outbox_poll_interval: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Seconds between the relay's scans when no NOTIFY woke it.",
+    )
+    outbox_batch_size: int = Field(
+        default=500, ge=1, le=100_000, description="Outbox rows read and published per batch."
+    )
+    outbox_retention: float = Field(
+        default=604800.0, gt=0, description="Seconds sent outbox rows and inbox ids are kept."
+    )
+    outbox_max_attempts: int = Field(
+        default=10, ge=1, le=1000, description="Broker refusals of a row before it is parked."
     )
     amqp_password_file: str | None = Field(
         default=None,
@@ -149,6 +180,23 @@ class Settings(BaseSettings):
     gateway_webhook_timeout: float = Field(
         default=10.0, gt=0, le=300, description="Seconds one webhook POST may take."
     )
+    gateway_forward_headers: str = Field(
+        default="",
+        description=(
+            "HTTP request headers the gateway passes on to the service as message headers "
+            "(lower-cased name, the value as text), comma-separated, case-insensitive (empty: "
+            "none). Its own key headers, hop-by-hop and framing headers, Prefer, the callback "
+            "header and Burrow's protocol headers are refused at start."
+        ),
+    )
+
+    @field_validator("gateway_forward_headers")
+    @classmethod
+    def _check_forward_headers(cls, value: str) -> str:
+        for name in header_list(value):
+            if _HTTP_TOKEN.fullmatch(name) is None:
+                raise ValueError(f"{name[:64]!r} is not an HTTP header name")
+        return value
 
     @field_validator("amqp_url")
     @classmethod
@@ -228,6 +276,16 @@ class Settings(BaseSettings):
         return [redact_url(url) for url in self.amqp_urls()]
 
 
+# An HTTP field name (RFC 9110 §5.1: a token).
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_list(value: str) -> list[str]:
+    """The header names of a comma-separated setting, lower-cased, in order, each once."""
+    names = (name.strip().lower() for name in value.split(","))
+    return list(dict.fromkeys(name for name in names if name))
+
+
 # What aiormq would read from an amqps:// URL's query; Burrow's own SSL context replaces them.
 _URL_TLS_OPTIONS = frozenset({"cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl"})
 
@@ -305,9 +363,34 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> dict[str, str
         upper = name.upper()  # pydantic-settings reads the variables case-insensitively
         if not upper.startswith("BURROW_") or upper.startswith(_OTHER_PREFIXES) or upper in known:
             continue
-        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
-        unknown[name] = close[0] if close else None
+        unknown[name] = _closest(upper, known)
     return unknown
+
+
+def _closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to `name` (a typo of it), or None when none is close."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def check_setting_names(names: Iterable[str], arguments: Iterable[str] = ()) -> None:
+    """Refuse settings arguments that are no setting (`namspace=`), naming the closest field
+    (or the closest of `arguments`, the other keyword arguments of the caller: `outbound`).
+
+    Raises:
+        ConfigError: one of `names` is not a `Settings` field.
+    """
+    unknown = [name for name in names if name not in Settings.model_fields]
+    if not unknown:
+        return
+    candidates = {*Settings.model_fields, *arguments}
+    what = "a Burrow setting or argument" if arguments else "a Burrow setting"
+    problems = []
+    for name in unknown:
+        closest = _closest(name, candidates)
+        hint = f"did you mean {closest}?" if closest else "the README lists the settings"
+        problems.append(f"{name!r} is not {what}; {hint}")
+    raise ConfigError("; ".join(problems))
 
 
 def _warn_unknown_variables() -> None:
@@ -321,9 +404,11 @@ def _warn_unknown_variables() -> None:
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment; a bad value raises `ConfigError` naming the variable.
 
-    An unknown `BURROW_*` variable is logged as a warning (once per process), with the closest
-    known name.
+    `overrides` (`namespace="orders"`) win over the environment; one that is no setting raises
+    `ConfigError` naming the closest. An unknown `BURROW_*` variable is logged as a warning
+    (once per process), with the closest known name.
     """
+    check_setting_names(overrides)
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
@@ -334,3 +419,24 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError(f"invalid configuration: {problems}") from None
     _warn_unknown_variables()
     return settings
+
+
+def settings_from(
+    settings: Settings | None, overrides: Mapping[str, object], arguments: Iterable[str] = ()
+) -> Settings:
+    """What a client taking `settings` and `**overrides` uses: `settings` (default: read from
+    the environment) with `overrides` over them, checked as `load_settings` checks them.
+
+    Args:
+        arguments: the caller's other keyword arguments, suggested for a misspelt one.
+
+    Raises:
+        ConfigError: an override is no setting, or a value is invalid.
+    """
+    check_setting_names(overrides, arguments)
+    if settings is None:
+        return load_settings(**overrides)
+    if not overrides:
+        return settings
+    # Every field given: the environment is not read again, the result validated as a whole.
+    return load_settings(**{**dict(settings), **overrides})

@@ -48,6 +48,22 @@ def _schema(model: type[BaseModel], mode: str, title: str) -> dict[str, Any]:
     return {"$schema": SCHEMA_DIALECT, "$id": f"urn:burrow:{title}", **schema}
 
 
+def reply_schema(model: type[BaseModel] | None, title: str) -> dict[str, Any]:
+    """The reply body's schema: the reply model's, or for an operation without one (`-> None`)
+    the empty object it answers with (docs/protocol.md §5.2)."""
+    if model is not None:
+        return _schema(model, "serialization", title)
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "$id": f"urn:burrow:{title}",
+        "title": "NoReply",
+        "description": "The operation has no reply model: it answers an empty object.",
+        "type": "object",
+        "properties": {},
+        "additionalProperties": False,
+    }
+
+
 def error_schema() -> dict[str, Any]:
     """The error body of an error reply or `.failed` completion."""
     return {
@@ -133,7 +149,7 @@ def contract(service: Service) -> dict[str, Any]:
             op.route: {
                 "description": op.description,
                 "request": _schema(op.request, "validation", f"{op.route}.request"),
-                "reply": _schema(op.reply, "serialization", f"{op.route}.reply"),
+                "reply": reply_schema(op.reply, f"{op.route}.reply"),
             }
             for op in service.operations.values()
         },
@@ -218,7 +234,7 @@ def asyncapi_document(services: Sequence[Service], settings: Settings) -> dict[s
             key = op.route.replace(".", "_")
             req, rep = f"{key}_request", f"{key}_reply"
             schemas[req] = hoist(_schema(op.request, "validation", req), schemas)
-            schemas[rep] = hoist(_schema(op.reply, "serialization", rep), schemas)
+            schemas[rep] = hoist(reply_schema(op.reply, rep), schemas)
             messages[req] = _message(op.route, req, schemas, correlated=True)
             messages[rep] = _message(f"{op.route}.reply", rep, schemas, correlated=True)
             channels[f"{key}_call"] = _channel(

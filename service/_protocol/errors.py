@@ -161,9 +161,20 @@ class PublishFailed(Unavailable):
 
 
 class Internal(ServiceError):
-    """The handler failed unexpectedly; details stay in the service's log."""
+    """The handler failed unexpectedly; its traceback stays in the service's log."""
 
     code = ErrorCode.INTERNAL
+
+    @classmethod
+    def unexpected(cls, exc: BaseException, *, trace_id: str | None = None) -> Internal:
+        """What an exception a handler did not mean to raise becomes: "the handler failed",
+        with the exception's type name and the trace id of the log line that holds its
+        traceback as `details` (never its message, arguments or traceback: they may hold
+        secrets)."""
+        details: dict[str, Any] = {"exception": type(exc).__name__[:128]}
+        if trace_id is not None:
+            details["trace_id"] = trace_id
+        return cls("the handler failed", details=details)
 
 
 _BY_CODE: dict[str, type[ServiceError]] = {

@@ -38,6 +38,7 @@ from service._protocol.vocabulary import (
     H_JOB_ID,
     H_KIND,
     H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_QUEUE,
     H_ORIGINAL_ROUTING_KEY,
     H_STATUS,
     H_TARGET_EXCHANGE,
@@ -228,31 +229,40 @@ def completions(
 def dead_letter(
     delivery: Delivery, names: Names, service: str, reason: str, error: ServiceError | None
 ) -> Outgoing:
-    """The copy of `delivery` parked in `service`'s DLQ, with why, when and where it came from."""
+    """The copy of `delivery` parked in `service`'s DLQ, with why, when and where it came from
+    (its exchange and routing key, and the queue it was taken from: where a replay puts it)."""
+    add: dict[str, Any] = {
+        H_DEAD_REASON: str(reason),
+        H_DEAD_ERROR: codec.encode_error(error).decode() if error else "",
+        H_ORIGINAL_EXCHANGE: str(delivery.exchange),
+        H_ORIGINAL_ROUTING_KEY: str(delivery.routing_key),
+        H_DEAD_AT: int(time.time() * 1000),
+    }
+    if delivery.queue:
+        add[H_ORIGINAL_QUEUE] = str(delivery.queue)
     return forward(
         delivery,
         exchange=names.dead_letter_exchange,
         routing_key=names.dead_letter_queue(service),
-        add={
-            H_DEAD_REASON: str(reason),
-            H_DEAD_ERROR: codec.encode_error(error).decode() if error else "",
-            H_ORIGINAL_EXCHANGE: str(delivery.exchange),
-            H_ORIGINAL_ROUTING_KEY: str(delivery.routing_key),
-            H_DEAD_AT: int(time.time() * 1000),
-        },
+        add=add,
     )
 
 
 def retry_copy(delivery: Delivery, names: Names, level: int, attempt: int) -> Outgoing:
     """The copy of `delivery` that waits in retry holding queue `level`, then goes back to the
     queue it came from, as retry number `attempt + 1` (x-burrow-attempt: Burrow's own count,
-    which every broker version carries as it is)."""
-    return forward(
+    which every broker version carries as it is). It comes back keyed by the queue's name, so
+    a message that named its route only by its routing key (no `type`) gets that route as its
+    `type`: the retry reaches the same operation."""
+    copy = forward(
         delivery,
         exchange=names.retry_exchange(level),
         routing_key=delivery.queue,
         add={H_ATTEMPT: min(attempt + 1, MAX_ATTEMPT)},
     )
+    if copy.type is None:
+        copy = replace(copy, type=_plain(delivery.routing_key))
+    return copy
 
 
 def forward(

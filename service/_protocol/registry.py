@@ -1,4 +1,5 @@
-"""Declaring a service: its operations, each once, with pydantic request and reply models.
+"""Declaring a service: its operations, each once, with pydantic request and reply models
+(or no reply model: `-> None`, for an operation that only answers "done").
 
 A `Service` is pure declaration; `service._runtime.app` runs it and `service._protocol.topology`
 names its queues.
@@ -11,6 +12,7 @@ import re
 import typing
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -67,6 +69,10 @@ async def _no_emit(event: str, payload: BaseModel) -> None:
     raise RuntimeError("emit is only available while a service is running")
 
 
+# The inbox transaction's connection while a handler runs under `Inbox` (`Context.db`).
+TRANSACTION: ContextVar[Any] = ContextVar("burrow_transaction", default=None)
+
+
 @dataclass(slots=True)
 class Context:
     """What a handler may know about the message it is handling."""
@@ -83,19 +89,28 @@ class Context:
     state: State = field(default_factory=State)  # what the lifespans opened
     envelope: Fields = field(default_factory=Fields)  # Burrow's headers, read and coerced
 
+    @property
+    def db(self) -> Any:
+        """The connection of the inbox transaction this handler runs in (asyncpg's; see
+        `service.Inbox`): its writes commit with the message id, before the ack. None when the
+        handler runs under no `Inbox`."""
+        return TRANSACTION.get()
+
 
 @dataclass(slots=True)
 class Operation(Generic[Req, Rep]):
     """One operation of a service: `<service>.<name>`, its models and its handler.
 
     Args:
+        reply: the reply model; None for a handler annotated `-> None` (a call is answered
+            `{}`, a submit completes with `{}`: docs/protocol.md §5.2).
         timeout: upper bound on one run of the handler, in seconds (None: the settings' default).
     """
 
     service: str
     name: str
     request: type[Req]
-    reply: type[Rep]
+    reply: type[Rep] | None
     handler: Handler
     wants_context: bool
     timeout: float | None = None
@@ -238,7 +253,6 @@ class Service:
         op_name = name or handler.__name__
         self._check_new("operation", op_name, self.operations, handler)
         request, reply, wants_context = _models_of(handler)
-        assert reply is not None
         op: Operation[Any, Any] = Operation(
             service=self.name,
             name=op_name,
@@ -328,16 +342,30 @@ class Service:
 def _models_of(
     handler: Handler, *, returns: bool = True
 ) -> tuple[type[BaseModel], type[BaseModel] | None, bool]:
+    """The request model, the reply model (None for `-> None`) and whether the handler takes
+    a context. An operation's return annotation is a pydantic model or `None`; an event
+    handler's is `None` or absent."""
     hints = typing.get_type_hints(handler)
     params = list(inspect.signature(handler).parameters)
     if not params or len(params) > 2:
         raise TypeError(f"{handler.__name__} must take (request) or (request, context)")
     request = hints.get(params[0])
+    if not _is_model(request):
+        raise TypeError(f"{handler.__name__}: request annotation must be a pydantic model")
     reply = hints.get("return")
-    checks = [("request", request)] + ([("return", reply)] if returns else [])
-    for what, model in checks:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            raise TypeError(f"{handler.__name__}: {what} annotation must be a pydantic model")
-    if not returns and reply not in (None, type(None)):
-        raise TypeError(f"{handler.__name__}: an event handler returns None")
-    return request, reply if returns else None, len(params) == 2  # type: ignore[return-value]
+    if not returns:
+        if reply not in (None, type(None)):
+            raise TypeError(f"{handler.__name__}: an event handler returns None")
+        return request, None, len(params) == 2
+    if reply is type(None):  # `-> None`: no reply model
+        return request, None, len(params) == 2
+    if not _is_model(reply):
+        raise TypeError(
+            f"{handler.__name__}: return annotation must be a pydantic model, or None for an "
+            "operation without a reply"
+        )
+    return request, reply, len(params) == 2
+
+
+def _is_model(annotation: object) -> typing.TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)

@@ -1,7 +1,8 @@
 """Every exchange, queue and binding Burrow uses, declared once, with their names.
 
-The transport declares this at each (re)connect; `deploy/rabbitmq/definitions.json` is
-generated from the same declaration.
+The transport declares this at each (re)connect, but for the delay ladder (`delay_ladder`),
+which the first delayed publish on a connection declares (`link.LinkState.publish`);
+`deploy/rabbitmq/definitions.json` is generated from the whole of it, the ladder included.
 """
 
 from __future__ import annotations
@@ -134,8 +135,15 @@ def client_topology(settings: Settings) -> Topology:
     )
 
 
-def service_topology(service: Service, settings: Settings) -> Topology:
-    """What one service needs: shared exchanges, its queues, subscriptions and the delay ladder."""
+def service_topology(service: Service, settings: Settings, *, ladder: bool = True) -> Topology:
+    """What one service needs: shared exchanges, its queues, subscriptions, the retry holding
+    queues, the scheduler's ready queue and DLQ and (`ladder`) the delay ladder.
+
+    An App declares it without the ladder (`ladder=False`): 25 holding queues that only a
+    delayed message uses, declared by the first delayed publish (`delay_ladder`). With the
+    ladder it is everything the service may use: what `burrow definitions` exports for a
+    pre-provisioned broker and what a clean-up deletes.
+    """
     names = Names(settings.namespace)
     name = service.name
     requests, commands = names.request_queue(name), names.commands_queue(name)
@@ -164,7 +172,10 @@ def service_topology(service: Service, settings: Settings) -> Topology:
         queue = names.subscription_queue(sub.group, sub.name)
         topology.queues.append(QueueDecl(queue, _queue_args(settings, dlq, bounded=False)))
         topology.bindings.append(BindingDecl(names.events_exchange, queue, sub.pattern))
-    return topology.merge(delay_topology(settings)).merge(retry_topology(settings))
+    topology = topology.merge(scheduler_topology(settings))
+    if ladder:
+        topology = topology.merge(delay_ladder(settings))
+    return topology.merge(retry_topology(settings))
 
 
 def retry_topology(settings: Settings) -> Topology:
@@ -188,11 +199,18 @@ def retry_topology(settings: Settings) -> Topology:
 
 
 def delay_topology(settings: Settings) -> Topology:
-    """The delay ladder: one exchange and one holding queue per power-of-two delay."""
+    """Delayed delivery whole: the scheduler's ready queue and DLQ, and the delay ladder."""
+    return scheduler_topology(settings).merge(delay_ladder(settings))
+
+
+def scheduler_topology(settings: Settings) -> Topology:
+    """The forwarder's side of delayed delivery, declared by every App: the ready queue it
+    consumes (where the ladder ends) and the scheduler's DLQ. A due message always finds them,
+    whoever declared the ladder."""
     names = Names(settings.namespace)
     ready = names.delay_ready_queue
     sched_dlq = names.scheduler_dead_letter_queue
-    topology = Topology(
+    return Topology(
         exchanges=[ExchangeDecl(names.dead_letter_exchange, "direct")],
         queues=[
             QueueDecl(ready, _queue_args(settings, sched_dlq, bounded=False)),
@@ -200,6 +218,18 @@ def delay_topology(settings: Settings) -> Topology:
         ],
         bindings=[BindingDecl(names.dead_letter_exchange, sched_dlq, sched_dlq)],
     )
+
+
+def delay_ladder(settings: Settings) -> Topology:
+    """The delay ladder: one exchange and one holding queue per power-of-two delay, ending in
+    the ready queue (`scheduler_topology`), which must exist first: level 0 binds it.
+
+    Declared when a delay first needs it, not with every service: the first delayed publish
+    on each connection of a link declares it (`service._amqp.link.LinkState.publish`).
+    """
+    names = Names(settings.namespace)
+    ready = names.delay_ready_queue
+    topology = Topology()
     for level in range(LEVELS):
         exchange, queue = names.delay_exchange(level), names.delay_queue(level)
         below = names.delay_exchange(level - 1) if level else ""

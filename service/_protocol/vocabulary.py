@@ -12,6 +12,8 @@ from enum import StrEnum
 
 # -- headers Burrow reads and writes (docs/protocol.md §3) -----------------------------------
 
+# Burrow's own headers share it: a caller's header may not start with it.
+BURROW_HEADER_PREFIX = "x-burrow-"
 H_KIND = "x-burrow-kind"  # a `Kind` of HEADER_KINDS
 H_DEADLINE = "x-deadline"  # absolute deadline, integer milliseconds since the Unix epoch
 H_VERSION = "x-contract-version"  # major version of the service contract
@@ -29,6 +31,7 @@ H_DEAD_REASON = "x-burrow-dead-reason"  # a `DeadReason`
 H_DEAD_ERROR = "x-burrow-dead-error"  # the error body as JSON, or ""
 H_ORIGINAL_EXCHANGE = "x-burrow-original-exchange"
 H_ORIGINAL_ROUTING_KEY = "x-burrow-original-routing-key"
+H_ORIGINAL_QUEUE = "x-burrow-original-queue"  # the queue it was taken from: a replay's target
 H_DEAD_AT = "x-burrow-dead-at"  # integer ms since the epoch
 # Delayed messages (§9).
 H_TARGET_EXCHANGE = "x-burrow-target-exchange"
@@ -47,6 +50,7 @@ DEAD_LETTER_HEADERS = (
     H_DEAD_ERROR,
     H_ORIGINAL_EXCHANGE,
     H_ORIGINAL_ROUTING_KEY,
+    H_ORIGINAL_QUEUE,
     H_DEAD_AT,
 )
 

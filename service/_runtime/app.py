@@ -12,15 +12,16 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
-
 from service._amqp.link import Link, LinkFactory, Outbound
 from service._amqp.transport import AmqpLink, Transport
+from service._observe.log import get_logger
+from service._outbox.relay import Relay
 from service._protocol import tracing
 from service._protocol.config import Settings, load_settings
 from service._protocol.errors import Unavailable
 from service._protocol.registry import Lifespan, Service, State
 from service._protocol.topology import Topology, service_topology
+from service._protocol.vocabulary import Names
 from service._runtime.health import Health
 from service._runtime.http import HttpServer
 from service._serving.dispatcher import Dispatcher
@@ -28,7 +29,7 @@ from service._serving.middleware import Middleware
 from service._serving.scheduler import Forwarder
 from service._stores.registry import idempotency_store_from_url, job_store_from_url
 
-_log = structlog.get_logger("burrow.app")
+_log = get_logger("burrow.app")
 
 
 class App:
@@ -60,11 +61,14 @@ class App:
             raise ValueError("App needs at least one Service")
         self.settings = settings or load_settings()
         self.services = services
-        topology = Topology()
+        topology, declared = Topology(), Topology()
         for svc in services:
             topology = topology.merge(service_topology(svc, self.settings))
+            declared = declared.merge(service_topology(svc, self.settings, ladder=False))
+        # Everything the services use, the delay ladder included (what a clean-up deletes);
+        # the consumer link declares all but the ladder, which the first delayed publish does.
         self.topology = topology
-        self.transport = Transport(self.settings, topology, link_factory=link_factory)
+        self.transport = Transport(self.settings, declared, link_factory=link_factory)
         for link in self.transport.links:
             link.use(*outbound)
         self.state = State()
@@ -90,10 +94,13 @@ class App:
             for spec in server.consumers():
                 consumer.add_consumer(spec)
         consumer.add_consumer(self.forwarder.consumer())
+        # The outbox relay, when BURROW_OUTBOX_DSN names its database (on a link of its own).
+        self.relay = Relay.from_settings(self.settings, link_factory)
         self.health = Health(
             links=[*self.transport.links, *links],
             consumers=self.servers,
             prefetch=self.settings.prefetch,
+            checks=[self.relay.problems] if self.relay is not None else [],
         )
         self.http = (
             HttpServer(self.health, self.settings.http_host, self.settings.http_port)
@@ -115,6 +122,8 @@ class App:
             await self._opened.aclose()  # a busy port (or a failing lifespan) closes what opened
             raise
         self.transport.start()
+        if self.relay is not None:
+            self.relay.start()
         _log.info(
             "burrow starting",
             services=[svc.name for svc in self.services],
@@ -132,6 +141,7 @@ class App:
         self.health.draining = True
         await self.transport.consumer.cancel_consumers()
         busy = [server.idle.wait() for server in self.servers if not server.idle.is_set()]
+        drained = True
         if busy:
             try:
                 async with asyncio.timeout(self.settings.shutdown_grace):
@@ -139,6 +149,11 @@ class App:
             except TimeoutError:
                 # Unacked deliveries go back to the queue when the channel closes.
                 _log.warning("grace period over; unfinished work returns to the queue")
+                drained = False
+        if drained:
+            await self._release_request_queues()
+        if self.relay is not None:
+            await self.relay.stop()  # rows it had not confirmed stay for the next relay
         await self.transport.close()
         await self._opened.aclose()  # the lifespans, last opened first: nothing runs any more
         await self.store.close()
@@ -146,6 +161,21 @@ class App:
         if self.http is not None:
             await self.http.close()
         _log.info("burrow stopped")
+
+    async def _release_request_queues(self) -> None:
+        """The last instance out deletes each service's request queue (only while no consumer
+        is attached and no call waits in it), so that a call made while no instance runs is
+        `Unroutable` at once instead of waiting out its deadline; the next start declares it
+        again. Casts and submits keep queueing: the commands queue stays. Not with
+        `passive_topology` (the operator owns the queues), and not after the grace period ran
+        out (the calls still unacked would go with the queue)."""
+        if self.settings.passive_topology:
+            return
+        names = Names(self.settings.namespace)
+        for svc in self.services:
+            queue = names.request_queue(svc.name)
+            if await self.transport.consumer.delete_queue(queue, if_unused=True, if_empty=True):
+                _log.info("request queue deleted: calls are unroutable until a start", queue=queue)
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Serve until SIGTERM/SIGINT or `stop` is set (exit 0), or until a fatal broker error

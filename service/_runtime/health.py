@@ -3,7 +3,7 @@ progress, and not draining."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +27,7 @@ class Health:
     draining: bool = False
     consumers: Sequence[Progress] = field(default_factory=tuple)
     prefetch: int | None = None  # per consumer: that many stuck deliveries stall it
+    checks: Sequence[Callable[[], list[str]]] = ()  # other parts' problems (the outbox relay)
 
     def __post_init__(self) -> None:
         for link in self.links:
@@ -55,6 +56,8 @@ class Health:
                             f"consumer of {queue}: all {self.prefetch} prefetch slots held "
                             "past the handler timeout; no progress"
                         )
+        for check in self.checks:
+            found.extend(check())
         return found
 
     @property

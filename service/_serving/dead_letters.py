@@ -2,7 +2,9 @@
 replaying and purging them (`burrow dlq`).
 
 Each service has `<ns>.<service>.dlq`. A parked message keeps its body and properties and gains
-headers saying why, when, the error, and where it was originally routed (for replay).
+headers saying why, when, the error, where it was originally routed and the queue it was taken
+from: a replay puts it back on that queue, so an event reaches only the subscription it failed
+in (docs/protocol.md §8).
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ from service._protocol.vocabulary import (
     H_DEATH,
     H_DELIVERY_COUNT,
     H_FIRST_DEATH_EXCHANGE,
+    H_FIRST_DEATH_QUEUE,
     H_FIRST_DEATH_REASON,
+    H_LAST_DEATH_QUEUE,
     H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_QUEUE,
     H_ORIGINAL_ROUTING_KEY,
     H_UNDECODABLE,
     Names,
@@ -75,7 +80,8 @@ class DeadLetter:
     `list` keeps only this summary (no body, no headers: its size is bounded whatever the
     letter holds); `show` also keeps the headers, properties and body of the letters asked for.
     A letter that cannot be fully read still gets one, with what can be said of it and
-    `problem`; `original_exchange`/`original_routing_key` are None when its route is unreadable.
+    `problem`; `original_exchange`/`original_routing_key` are None when its route is unreadable,
+    `original_queue` (where a replay puts it back) when the letter does not say.
     """
 
     message_id: str | None
@@ -89,6 +95,11 @@ class DeadLetter:
     # RabbitMQ 4.x sends without it; None when the queue does not count (classic queues).
     delivery_count: int | None = None
     problem: str | None = None
+    # The queue it was taken from: x-burrow-original-queue, or for a letter the broker
+    # dead-lettered, the queue of its latest death; `queue_problem` when the letter names one
+    # that cannot be used (it is then not replayed).
+    original_queue: str | None = None
+    queue_problem: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)  # `show` only (else empty)
     properties: dict[str, Any] | None = None  # `show` only
     body: bytes | None = None  # `show` only
@@ -113,6 +124,7 @@ class DeadLetter:
         return {
             **self.summary(),
             "original_exchange": self.original_exchange,
+            "original_queue": self.original_queue,
             "error": printable(self.error),
             "properties": printable(self.properties),
             "headers": printable(self.headers),
@@ -155,6 +167,9 @@ class DeadLetter:
         exchange, routing_key, route_problem = _route(delivery, headers)
         if route_problem is not None:
             problems.append(route_problem)
+        queue, queue_problem = _queue(delivery, headers)
+        if queue_problem is not None:
+            problems.append(queue_problem)
         error, error_problem = _error(headers.get(H_DEAD_ERROR), full)
         if error_problem is not None:
             problems.append(error_problem)
@@ -166,6 +181,8 @@ class DeadLetter:
             error=error,
             original_exchange=exchange,
             original_routing_key=routing_key,
+            original_queue=queue,
+            queue_problem=queue_problem,
             dead_at=dead_at if _is_int(dead_at) else None,
             size=len(delivery.body),
             delivery_count=count if _is_int(count) else _first_look(count, delivery),
@@ -205,6 +222,7 @@ class DeadLetterTool:
     def __init__(self, settings: Settings, service: str) -> None:
         self.settings = settings
         self.names = Names(settings.namespace)
+        self.service = service
         self.queue_name = self.names.dead_letter_queue(service)
 
     @contextlib.asynccontextmanager
@@ -270,18 +288,20 @@ class DeadLetterTool:
         return await self._scan(limit, frozenset())
 
     async def replay(self, message_ids: Sequence[str] | None) -> ReplayReport:
-        """Send parked messages back to their original route (all when `message_ids` is None).
+        """Put parked messages back on the queue they were taken from (all when `message_ids`
+        is None): an event reaches only the subscription it failed in, never every group.
 
         Each copy is made by `messages.forward` without the dead-letter headers, the broker's
-        death history and `x-deadline` (a replay means now), published with a confirm, and only
-        then acked out of the DLQ. A letter whose route cannot be read, whose exchange is gone
-        or that the broker returns or refuses is skipped (left in the DLQ) and reported.
+        death history and `x-deadline` (a replay means now), published where `replay_target`
+        says, with a confirm, and only then acked out of the DLQ. A letter whose target cannot
+        be read, whose queue or exchange is gone or that the broker returns or refuses is
+        skipped (left in the DLQ) and reported.
         """
         wanted = None if message_ids is None else frozenset(message_ids)
         report = ReplayReport()
         seen: set[str] = set()
         async with self._open() as (tool, pending):
-            exchanges: dict[str, str | None] = {}
+            checked: dict[tuple[str, str], str | None] = {}
             last_held: int | None = None
             try:
                 for _ in range(pending):  # only what was there: re-failures are not re-read
@@ -295,7 +315,7 @@ class DeadLetterTool:
                         continue
                     if letter.message_id is not None:
                         seen.add(letter.message_id)
-                    problem = await self._replay_one(tool, delivery, letter, exchanges)
+                    problem = await self._replay_one(tool, delivery, letter, checked)
                     del delivery
                     if problem is not None:
                         report.skipped.append({"message_id": letter.message_id, "problem": problem})
@@ -314,21 +334,29 @@ class DeadLetterTool:
         tool: ToolLink,
         delivery: Delivery,
         letter: DeadLetter,
-        exchanges: dict[str, str | None],
+        checked: dict[tuple[str, str], str | None],
     ) -> str | None:
-        """Publish one letter's copy; None when confirmed, else why it stays in the DLQ."""
-        exchange, routing_key = letter.original_exchange, letter.original_routing_key
-        if exchange is None or routing_key is None:
-            return letter.problem or "the original route cannot be read"
-        if exchange not in exchanges:
-            exchanges[exchange] = await _exchange_problem(tool, exchange)
-        problem = exchanges[exchange]
+        """Publish one letter's copy; None when confirmed, else why it stays in the DLQ.
+
+        `checked` remembers, per queue or exchange, why it cannot be used (None: it can)."""
+        target = replay_target(letter, self.names, self.service)
+        if isinstance(target, str):
+            return target
+        exchange, routing_key = target
+        what = ("exchange", exchange) if exchange else ("queue", routing_key)
+        if what not in checked:
+            checked[what] = await (
+                _exchange_problem(tool, exchange) if exchange else _queue_problem(tool, routing_key)
+            )
+        problem = checked[what]
         if problem is not None:
             return problem
         copy = forward(delivery, exchange=exchange, routing_key=routing_key, drop=_REPLAY_DROP)
         try:
             await tool.publish(copy, kind=PublishKind.DEAD_LETTER, mandatory=True, check_size=False)
         except Unroutable:
+            if not exchange:
+                return f"no queue {routing_key[:128]!r}"
             return f"no queue is bound for {routing_key[:128]!r} on {exchange[:128]!r}"
         except QueueFull:
             return "the broker refused the copy (queue full or a resource limit)"
@@ -338,6 +366,51 @@ class DeadLetterTool:
         """Delete every parked message; return how many there were."""
         async with self._open() as (tool, _pending):
             return await tool.purge(self.queue_name)
+
+
+def replay_target(letter: DeadLetter, names: Names, service: str) -> tuple[str, str] | str:
+    """Where a replay publishes `letter` from `service`'s DLQ, as (exchange, routing key), or
+    why it cannot: always to the queue it was taken from (docs/protocol.md §8).
+
+    An event (or whatever came from a queue other than the service's own request and commands
+    queues) goes to the default exchange keyed by that queue: its subscription queue only,
+    never the other groups bound to the same event. A call, cast or submit goes to its original
+    exchange and routing key, which reach the same queue, the service's own, and keep the
+    routing key that names the operation when a sender left out `type`. A letter that does not
+    name its queue (parked by an earlier Burrow, or published into the DLQ by hand) goes to its
+    original route too, except an event: republished to the events exchange it would reach
+    every subscription, so it is skipped.
+    """
+    if letter.queue_problem is not None:
+        return letter.queue_problem
+    queue = letter.original_queue
+    if queue == names.dead_letter_queue(service):
+        return "no original route (it would go straight back into the DLQ)"
+    if queue is not None and queue not in (
+        names.request_queue(service),
+        names.commands_queue(service),
+    ):
+        return "", queue
+    exchange, routing_key = letter.original_exchange, letter.original_routing_key
+    if exchange is None or routing_key is None:
+        return letter.problem or "the original route cannot be read"
+    if exchange == names.events_exchange:
+        return (
+            "the subscription queue it failed in is unknown (no x-burrow-original-queue): "
+            f"republishing to {exchange[:128]!r} would reach every subscription"
+        )
+    return exchange, routing_key
+
+
+async def _queue_problem(tool: ToolLink, name: str) -> str | None:
+    """Why a copy cannot be put on queue `name`, or None (asked on a throwaway channel)."""
+    try:
+        await tool.count(name)
+    except NotFound:
+        return f"no queue {name[:128]!r}"
+    except PermissionDenied as exc:
+        return f"the queue {name[:128]!r} cannot be used ({exc.message})"
+    return None
 
 
 async def _exchange_problem(tool: ToolLink, name: str) -> str | None:
@@ -395,6 +468,40 @@ def _route(
     if exchange is None or routing_key is None:
         return None, None, "the original route cannot be read"
     return _checked(exchange, routing_key, delivery)
+
+
+def _queue(delivery: Delivery, headers: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The queue the letter was taken from, or None; with why it cannot be read, if so.
+
+    Parked by Burrow: x-burrow-original-queue (absent from letters an earlier Burrow parked;
+    their x-death, if any, is of the retry holding queues, not where they failed).
+    Dead-lettered by the broker: the queue of its latest death (x-last-death-queue, RabbitMQ
+    3.13+; else the first x-death entry, the newest; else x-first-death-queue)."""
+    if H_ORIGINAL_QUEUE in headers:
+        queue = text(headers[H_ORIGINAL_QUEUE])
+        if queue is None:
+            return None, f"the original queue cannot be read ({H_ORIGINAL_QUEUE} not text)"
+        return _checked_queue(queue)
+    if H_ORIGINAL_EXCHANGE in headers or H_ORIGINAL_ROUTING_KEY in headers:
+        return None, None
+    deaths = headers.get(H_DEATH)
+    newest = deaths[0] if isinstance(deaths, list) and deaths else None
+    candidates = (
+        headers.get(H_LAST_DEATH_QUEUE),
+        newest.get("queue") if isinstance(newest, dict) else None,
+        headers.get(H_FIRST_DEATH_QUEUE),
+    )
+    for candidate in candidates:
+        queue = text(candidate) if candidate is not None else None
+        if queue:
+            return _checked_queue(queue)
+    return None, None
+
+
+def _checked_queue(queue: str) -> tuple[str | None, str | None]:
+    if not queue or len(queue.encode()) > 255:
+        return None, "the original queue cannot be read (empty or longer than 255 bytes)"
+    return queue, None
 
 
 def _checked(

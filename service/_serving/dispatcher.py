@@ -16,11 +16,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
 from pydantic import BaseModel
 
 from service._amqp.link import OUTBOUND_SCOPE, ConsumerSpec, Link, publish_event
 from service._observe import metrics
+from service._observe.log import get_logger
 from service._protocol import codec, envelope, messages, tracing
 from service._protocol.config import Settings
 from service._protocol.errors import (
@@ -65,13 +65,14 @@ from service._serving.middleware import (
     decision_middleware,
     error_middleware,
     failure,
+    message_ids,
 )
 from service._serving.retry import attempts, max_retries
 from service._serving.settlement import Plan, Publish, Role, plan
 from service._stores.base import Claim, IdempotencyStore, JobStore
 from service._stores.memory import MemoryJobStore, MemoryStore
 
-_log = structlog.get_logger("burrow.dispatcher")
+_log = get_logger("burrow.dispatcher")
 _REPLY_PREFIX = DIRECT_REPLY_TO + "."
 _ANSWERED = frozenset({Kind.CALL, Kind.SUBMIT, Kind.RESULT})  # may carry a reply address
 _WITH_JOB = frozenset({Kind.SUBMIT, Kind.RESULT})  # carry x-job-id
@@ -262,8 +263,9 @@ class Dispatcher:
             # queue's own dead-letter exchange.
             _log.exception(
                 "dispatch failed; dead-lettering",
-                message_id=str(delivery.message_id or "")[:128],
+                service=self.service.name,
                 route=request.route[:128],
+                **message_ids(delivery),
             )
             await self._park_after_bug(delivery)
         finally:
@@ -294,18 +296,33 @@ class Dispatcher:
                 await self._publish(step)
             except Unavailable as exc:
                 # Could not publish: hand the message back, never drop it.
-                _log.warning("publish failed; requeueing", error=exc.message, kind=step.kind)
+                _log.warning(
+                    "publish failed; requeueing",
+                    error=exc.message,
+                    kind=step.kind,
+                    **message_ids(delivery),
+                )
                 await delivery.requeue()
                 return
             except ServiceError as exc:
                 if step.role is Role.ANSWER:
                     # Unroutable: the caller's reply or job queue is gone; nobody is waiting.
                     route = step.message.routing_key[:128]
-                    _log.info("answer not delivered", route=route, error=exc.message)
+                    _log.info(
+                        "answer not delivered",
+                        route=route,
+                        error=exc.message,
+                        **message_ids(delivery),
+                    )
                     continue
                 # The DLQ or a holding queue is gone (topology damaged): requeueing would
                 # loop, so reject — the broker's own dead-lettering still has a chance.
-                _log.error("cannot park or retry; rejecting", error=exc.message, kind=step.kind)
+                _log.error(
+                    "cannot park or retry; rejecting",
+                    error=exc.message,
+                    kind=step.kind,
+                    **message_ids(delivery),
+                )
                 await delivery.reject()
                 return
         await delivery.settle(todo.then)
@@ -392,7 +409,12 @@ class Dispatcher:
         if op.reply is None:
             return None
         if not isinstance(reply, op.reply):
-            _log.error("handler returned the wrong type", operation=op.route)
+            _log.error(
+                "handler returned the wrong type",
+                operation=op.route,
+                returned=type(reply).__name__[:128],
+                **message_ids(request.delivery),
+            )
             raise TypeError(f"{op.route} returned {type(reply).__name__}")
         return codec.encode(reply)
 
@@ -438,7 +460,12 @@ class Dispatcher:
             )
         except Unavailable as exc:
             # Not recorded, not announced: the job runs again once the store is back.
-            _log.warning("job result not recorded; retrying", error=exc.message)
+            _log.warning(
+                "job result not recorded; retrying",
+                error=exc.message,
+                job_id=request.job_id,
+                **message_ids(request.delivery),
+            )
             return Result(Outcome.RETRIED, error=exc)
         if held == record:
             return result
@@ -528,7 +555,7 @@ class Dispatcher:
                 trace_id=tracing.trace_id(trace),
                 span_id=tracing.span_id(trace),
             ),
-            routing_key=delivery.routing_key,
+            routing_key=_routing_key(request),
             emit=self._emit,
             state=self.state,
             envelope=request.envelope,
@@ -541,6 +568,16 @@ class Dispatcher:
         headers = messages.stamp({}, version=self._version, trace=tracing.current())
         message = event_message(self.names, event, codec.encode(payload), headers=headers)
         await publish_event(self.publisher, message)
+
+
+def _routing_key(request: Request) -> str:
+    """The routing key a handler sees (`ctx.routing_key`). An event that came back keyed by its
+    own queue's name (a retry or a `burrow dlq replay` goes through the default exchange) shows
+    the event name it was published with, its `type`, as on its first delivery."""
+    delivery = request.delivery
+    if request.kind == Kind.EVENT and delivery.type and delivery.routing_key == delivery.queue:
+        return str(delivery.type)
+    return delivery.routing_key
 
 
 def _refusal(request: Request) -> Result | None:

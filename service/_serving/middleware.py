@@ -14,9 +14,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from service._observe import metrics
+from service._observe.log import get_logger
 from service._protocol import codec, tracing
 from service._protocol.envelope import Fields, Refusal
 from service._protocol.errors import DeadlineExceeded, Internal, ServiceError, Unavailable
@@ -25,7 +24,7 @@ from service._protocol.types import Delivery, Outcome
 from service._protocol.vocabulary import DeadReason
 from service._serving import retry
 
-_log = structlog.get_logger("burrow.handler")
+_log = get_logger("burrow.handler")
 _MAX_ID = 128  # ids are caller-controlled: cap them before they reach a log line
 
 
@@ -75,6 +74,18 @@ class Result:
             # body alive until a full garbage collection (32 casts of 50 MB: 1.5 GB RSS). The
             # answer and the dead letter need only the error's code, message and details.
             self.error.__traceback__ = self.error.__context__ = self.error.__cause__ = None
+
+
+def message_ids(delivery: Delivery) -> dict[str, Any]:
+    """The ids every log line about a message carries: its message and correlation ids (capped:
+    the sender chose them) and the trace and span being handled (`tracing.current`)."""
+    trace = tracing.current()
+    return {
+        "message_id": (delivery.message_id or "")[:_MAX_ID],
+        "correlation_id": (delivery.correlation_id or "")[:_MAX_ID],
+        "trace_id": tracing.trace_id(trace),
+        "span_id": tracing.span_id(trace),
+    }
 
 
 Next = Callable[[Request], Awaitable[Result]]
@@ -138,10 +149,7 @@ async def log_middleware(request: Request, call_next: Next) -> Result:
         "kind": request.kind,
         "outcome": result.outcome.value,
         "duration_ms": round((time.perf_counter() - request.started) * 1000, 3),
-        "message_id": (delivery.message_id or "")[:_MAX_ID],
-        "correlation_id": (delivery.correlation_id or "")[:_MAX_ID],
-        "trace_id": tracing.trace_id(trace := tracing.current()),
-        "span_id": tracing.span_id(trace),
+        **message_ids(delivery),
     }
     if result.error is not None:
         fields["error_code"] = result.error.code.value
@@ -205,9 +213,19 @@ async def error_middleware(request: Request, call_next: Next) -> Result:
         # A dependency the handler uses is away: retryable, and says no more than that.
         error = Unavailable(f"a dependency is unavailable ({type(exc).__name__})")
         return failure(request, error, DeadReason.FAILED, Outcome.ERROR)
-    except Exception:
-        _log.exception("handler raised", operation=request.route[:_MAX_ID])
-        return failure(request, Internal("the handler failed"), DeadReason.FAILED, Outcome.ERROR)
+    except Exception as exc:
+        ids = message_ids(request.delivery)
+        _log.exception(
+            "handler raised",
+            service=request.service,
+            operation=request.route[:_MAX_ID],
+            kind=request.kind,
+            **ids,
+        )
+        # The error (answered, or parked in the DLQ) names the exception's type and the trace
+        # id of this line; the dead letter keeps the message id: each finds the other.
+        internal = Internal.unexpected(exc, trace_id=ids["trace_id"])
+        return failure(request, internal, DeadReason.FAILED, Outcome.ERROR)
 
 
 async def deadline_middleware(request: Request, call_next: Next) -> Result:

@@ -5,6 +5,10 @@ through the holding queues of the bits that are set; each dead-letters down to t
 when its TTL ends. Due messages land in one ready queue; a `Forwarder` in every running service
 republishes them to their target with a confirm before it acks. Durable and persistent
 throughout, so a broker restart delays nothing further than its own downtime.
+
+Every App declares the ready queue and the scheduler's DLQ (`topology.scheduler_topology`); the
+ladder itself is declared by the first delayed publish on a connection (`topology.delay_ladder`,
+`link.LinkState.publish`), so a namespace holds its 25 holding queues only once it delays.
 """
 
 from __future__ import annotations
@@ -12,9 +16,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-import structlog
-
 from service._amqp.link import ConsumerSpec, Link
+from service._observe.log import get_logger
 from service._protocol import tracing
 from service._protocol.config import Settings
 from service._protocol.envelope import text, undecodable_fields
@@ -39,8 +42,9 @@ from service._protocol.vocabulary import (
     PublishKind,
 )
 from service._serving.dead_letters import DeadLetterQueue
+from service._serving.middleware import message_ids
 
-_log = structlog.get_logger("burrow.scheduler")
+_log = get_logger("burrow.scheduler")
 
 # The ladder's own headers, and the broker's record of the trip down it.
 _STRIP = frozenset(
@@ -78,7 +82,7 @@ class Forwarder:
                 "scheduled message refused; dead-lettered",
                 reason=reason,
                 target=(exchange or "")[:64],
-                message_id=str(delivery.message_id or "")[:128],
+                **message_ids(delivery),
             )
             error = InvalidArgument(
                 f"a delayed message must name one of {sorted(self._targets)} in "
@@ -106,7 +110,12 @@ class Forwarder:
             await delivery.requeue()
             return
         except ServiceError as exc:
-            _log.warning("scheduled message not deliverable", route=key[:128], error=exc.message)
+            _log.warning(
+                "scheduled message not deliverable",
+                route=key[:128],
+                error=exc.message,
+                **message_ids(delivery),
+            )
             await delivery.reject()  # dead-letters to the scheduler's DLQ
             return
         finally:

@@ -1,13 +1,17 @@
 """The `burrow` command: run a service, call its operations from a shell.
 
 Mistakes a first run makes (a module that is not found, a busy port, a broker that cannot be
-reached) end in one `error:` line and a non-zero exit code, not a traceback.
+reached) end in one `error:` line and a non-zero exit code, not a traceback. A call, cast or
+submit that failed names its message on that line (`message_id=…`, and `correlation_id=…`
+for a call; `job_id=…` for a job's result), as the service's log and dead letters do. The
+caller commands print their result alone on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import importlib
 import importlib.metadata
@@ -26,13 +30,16 @@ from urllib.parse import urlsplit
 
 import orjson
 import pydantic_core
-import structlog
 
 from service._amqp.tools import tail
-from service._calling.client import Client
-from service._observe.log import configure_logging
+from service._calling.client import Client, HeaderValue, check_headers
+from service._calling.rpc_client import tag
+from service._observe.log import configure_logging, get_logger
+from service._outbox import db as outbox_db
+from service._outbox import schema as outbox_schema
+from service._outbox.relay import Relay
 from service._protocol import codec, contracts
-from service._protocol.config import load_settings
+from service._protocol.config import Settings, load_settings
 from service._protocol.errors import (
     BurrowError,
     ConfigError,
@@ -43,12 +50,15 @@ from service._protocol.errors import (
 from service._protocol.registry import Service
 from service._protocol.topology import Topology, service_topology, to_definitions
 from service._runtime.app import App
+from service._runtime.health import Health
+from service._runtime.http import HttpServer
 from service._serving.dead_letters import DeadLetterTool, json_line, readable_body
 from service.gateway import _openapi as openapi
+from service.gateway._routes import split_job_id
 
 DEFAULT_TARGET = "service.example:calc"
 
-_log = structlog.get_logger("burrow.cli")
+_log = get_logger("burrow.cli")
 
 
 def load_target(target: str) -> list[Service]:
@@ -228,12 +238,27 @@ def _run_workers(target: str, workers: int, http_port: int) -> int:
 
 
 def _cmd_call(args: argparse.Namespace) -> int:
-    payload = _payload(args.payload)
+    payload, headers = _payload(args.payload), _headers(args.header)
 
     async def call(client: Client) -> None:
-        _print(await client.call(args.operation, payload, timeout=args.timeout))
+        _print(await client.call(args.operation, payload, timeout=args.timeout, headers=headers))
 
     return _client_command(args, call)
+
+
+def _headers(given: Sequence[str] | None) -> dict[str, HeaderValue]:
+    """`--header NAME=VALUE` options → message headers (values as text), checked as the
+    client checks them: a malformed or reserved one is a one-line usage error."""
+    headers: dict[str, HeaderValue] = {}
+    for option in given or ():
+        name, equals, value = option.partition("=")
+        if not equals or not name.strip():
+            raise ConfigError(f"--header {option[:80]!r} must look like NAME=VALUE")
+        headers[name.strip()] = value
+    try:
+        return check_headers(headers)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--header: {exc}") from None
 
 
 def _payload(text: str) -> Any:
@@ -288,41 +313,85 @@ async def _connect(client: Client) -> None:
 
 
 def _cmd_cast(args: argparse.Namespace) -> int:
-    payload = _payload(args.payload)
+    payload, headers = _payload(args.payload), _headers(args.header)
 
     async def cast(client: Client) -> None:
-        message_id = await client.cast(args.operation, payload, delay=args.delay)
-        _print({"message_id": message_id})
+        message_id = await client.cast(args.operation, payload, delay=args.delay, headers=headers)
+        _print_id(args, "message_id", message_id)
 
     return _client_command(args, cast)
 
 
+def _print_id(args: argparse.Namespace, key: str, value: str) -> None:
+    """`{"<key>": "<value>"}`, or with `--id-only` the bare id (for `$(…)` and xargs)."""
+    if args.id_only:
+        sys.stdout.write(value + "\n")
+        sys.stdout.flush()
+    else:
+        _print({key: value})
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
-    payload = _payload(args.payload)
+    payload, headers = _payload(args.payload), _headers(args.header)
 
     async def submit(client: Client) -> None:
-        job = await client.submit(args.operation, payload, delay=args.delay)
+        job = await client.submit(args.operation, payload, delay=args.delay, headers=headers)
         if not args.wait:
-            _print({"job_id": job.id})
+            _print_id(args, "job_id", job.id)
             return
-        _print(await job.result(timeout=args.timeout))
+        try:
+            result = await job.result(timeout=args.timeout)
+        except ServiceError as exc:
+            tag(exc, job_id=job.id)
+            raise
+        _print(result)
 
     return _client_command(args, submit)
 
 
 def _cmd_job(args: argparse.Namespace) -> int:
+    job_id, route = _job_reference(args.job_id, args.operation or "")
+    headers = _headers(args.header)
+
     async def result(client: Client) -> None:
-        job = client.job(args.job_id, args.operation or "")
-        _print(await job.result(timeout=args.timeout))
+        job = client.job(job_id, route, headers=headers)
+        try:
+            found = await job.result(timeout=args.timeout)
+        except ServiceError as exc:
+            tag(exc, job_id=job_id)
+            raise
+        _print(found)
 
     return _client_command(args, result)
 
 
+def _job_reference(given: str, operation: str) -> tuple[str, str]:
+    """What `burrow job` is given → (the service's job id, its route or ""): an id as
+    `burrow submit --id-only` prints it, the JSON line `burrow submit` prints, or a gateway
+    job id (`calc.add.<hex>`, which names its operation)."""
+    text = given.strip()
+    if text.startswith("{"):
+        try:
+            found = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            found = None
+        if not isinstance(found, dict) or not isinstance(found.get("job_id"), str):
+            raise ConfigError(f"{text[:80]!r} is not what burrow submit prints: no job_id")
+        text = found["job_id"]
+    split = split_job_id(text)
+    if split is None:
+        return text, operation
+    route, job_id = split
+    if operation and operation != route:
+        raise ConfigError(f"job {text!r} is a job of {route}, not of {operation}")
+    return job_id, route
+
+
 def _cmd_emit(args: argparse.Namespace) -> int:
-    payload = _payload(args.payload)
+    payload, headers = _payload(args.payload), _headers(args.header)
 
     async def emit(client: Client) -> None:
-        routed = await client.emit(args.event, payload, delay=args.delay)
+        routed = await client.emit(args.event, payload, delay=args.delay, headers=headers)
         _print({"routed": routed})
 
     return _client_command(args, emit)
@@ -373,6 +442,44 @@ def _cmd_definitions(args: argparse.Namespace) -> int:
         with open(args.output, "w", encoding="utf-8") as out:
             out.write(text + "\n")
     return 0
+
+
+def _cmd_outbox(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    if args.action == "init":
+        if settings.outbox_dsn is None:
+            raise ConfigError("no outbox database: set BURROW_OUTBOX_DSN")
+        dsn = settings.outbox_dsn.get_secret_value()
+        _run(lambda: _outbox_init(dsn, settings.outbox_schema))
+        print(f"outbox and inbox tables ready in schema {settings.outbox_schema!r}")
+        return 0
+    return _run(lambda: _outbox_relay(settings))
+
+
+async def _outbox_init(dsn: str, schema: str) -> int:
+    await outbox_schema.init(dsn, schema)
+    return 0
+
+
+async def _outbox_relay(settings: Settings) -> int:
+    """`burrow outbox relay` until SIGTERM/SIGINT (exit 0), or 1 if the broker refused it; with
+    `/metrics`, `/healthz` and `/readyz` on BURROW_HTTP_PORT, as `burrow run` serves them."""
+    relay = Relay.from_settings(settings)
+    if relay is None:
+        raise ConfigError("no outbox database: set BURROW_OUTBOX_DSN")
+    outbox_db.driver()  # fail now, not in the background, when asyncpg is missing
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    http = HttpServer(Health(checks=[relay.problems]), settings.http_host, settings.http_port)
+    await http.start()
+    try:
+        return await relay.run(stop)
+    finally:
+        await http.close()
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
@@ -436,30 +543,58 @@ def _cmd_schemas(args: argparse.Namespace) -> int:
     return 1 if breaking else 0
 
 
+def _header_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--header",
+        "-H",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a message header for the service's middleware (repeatable)",
+    )
+
+
+def _id_only_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--id-only", action="store_true", help=f"print the bare {what}, not a JSON object"
+    )
+
+
 def _client_commands(commands: Any) -> None:
     """The commands that act as a caller: call, cast, submit, job, emit, tail."""
     call = commands.add_parser("call", help="call an operation and print its reply")
     call.add_argument("operation", help="service.operation, e.g. calc.add")
     call.add_argument("payload", help="request as JSON")
     call.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    _header_option(call)
     call.set_defaults(func=_cmd_call)
 
-    cast = commands.add_parser("cast", help="send a fire-and-forget command")
+    cast = commands.add_parser(
+        "cast", help='send a fire-and-forget command; print {"message_id": …}'
+    )
     cast.add_argument("operation", help="service.operation")
     cast.add_argument("payload", help="request as JSON")
     cast.add_argument("--delay", type=float, default=None, help="deliver after S seconds")
+    _header_option(cast)
+    _id_only_option(cast, "message id")
     cast.set_defaults(func=_cmd_cast)
 
-    submit = commands.add_parser("submit", help="submit a job; print its id or (--wait) result")
+    submit = commands.add_parser(
+        "submit", help='submit a job; print {"job_id": …}, or (--wait) its result'
+    )
     submit.add_argument("operation", help="service.operation")
     submit.add_argument("payload", help="request as JSON")
     submit.add_argument("--wait", action="store_true", help="wait for and print the result")
     submit.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits")
     submit.add_argument("--delay", type=float, default=None, help="start after S seconds")
+    _header_option(submit)
+    _id_only_option(submit, "job id")
     submit.set_defaults(func=_cmd_submit)
 
     job = commands.add_parser("job", help="print the result of a submitted job")
-    job.add_argument("job_id")
+    job.add_argument(
+        "job_id",
+        help="a job id, the JSON burrow submit prints, or a gateway job id (calc.add.<hex>)",
+    )
     job.add_argument(
         "--operation",
         "-o",
@@ -467,12 +602,14 @@ def _client_commands(commands: Any) -> None:
         "without it, read BURROW_JOB_STORE_URL directly",
     )
     job.add_argument("--timeout", type=float, default=300.0, help="seconds to wait")
+    _header_option(job)
     job.set_defaults(func=_cmd_job)
 
     emit = commands.add_parser("emit", help="publish a domain event")
     emit.add_argument("event", help="routing key, e.g. orders.eu.created")
     emit.add_argument("payload", help="event as JSON")
     emit.add_argument("--delay", type=float, default=None, help="publish after S seconds")
+    _header_option(emit)
     emit.set_defaults(func=_cmd_emit)
 
     tail_cmd = commands.add_parser("tail", help="print events matching a pattern as JSON lines")
@@ -536,6 +673,13 @@ def _parser() -> argparse.ArgumentParser:
     dlq.add_argument("--yes", action="store_true", help="confirm purge")
     dlq.set_defaults(func=_cmd_dlq)
 
+    outbox = commands.add_parser(
+        "outbox",
+        help="create the outbox and inbox tables (init), or publish committed rows (relay)",
+    )
+    outbox.add_argument("action", choices=["init", "relay"])
+    outbox.set_defaults(func=_cmd_outbox)
+
     schemas = commands.add_parser("schemas", help="export contracts or check them for breaks")
     schemas.add_argument("action", choices=["export", "check"])
     schemas.add_argument("target", nargs="?", default=DEFAULT_TARGET, help="module:attribute")
@@ -562,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ServiceError as exc:
-        print(f"error: {exc.code.value}: {exc.message}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         if exc.details:
             print(codec.encode(exc.details).decode(), file=sys.stderr)
         return 1
@@ -572,6 +716,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def error_line(exc: ServiceError) -> str:
+    """The one `error:` line of a failed call, cast or submit: its code, its message, and the
+    message it is about (its note, `message_id=… correlation_id=…`), to find it in the
+    service's log and dead letters."""
+    notes = "; ".join(getattr(exc, "__notes__", ()))
+    which = f" ({notes})" if notes else ""
+    return f"error: {exc.code.value}: {exc.message}{which}"
 
 
 def _early_logging() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from service._protocol import contracts
-from service._protocol.config import Settings
+from service._protocol.config import Settings, header_list
 from service._protocol.contracts import contract, error_schema, hoist
 from service._protocol.errors import ErrorCode
 from service._protocol.registry import Operation, Service
@@ -54,7 +54,10 @@ def export(services: Sequence[Service], settings: Settings, directory: Path) -> 
     the gateway's `openapi.json`; return the files."""
     written = contracts.export(services, settings, directory)
     document = openapi_document(
-        services, max_wait=settings.gateway_max_wait, auth=settings.gateway_auth != "none"
+        services,
+        max_wait=settings.gateway_max_wait,
+        auth=settings.gateway_auth != "none",
+        forward_headers=header_list(settings.gateway_forward_headers),
     )
     path = directory / "openapi.json"
     path.write_text(contracts.json_text(document), encoding="utf-8")
@@ -69,6 +72,7 @@ def openapi_document(
     max_wait: float = 300.0,
     auth: bool = True,
     routes: Sequence[Route] = ROUTES,
+    forward_headers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The OpenAPI 3.1.0 document for the gateway in front of `services`.
 
@@ -80,6 +84,8 @@ def openapi_document(
         auth: False when the gateway runs with BURROW_GATEWAY_AUTH=none: no security schemes,
             no `security`, no 401 responses.
         routes: the route table the gateway serves; its paths are the document's.
+        forward_headers: BURROW_GATEWAY_FORWARD_HEADERS: each is an optional header parameter
+            of every operation's path, passed on to the service.
     """
     schemas = _base_schemas()
     replies: list[str] = []
@@ -97,7 +103,9 @@ def openapi_document(
     for route in routes:
         for path, operation in route.paths(every):
             item = paths.setdefault(path, {})
-            item[route.method.lower()] = _operation(route, operation, auth, max_wait)
+            item[route.method.lower()] = _operation(
+                route, operation, auth, max_wait, forward_headers
+            )
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": _info(services, title, version),
@@ -105,7 +113,7 @@ def openapi_document(
             {"name": svc.name, "description": svc.description or svc.name} for svc in services
         ],
         "paths": paths,
-        "components": _components(schemas, max_wait, auth),
+        "components": _components(schemas, max_wait, auth, forward_headers),
     }
     if auth:
         doc["security"] = [{"bearer": []}, {"apiKey": []}]
@@ -155,7 +163,11 @@ def _default_version(services: Sequence[Service]) -> str:
 
 
 def _operation(
-    route: Route, op: Operation[Any, Any] | None, auth: bool, max_wait: float
+    route: Route,
+    op: Operation[Any, Any] | None,
+    auth: bool,
+    max_wait: float,
+    forward_headers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The OpenAPI operation of `route`; `op`: the operation it is documented for, when the
     route stands for one path per operation (its models, doc and callback are the operation's).
@@ -165,10 +177,11 @@ def _operation(
         if op is None
         else _described(op, max_wait)
     )
-    if route.parameters:
-        found["parameters"] = [
-            {"$ref": f"#/components/parameters/{name}"} for name in route.parameters
-        ]
+    parameters = [*route.parameters]
+    if route.per_operation:
+        parameters += [_forwarded_key(name) for name in forward_headers]
+    if parameters:
+        found["parameters"] = [{"$ref": f"#/components/parameters/{name}"} for name in parameters]
     if route.body and op is not None:
         found["requestBody"] = {
             "required": True,
@@ -267,11 +280,25 @@ def _problems(statuses: Sequence[str]) -> dict[str, Any]:
 # -- components -------------------------------------------------------------------------------
 
 
-def _components(schemas: dict[str, Any], max_wait: float, auth: bool) -> dict[str, Any]:
+def _components(
+    schemas: dict[str, Any], max_wait: float, auth: bool, forward_headers: Sequence[str]
+) -> dict[str, Any]:
+    parameters = _parameters(max_wait)
+    for name in forward_headers:
+        parameters[_forwarded_key(name)] = {
+            "name": name,
+            "in": "header",
+            "required": False,
+            "description": (
+                f"Passed on to the service as the message header `{name.lower()}` "
+                "(BURROW_GATEWAY_FORWARD_HEADERS), for its middleware."
+            ),
+            "schema": {"type": "string"},
+        }
     components: dict[str, Any] = {
         "schemas": schemas,
         "responses": _responses(auth),
-        "parameters": _parameters(max_wait),
+        "parameters": parameters,
         "headers": _headers(),
     }
     if auth:
@@ -346,6 +373,11 @@ def _parameters(max_wait: float) -> dict[str, Any]:
             "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
         },
     }
+
+
+def _forwarded_key(name: str) -> str:
+    """The `components.parameters` key of a forwarded header (`Forwarded_x-service-token`)."""
+    return "Forwarded_" + re.sub(r"[^A-Za-z0-9._-]", "_", name.lower())
 
 
 def _headers() -> dict[str, Any]:

@@ -9,6 +9,7 @@ of its own in the metrics and logs; a path naming no operation is `unmatched` th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,16 @@ API_PREFIX = "/v1/"
 CALLBACK_HEADER = "Burrow-Callback-Url"  # a submit's callback URL (components.parameters)
 # A job id the gateway hands out: `{service}.{operation}.{32 hex}` (the job route's `job_id`).
 JOB_ID_PATTERN = r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*\.[0-9a-f]{32}$"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+
+
+def split_job_id(job_id: str) -> tuple[str, str] | None:
+    """A job id the gateway handed out → (its operation's route, the service's job id), e.g.
+    `calc.add.<hex>` → (`calc.add`, `<hex>`); None for anything else."""
+    if _JOB_ID.fullmatch(job_id) is None:
+        return None
+    route, _, key = job_id.rpartition(".")
+    return route, key
 
 
 @dataclass(frozen=True, slots=True)

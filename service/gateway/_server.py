@@ -6,7 +6,11 @@ reply); with RFC 7240 `Prefer: respond-async` it is a submit (202 and `Location:
 /v1/jobs/{id}`), and with `Prefer: respond-async, wait=N` a submit answered with 200 when the
 job ends within N seconds, else 202 (the job runs once either way). `GET /v1/jobs/{id}` reads
 a job from any gateway instance (the id names its operation: a `result` call to the service).
-A `Burrow-Callback-Url` on a submit has the completion POSTed there (`_webhooks`).
+A `Burrow-Callback-Url` on a submit has the completion POSTed there (`_webhooks`). The request
+headers named by `BURROW_GATEWAY_FORWARD_HEADERS` travel on as message headers of calls and
+submits (`forward_headers` says which names may never be listed, and why). An operation of a
+served service that the gateway's copy of the code does not declare (deployed after the
+gateway started) is passed on as JSON, checked by the service instead of here.
 Errors are RFC 9457 problems; `/openapi.json` describes it all (`_openapi`). The routes are
 those of the route table (`_routes.ROUTES`), which the document is generated from too.
 """
@@ -17,21 +21,21 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
 from aiohttp import web
 from prometheus_client import Counter
 
 from service._amqp.link import LinkFactory
 from service._amqp.transport import AmqpLink
-from service._calling.client import Client
+from service._calling.client import PROTOCOL_HEADERS, Client
 from service._observe import metrics
+from service._observe.log import get_logger
 from service._protocol import codec, tracing
-from service._protocol.config import Settings, load_settings
+from service._protocol.config import Settings, header_list, load_settings
 from service._protocol.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -43,10 +47,10 @@ from service._protocol.errors import (
 )
 from service._protocol.jobs import JobState, JobStatus
 from service._protocol.registry import Operation, Service, State
-from service._protocol.vocabulary import H_VERSION
+from service._protocol.vocabulary import BURROW_HEADER_PREFIX, H_VERSION
 from service._runtime.app import App
 from service.gateway._openapi import UNAUTHENTICATED, openapi_document
-from service.gateway._routes import API_PREFIX, CALLBACK_HEADER, JOB, JOB_ID_PATTERN, ROUTES, Route
+from service.gateway._routes import API_PREFIX, CALLBACK_HEADER, JOB, ROUTES, Route, split_job_id
 from service.gateway._webhooks import CALLBACK_ROUTE, CallbackPolicy, callback_data, webhook_service
 
 # One status per wire code (docs/calling.md); a message too large is 413.
@@ -73,11 +77,42 @@ _TITLES = {
     ErrorCode.INTERNAL: "Internal error",
 }
 _PROBLEM = "application/problem+json"
-_HTTP_JOB_ID = re.compile(JOB_ID_PATTERN)
-_CORS_HEADERS = "Authorization, Content-Type, Prefer, X-API-Key, " + CALLBACK_HEADER
+API_KEY_HEADER = "X-API-Key"  # the gateway's own key header, beside Authorization: Bearer
+_CORS_HEADERS = f"Authorization, Content-Type, Prefer, {API_KEY_HEADER}, {CALLBACK_HEADER}"
+# An operation name the gateway passes on without knowing it (as in a gateway job id).
+_OPERATION_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+# Request headers BURROW_GATEWAY_FORWARD_HEADERS may not name, with why.
+_OWN = "the gateway's own"
+_HOP = "a hop-by-hop header: it is about the connection to the gateway, not the request"
+_FRAMING = "a framing header of the HTTP request itself, not of the message"
+NEVER_FORWARDED: dict[str, str] = {
+    "authorization": f"{_OWN} API key header: a key for the gateway is never passed on",
+    API_KEY_HEADER.lower(): f"{_OWN} API key header: a key for the gateway is never passed on",
+    "prefer": f"{_OWN} (respond-async, wait=N)",
+    CALLBACK_HEADER.lower(): f"{_OWN} callback header",
+    **dict.fromkeys(
+        (
+            "connection",
+            "keep-alive",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ),
+        _HOP,
+    ),
+    **dict.fromkeys(
+        ("content-encoding", "content-length", "content-type", "expect", "host"), _FRAMING
+    ),
+    tracing.HEADER: "carried on already: the request's trace context continues in the service",
+}
 _CORS_EXPOSED = "Location, Preference-Applied, Retry-After"
 
-_log = structlog.get_logger("burrow.gateway")
+_log = get_logger("burrow.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -205,11 +240,15 @@ class Gateway:
             raise ValueError("Gateway needs at least one Service")
         self.settings = settings = settings or load_settings()
         self.services = services
+        self._by_name: Mapping[str, Service] = {svc.name: svc for svc in services}
+        # The operations declared at start: documented, and labelled one by one in metrics.
         self.operations: dict[tuple[str, str], Operation[Any, Any]] = {
             (svc.name, op.name): op for svc in services for op in svc.operations.values()
         }
         self._keys = _api_keys(settings)
+        self.forward = forward_headers(settings)
         self._cors = frozenset(o.strip() for o in settings.gateway_cors_origins.split(",")) - {""}
+        self._cors_headers = ", ".join((_CORS_HEADERS, *self.forward))
         self.policy = CallbackPolicy.from_settings(settings)
         self.client = Client(settings, link_factory=link_factory)
         self.document = codec.encode(
@@ -218,6 +257,7 @@ class Gateway:
                 max_wait=settings.gateway_max_wait,
                 auth=self._keys is not None,
                 routes=self.routes,
+                forward_headers=self.forward,
             )
         )
         self._handlers: list[tuple[Route, Handler]] = [
@@ -230,6 +270,8 @@ class Gateway:
             for route in self.routes
             for path, _ in route.paths(self.operations.values())
         ]
+        # An operation declared after start is counted under its route's template.
+        labels += [route.label(route.path) for route in self.routes if route.per_operation]
         self._observed = {label: _Observed(label) for label in labels}
         self._unmatched = _Observed("unmatched")
         self.port = settings.gateway_port
@@ -330,7 +372,7 @@ class Gateway:
             response.headers["Access-Control-Allow-Origin"] = origin or ""
             response.headers["Vary"] = "Origin"
             response.headers["Access-Control-Allow-Methods"] = "GET, POST"
-            response.headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
+            response.headers["Access-Control-Allow-Headers"] = self._cors_headers
             response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSED
             response.headers["Access-Control-Max-Age"] = "600"
         return response
@@ -361,13 +403,19 @@ class Gateway:
         route = self._table.get((method, canonical))
         if route is None:
             return self._unmatched
-        # A per-operation route's path naming no operation has no label: it is unmatched.
-        return self._observed.get(route.label(route.served(info)), self._unmatched)
+        found = self._observed.get(route.label(route.served(info)))
+        if found is not None:
+            return found
+        # An operation of a served service declared after start: its route's template label;
+        # a path naming no served service has no label: it is unmatched.
+        if route.per_operation and self._passed_on(info["service"], info["operation"]):
+            return self._observed.get(route.label(route.path), self._unmatched)
+        return self._unmatched
 
     def _authorized(self, request: web.Request) -> bool:
         if self._keys is None:
             return True
-        given = request.headers.get("X-API-Key")
+        given = request.headers.get(API_KEY_HEADER)
         if given is None:
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer":
@@ -379,36 +427,61 @@ class Gateway:
 
     # -- the routes ------------------------------------------------------------------------
 
+    def _declared(self, service: str, name: str) -> Operation[Any, Any] | None:
+        """The operation as the served `Service` declares it now (one registered after start
+        included), or None."""
+        svc = self._by_name.get(service)
+        return None if svc is None else svc.operations.get(name)
+
+    def _passed_on(self, service: str, name: str) -> bool:
+        """Whether `service.name` is one the gateway passes on without its contract: an
+        operation of a served service its code does not declare (deployed after it started)."""
+        return service in self._by_name and _OPERATION_NAME.fullmatch(name) is not None
+
     async def _operation(self, request: web.Request) -> web.Response:
-        """POST /v1/{service}/{operation}: a call, or a submit when async is preferred."""
+        """POST /v1/{service}/{operation}: a call, or a submit when async is preferred.
+
+        An operation of a served service that this gateway's code does not declare is passed
+        on as JSON: the service checks it (its refusals are the same problems), and it carries
+        no contract version."""
         service, name = request.match_info["service"], request.match_info["operation"]
-        op = self.operations.get((service, name))
-        if op is None:
+        op = self._declared(service, name)
+        if op is None and not self._passed_on(service, name):
             raise NotFound(f"no operation {service[:64]}.{name[:64]}")
+        route = f"{service}.{name}"
         prefer = parse_prefer(request.headers.getall("Prefer", ()))
         body = await request.read()
-        payload = codec.decode_model(op.request, body)  # 422 here, before any AMQP
+        # 422 here, before any AMQP: the request model, or at least JSON.
+        payload = (
+            codec.decode_model(op.request, body) if op is not None else codec.decode_json(body)
+        )
         callback = request.headers.get(CALLBACK_HEADER)
         if callback is not None and not prefer.respond_async:
             raise InvalidArgument(f"{CALLBACK_HEADER} needs Prefer: respond-async")
+        headers = _forwarded(request, self.forward)
         wait = min(prefer.wait, self.settings.gateway_max_wait) if prefer.wait else None
         if not prefer.respond_async:
             # The operation's own bound (its `timeout`) unless the caller says how long it waits.
-            default = min(
-                op.timeout or self.settings.default_deadline, self.settings.gateway_max_wait
-            )
+            bound = op.timeout if op is not None else None
+            default = min(bound or self.settings.default_deadline, self.settings.gateway_max_wait)
+            if op is not None:
+                headers[H_VERSION] = str(op.major)
             reply = await self.client.rpc.call_raw(
-                op.route, body, timeout=wait or default, headers={H_VERSION: str(op.major)}
+                route, body, timeout=wait or default, headers=headers
             )
             applied = {"Preference-Applied": f"wait={prefer.wait:g}"} if wait else None
             return web.Response(body=reply, content_type="application/json", headers=applied)
         data = None
         if callback is not None:
-            data = callback_data(self.policy.check(callback), op.route)
+            data = callback_data(self.policy.check(callback), route)
         job = await self.client.submit(
-            op, payload, callback=CALLBACK_ROUTE if data else None, callback_data=data
+            op if op is not None else route,
+            payload,
+            callback=CALLBACK_ROUTE if data else None,
+            callback_data=data,
+            headers=headers,
         )
-        job_id = f"{op.route}.{job.id}"
+        job_id = f"{route}.{job.id}"
         if wait is not None:
             try:
                 status = await job.finished(wait)
@@ -438,11 +511,13 @@ class Gateway:
         """GET /v1/jobs/{id}: pending, completed with its result, or failed with its error;
         `Prefer: wait=N` waits up to N seconds for it to end."""
         job_id = request.match_info["job_id"]
-        found = _HTTP_JOB_ID.match(job_id)
-        service, name, key = found[0].split(".") if found is not None else ("", "", "")
-        if (service, name) not in self.operations:
+        split = split_job_id(job_id)
+        route, key = split if split is not None else ("", "")
+        service, _, name = route.partition(".")
+        if self._declared(service, name) is None and not self._passed_on(service, name):
             raise NotFound(f"no job {job_id[:120]}")
-        job = self.client.job(key, f"{service}.{name}")
+        # A read is a call to the service: its middleware sees the forwarded headers too.
+        job = self.client.job(key, route, headers=_forwarded(request, self.forward))
         wait = parse_prefer(request.headers.getall("Prefer", ())).wait
         try:
             if wait is None:
@@ -470,6 +545,41 @@ def _job_body(job_id: str, status: JobStatus) -> dict[str, Any]:
     if status.error is not None:
         return {"job_id": job_id, "status": "failed", "error": status.error.to_wire()}
     return {"job_id": job_id, "status": "completed", "result": status.result}
+
+
+def forward_headers(settings: Settings) -> tuple[str, ...]:
+    """The request headers passed on as message headers (BURROW_GATEWAY_FORWARD_HEADERS),
+    lower-cased.
+
+    Raises:
+        ConfigError: it names a header that is never forwarded, saying why.
+    """
+    refused = []
+    for name in header_list(settings.gateway_forward_headers):
+        why = NEVER_FORWARDED.get(name)
+        if why is None and (name in PROTOCOL_HEADERS or name.startswith(BURROW_HEADER_PREFIX)):
+            why = "one of Burrow's protocol headers, which Burrow sets itself"
+        if why is not None:
+            refused.append(f"{name} is never forwarded: {why}")
+    if refused:
+        raise ConfigError(f"BURROW_GATEWAY_FORWARD_HEADERS: {'; '.join(refused)}")
+    return tuple(header_list(settings.gateway_forward_headers))
+
+
+def _forwarded(request: web.Request, names: tuple[str, ...]) -> dict[str, str]:
+    """The values of the forwarded headers the request has (a repeated one joined by ", ")."""
+    found: dict[str, str] = {}
+    for name in names:
+        values = request.headers.getall(name, ())
+        if not values:
+            continue
+        value = ", ".join(values)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgument(f"header {name} is not UTF-8 text") from None
+        found[name] = value
+    return found
 
 
 def _api_keys(settings: Settings) -> tuple[bytes, ...] | None:

@@ -42,7 +42,6 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
-import structlog
 
 from service._amqp.link import (
     PUBLISH_OUTCOMES,
@@ -57,6 +56,7 @@ from service._amqp.link import (
 from service._amqp.tools import delete_queues_and_exchanges
 from service._amqp.transport import AmqpLink
 from service._calling.client import Client
+from service._observe.log import get_logger
 from service._protocol.config import Settings, load_settings
 from service._protocol.errors import ConnectionLost, DeadlineExceeded, NotFound, TopologyError
 from service._protocol.registry import Lifespan, Service
@@ -100,7 +100,7 @@ __all__ = [
     "delete_entities",
 ]
 
-_log = structlog.get_logger("burrow.testing")
+_log = get_logger("burrow.testing")
 
 _REPLY_PREFIX = DIRECT_REPLY_TO + "."
 # Queue arguments RabbitMQ compares when a queue is declared again (others are ignored).
@@ -679,10 +679,31 @@ class MemoryLink(LinkState):
         except TopologyError as exc:
             raise ConnectionLost(f"could not declare {queue.name}: {exc}") from None
 
-    async def delete_queue(self, name: str) -> None:
-        """Delete a queue (best effort: it may be gone already, or the link not connected)."""
-        if self._ready.is_set():
-            self.broker.delete_queue(name)
+    async def _declare_on_demand(
+        self, topology: Topology, *, requires: str, timeout: float
+    ) -> bool:
+        """Declare `topology` now if queue `requires` exists (False if not); a conflict raises
+        `TopologyError` and leaves the link connected, as the real link (which declares on a
+        channel of its own)."""
+        await self._wait_live(timeout)
+        if requires not in self.broker.queues:
+            return False
+        self.broker.apply(topology)
+        return True
+
+    async def delete_queue(
+        self, name: str, *, if_unused: bool = False, if_empty: bool = False
+    ) -> bool:
+        """Delete a queue, best effort (it may be gone already, or the link not connected);
+        True if this call deleted it. With `if_unused` / `if_empty`, only when no consumer is
+        attached / no message is ready (unacked deliveries do not count, as on RabbitMQ)."""
+        queue = self.broker.queues.get(name)
+        if not self._ready.is_set() or queue is None:
+            return False
+        if (if_unused and queue.consumer_count) or (if_empty and len(queue)):
+            return False
+        self.broker.delete_queue(name)
+        return True
 
     async def peek(self, queue: str, timeout: float) -> Delivery:
         """Wait for the first message of `queue` and leave it there.
@@ -1100,9 +1121,32 @@ BACKEND_VARIABLE = "BURROW_TEST_BACKEND"  # memory (default) | rabbitmq
 URL_VARIABLE = "BURROW_TEST_AMQP_URL"  # the rabbitmq backend's broker, over BURROW_AMQP_URL
 
 
+_NO_BROKER = (
+    "this test runs on RabbitMQ ({variable}=rabbitmq or --burrow-backend rabbitmq), and "
+    "`broker` is the in-memory broker's: `broker.{name}` needs the memory backend. To run on "
+    "both, wait with `await served.settle()` and assert what the client and the handlers saw; "
+    'or pin this test with `serve(..., backend="memory")`'
+)
+
+
+class _RealBroker:
+    """What `broker` is when `serve` runs on RabbitMQ: every use of it raises a `RuntimeError`
+    that says so and what to write instead (not an `AttributeError` on None)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(_NO_BROKER.format(variable=BACKEND_VARIABLE, name=name))
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "<no in-memory broker: the test runs on RabbitMQ>"
+
+
 class Served:
     """What `serve` yields: the running `app`, a connected `client`, and (in memory) the
-    `broker`. Unpacks as `(client, broker)`."""
+    `broker`. Unpacks as `(client, broker)`; on RabbitMQ that `broker` is a stand-in
+    which refuses every use with an error saying why."""
 
     def __init__(self, app: App, client: Client, broker: InMemoryBroker | None) -> None:
         self.app = app
@@ -1113,9 +1157,7 @@ class Served:
     def broker(self) -> InMemoryBroker:
         """The in-memory broker (what was published, queue contents, `drain`)."""
         if self._broker is None:
-            raise RuntimeError(
-                "this test runs on the real broker: inspecting it needs the memory backend"
-            )
+            raise RuntimeError(_NO_BROKER.format(variable=BACKEND_VARIABLE, name="…"))
         return self._broker
 
     @property
@@ -1124,7 +1166,7 @@ class Served:
         return self._broker is not None
 
     def __iter__(self) -> Iterator[Any]:
-        return iter((self.client, self._broker))
+        return iter((self.client, _RealBroker() if self._broker is None else self._broker))
 
     async def settle(self) -> None:
         """Wait until nothing is left to do: `broker.drain()` in memory; on the real broker,
@@ -1151,7 +1193,9 @@ async def serve(
         backend: `memory` (a fresh `InMemoryBroker`, the default) or `rabbitmq` (the broker of
             `BURROW_TEST_AMQP_URL` when set, else of `BURROW_AMQP_URL`, in a namespace of its
             own whose queues and exchanges are deleted afterwards). Unset:
-            `BURROW_TEST_BACKEND`, else `memory`. The same test runs on both.
+            `BURROW_TEST_BACKEND`, else `memory` (Burrow's pytest plugin sets both variables
+            from `--burrow-backend` and `--burrow-amqp-url`). The same test runs on both; on
+            RabbitMQ the `broker` it yields refuses every use with an error saying why.
         middleware, outbound, lifespan: as for `App`.
         settings: `Settings` fields, over the `BURROW_*` variables (`http=False` always); an
             `amqp_url` here wins over `BURROW_TEST_AMQP_URL`.

@@ -6,6 +6,9 @@ in-memory broker or on RabbitMQ, chosen per run.
   default: `BURROW_AMQP_URL`, as for the services themselves);
 - the `burrow_serve` fixture: `async with burrow_serve(svc) as served:` is `service.testing.serve`
   on that backend, so one test runs on both.
+
+The options are set as those variables for the whole run, so a plain `serve(svc)` (and a
+subprocess) follows them too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"the RabbitMQ of the rabbitmq backend (default: ${URL_VARIABLE}, "
         "else $BURROW_AMQP_URL)",
     )
+
+
+# The variables the options set, with what they held before the run (None: unset).
+_SET: dict[str, str | None] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Set `BURROW_TEST_BACKEND` / `BURROW_TEST_AMQP_URL` from the options, for `serve`."""
+    chosen: dict[str, str | None] = {
+        BACKEND_VARIABLE: config.getoption("--burrow-backend", None),
+        URL_VARIABLE: config.getoption("--burrow-amqp-url", None),
+    }
+    for variable, value in chosen.items():
+        if value:
+            _SET.setdefault(variable, os.environ.get(variable))
+            os.environ[variable] = value
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Put the variables back as they were before the run."""
+    for variable, before in _SET.items():
+        if before is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = before
+    _SET.clear()
 
 
 @pytest.fixture

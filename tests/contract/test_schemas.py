@@ -359,3 +359,35 @@ def test_cli_check_exits_non_zero_on_a_break(tmp_path: Path) -> None:
         "(unknown fields are forbidden)"
     ) in lines
     assert lines[-1] == "1 breaking, 0 compatible change(s)"
+
+
+def test_operation_without_reply_model_has_an_empty_object_reply(
+    tmp_path: Path, asyncapi_meta_schema: dict[str, Any]
+) -> None:
+    """A `-> None` operation's reply schema is the empty object it answers; every document
+    (contract, JSON Schemas, AsyncAPI, OpenAPI) still generates and validates."""
+    svc = Service("notes")
+
+    @svc.operation()
+    async def note(req: _Old) -> None:
+        """Record it."""
+
+    reply = contracts.contract(svc)["operations"]["notes.note"]["reply"]
+    jsonschema.Draft202012Validator.check_schema(reply)
+    jsonschema.validate({}, reply)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"sum": 1}, reply)
+    written = {path.name: path for path in openapi.export([svc], _settings(), tmp_path)}
+    assert "notes.note.reply.json" in written
+    validate(json.loads(written["openapi.json"].read_text(encoding="utf-8")))
+    document = yaml.safe_load(written["asyncapi.yaml"].read_text(encoding="utf-8"))
+    errors = list(jsonschema.Draft7Validator(asyncapi_meta_schema).iter_errors(document))
+    assert errors == [], [error.message for error in errors[:5]]
+    with_reply = _service(_Old, _Reply)
+    changes = contracts.compare(
+        {"shop": contracts.contract(with_reply)},
+        {"shop": {**contracts.contract(with_reply), "operations": {
+            "shop.add": {**contracts.contract(with_reply)["operations"]["shop.add"],
+                         "reply": reply}}}},
+    )  # fmt: skip
+    assert [change.breaking for change in changes] == [True]

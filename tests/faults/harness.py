@@ -876,13 +876,19 @@ class Ledger:
     async def drain(
         self, url: str, queues: Iterable[str] = (), dead_letter_queues: Iterable[str] = ()
     ) -> None:
-        """Take everything left in the queues (ack it) and record it as queued / dead."""
+        """Take everything left in the queues (ack it) and record it as queued / dead. A queue
+        that does not exist holds nothing (a service's request queue is deleted when its last
+        instance stops)."""
         connection = await aio_pika.connect(url)
         try:
             channel = await connection.channel()
             for names, into in ((queues, self.queued), (dead_letter_queues, self.dead)):
                 for name in names:
-                    queue = await channel.get_queue(name, ensure=True)
+                    try:
+                        queue = await channel.get_queue(name, ensure=True)
+                    except aio_pika.exceptions.ChannelNotFoundEntity:
+                        channel = await connection.channel()  # the miss closed it
+                        continue
                     while (message := await queue.get(fail=False, no_ack=True)) is not None:
                         into.add(message.message_id or "?")
         finally:

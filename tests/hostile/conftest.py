@@ -42,8 +42,10 @@ from structlog.testing import capture_logs
 from service import App, Context, InvalidArgument, Model, Service, Settings, Unavailable
 from service._amqp.link import ConsumerSpec
 from service._amqp.tools import delivery_from_message
+from service._amqp.transport import AmqpLink
 from service._protocol import tracing
 from service._protocol.codec import decode_json
+from service._protocol.topology import delay_ladder
 from service._protocol.types import Delivery, Settle
 from service._protocol.vocabulary import (
     DIRECT_REPLY_TO,
@@ -890,6 +892,14 @@ async def start_hostile(
     await app.start()
     try:
         await app.wait_ready(30)
+        # The probes publish into the delay ladder as a foreign client would: it declares the
+        # ladder first (docs/protocol.md §9); an App declares it only for its own delays.
+        ladder = AmqpLink("ladder", settings, topology=delay_ladder(settings))
+        ladder.start()
+        try:
+            await ladder.wait_ready(30)
+        finally:
+            await ladder.close()
         amqp = await RawAmqp.connect()
     except BaseException:
         await app.stop()

@@ -1,10 +1,11 @@
 """H7: `burrow dlq` and `burrow tail` on the real broker, against hostile dead letters.
 
-Replaying a letter whose deadline passed runs it; one poisoned letter never stops list, show or
-replay of the others; a wrong password or an unreachable broker is a one-line error; the tools
-connect as the service does (password file, URL failover, TLS); looking at a letter never uses
-up its delivery attempts; `list` holds one body at a time.
-"""
+Replaying a letter whose deadline passed runs it; a replay puts a letter back on the queue it
+was dead-lettered from only (an event reaches its own subscription, never every group); one
+poisoned letter never stops list, show or replay of the others; a wrong password or an
+unreachable broker is a one-line error; the tools connect as the service does (password file,
+URL failover, TLS); looking at a letter never uses up its delivery attempts; `list` holds one
+body at a time."""
 
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ from pydantic import SecretStr
 from service import Client, ConfigError, FailedPrecondition, Model, Service, Settings
 from service._amqp.tools import tail
 from service._protocol.topology import service_topology
-from service._protocol.types import Delivery, Undecodable
+from service._protocol.types import Delivery, Outgoing, Undecodable
 from service._protocol.vocabulary import (
     H_DEAD_ERROR,
     H_DEAD_REASON,
     H_DEADLINE,
     H_KIND,
     H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_QUEUE,
     H_ORIGINAL_ROUTING_KEY,
     Names,
 )
@@ -58,6 +60,13 @@ class Item(Model):
     """One piece of work."""
 
     id: int
+
+
+class Created(Model):
+    """An event, padded to a size."""
+
+    id: int
+    pad: str = ""
 
 
 def _service(ran: list[int], broken: Callable[[], bool]) -> Service:
@@ -203,6 +212,92 @@ async def test_h7_replay_runs_a_letter_whose_deadline_passed(
 
     await _eventually(done, "the replayed cast to run")
     assert await tool.list() == []
+
+
+async def test_h7_replay_goes_back_only_to_the_queue_it_was_dead_lettered_from(
+    start_app: AppFactory, client: Client, settings: Settings, namespace: str
+) -> None:
+    """An event the broker dead-lettered from one group's subscription queue (too large for
+    it: rejected, x-death only) is replayed onto that queue alone: the other group's handler
+    count stays unchanged. Letters naming a queue that is gone or unreadable, and an event
+    parked without its queue, are skipped with why (never sent to every subscription)."""
+    names = Names(settings.namespace)
+    runs: dict[str, list[int]] = {SERVICE: [], "audit": []}
+
+    def group(name: str) -> Service:
+        svc = Service(name)
+
+        async def on_created(event: Created) -> None:
+            runs[name].append(event.id)
+
+        svc.subscribe("orders.created", name="on_created")(on_created)
+        return svc
+
+    small = await start_app(group(SERVICE), max_body_bytes=256)
+    await start_app(group("audit"))
+    tool = DeadLetterTool(small.settings, SERVICE)
+    body = {"id": 5, "pad": "x" * 1000}  # over the h7 group's limit only
+    await client.link.publish(
+        Outgoing(names.events_exchange, "orders.created", orjson.dumps(body),
+                 content_type="application/json", message_id="big-5"),
+        kind="event", mandatory=True, check_size=False,
+    )  # fmt: skip
+
+    async def parked() -> bool:
+        return [letter.message_id for letter in await tool.list()] == ["big-5"]
+
+    await _eventually(parked, "the oversized event in the h7 DLQ")
+    [letter] = await tool.show(["big-5"])
+    assert letter.reason == "broker:rejected"
+    assert letter.original_queue == names.subscription_queue(SERVICE, "on_created")
+
+    async def audited() -> bool:
+        return runs["audit"] == [5]
+
+    await _eventually(audited, "the audit group to handle the event")
+    assert runs[SERVICE] == []
+
+    event_route: dict[ShortStr, Any] = {
+        H_ORIGINAL_EXCHANGE: S(names.events_exchange),
+        H_ORIGINAL_ROUTING_KEY: S("orders.created"),
+        H_DEAD_REASON: S("failed"),
+    }
+    dlq = names.dead_letter_queue(SERVICE)
+    raw = await _raw()
+    try:
+        await _park(raw, dlq, b'{"id": 6}', Props(
+            message_id="q-gone", content_type="application/json",
+            headers={**event_route, H_ORIGINAL_QUEUE: S(f"{namespace}.nobody.events")},
+        ))  # fmt: skip
+        await _park(raw, dlq, b'{"id": 7}', Props(
+            message_id="q-bytes", content_type="application/json",
+            headers={**event_route, H_ORIGINAL_QUEUE: S(b"\xff\xfe")},
+        ))  # fmt: skip
+        await _park(raw, dlq, b'{"id": 8}', Props(
+            message_id="old-event", content_type="application/json", headers=event_route,
+        ))  # fmt: skip
+    finally:
+        await raw.close()
+
+    await small.stop()
+    await start_app(group(SERVICE))  # the limit raised: the cause is fixed
+    code, out, err = await _burrow(namespace, "dlq", "replay", SERVICE, "--all")
+    assert code == 1, "skipped letters make the exit code non-zero"
+    report = orjson.loads(out)
+    assert report["replayed"] == 1, (report, err)
+    skipped = {entry["message_id"]: entry["problem"] for entry in report["skipped"]}
+    assert list(skipped) == ["q-gone", "q-bytes", "old-event"]
+    assert "no queue" in skipped["q-gone"]
+    assert "original queue" in skipped["q-bytes"]
+    assert "every subscription" in skipped["old-event"]
+
+    async def replayed() -> bool:
+        return runs[SERVICE] == [5]
+
+    await _eventually(replayed, "the h7 group to handle the replayed event")
+    await asyncio.sleep(0.3)  # time enough for a copy that reached audit to run
+    assert runs == {SERVICE: [5], "audit": [5]}
+    assert [letter.message_id for letter in await tool.list()] == list(skipped)
 
 
 # -- 2. one poisoned letter never stops the others --------------------------------------------

@@ -4,11 +4,15 @@ command whose handler fails is parked in the service's dead-letter queue with it
 
 from __future__ import annotations
 
+import asyncio
+
 import aio_pika
 import pytest
+import structlog.testing
 
 from service import Client, Context, Model, NotFound, Service
 from service._protocol.vocabulary import Names
+from service._serving.dead_letters import DeadLetterTool, json_line
 from tests.conftest import AppFactory
 from tests.integration.test_async_support import (
     Recorder,
@@ -93,6 +97,35 @@ async def test_failing_cast_is_dead_lettered_with_reason(
     assert recorder.items == [(message_id, "boom", False)]  # run once, never looped
     assert await queue_depth(amqp_channel, names.commands_queue("notes")) == 0
     assert await queue_depth(amqp_channel, names.dead_letter_queue("notes")) == 0
+
+
+async def test_a_crashed_cast_and_its_log_line_find_each_other(
+    start_app: AppFactory, client: Client
+) -> None:
+    """The `handler raised` line carries the message, correlation, trace and span ids; the
+    parked letter, as `burrow dlq show` prints it, names the exception type and has the same
+    message id and trace id (and no word of the exception's message)."""
+    recorder = Recorder()
+    app = await start_app(make_notes(recorder))
+    tool = DeadLetterTool(app.settings, "notes")
+    with structlog.testing.capture_logs() as logs:
+        message_id = await client.cast("notes.explode", {"text": "boom"})
+        for _ in range(200):
+            if await tool.list():
+                break
+            await asyncio.sleep(0.05)
+    [raised] = [entry for entry in logs if entry["event"] == "handler raised"]
+    assert raised["message_id"] == message_id
+    assert raised["trace_id"]
+    assert raised["span_id"]
+    assert "correlation_id" in raised
+    [letter] = await tool.show([message_id])
+    shown = letter.detail()
+    assert shown["error"]["code"] == "INTERNAL"
+    expected = {"exception": "RuntimeError", "trace_id": raised["trace_id"]}
+    assert shown["error"]["details"] == expected
+    assert raised["trace_id"] in shown["headers"]["traceparent"]
+    assert "secret" not in json_line(shown["error"])
 
 
 async def test_cast_where_no_service_ever_ran_is_not_found(client: Client) -> None:

@@ -84,15 +84,24 @@ async def test_delayed_cast_waits_in_ladder_then_arrives(
 
 
 async def test_ladder_queues_are_durable(
-    start_app: AppFactory, amqp_channel: aio_pika.abc.AbstractChannel, settings: Settings
+    start_app: AppFactory,
+    client: Client,
+    amqp_channel: aio_pika.abc.AbstractChannel,
+    settings: Settings,
 ) -> None:
-    """Every holding queue of the ladder is durable (re-declaring it durable is accepted)."""
-    await start_app(make_clock(Recorder()))
+    """Every holding queue of the ladder, declared by the first delayed cast, is durable with
+    the documented arguments (re-declaring it so is accepted)."""
+    recorder = Recorder()
+    await start_app(make_clock(recorder))
+    await client.cast("clock.tick", {"label": "declares"}, delay=0.1)
+    await recorder.wait_for(1)
     raw = await amqp_channel.get_underlay_channel()
     queues = delay_topology(settings).queues
     assert len(queues) > 2
     for queue in queues:
-        # A non-passive declare with other durability or arguments would close the channel.
+        # A passive declare finds it (a missing queue closes the channel) and a non-passive
+        # one with other durability or arguments would close the channel.
+        await raw.queue_declare(queue.name, passive=True)
         await raw.queue_declare(queue.name, durable=True, arguments=queue.arguments)
 
 

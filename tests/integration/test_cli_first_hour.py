@@ -9,6 +9,7 @@ import asyncio
 import importlib.metadata
 import importlib.util
 import os
+import re
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -202,18 +203,26 @@ async def test_run_serves_a_module_from_the_current_directory(
 async def test_unknown_operation_suggests_the_closest(
     serve: Callable[..., Any], project: Path, namespace: str
 ) -> None:
-    """A call to a misspelt operation exits 1 with one NOT_FOUND line naming the right one;
-    a name like none of the service's gets no suggestion."""
+    """A call to a misspelt operation exits 1 with one NOT_FOUND line naming the right one
+    (and the call's ids); a name like none of the service's gets no suggestion."""
     await serve()
     env = environment(namespace)
     misspelt = await burrow(project, env, "call", "greeter.helo", '{"name": "a"}')
     assert misspelt.code == 1
-    assert error_line(misspelt) == (
+    assert without_ids(error_line(misspelt)) == (
         "error: NOT_FOUND: unknown operation 'greeter.helo'; did you mean 'greeter.hello'?"
     )
     unlike = await burrow(project, env, "call", "greeter.xyz", '{"name": "a"}')
     assert unlike.code == 1
-    assert error_line(unlike) == "error: NOT_FOUND: unknown operation 'greeter.xyz'"
+    assert without_ids(error_line(unlike)) == "error: NOT_FOUND: unknown operation 'greeter.xyz'"
+
+
+def without_ids(line: str) -> str:
+    """An `error:` line of a failed call without the ids it ends with (asserting they are
+    there: `(message_id=X correlation_id=X)`)."""
+    found = re.fullmatch(r"(.*) \(message_id=(\S+) correlation_id=\2\)", line)
+    assert found is not None, line
+    return found[1]
 
 
 async def test_sigterm_drains_and_logs_no_warning(serve: Callable[..., Any]) -> None:

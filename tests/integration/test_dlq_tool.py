@@ -8,7 +8,7 @@ import aio_pika
 import structlog
 import structlog.testing
 
-from service import Client, FailedPrecondition, Model, Service
+from service import Client, Context, FailedPrecondition, Model, Service
 from service._serving.dead_letters import DeadLetterTool
 from tests.conftest import AppFactory
 
@@ -115,3 +115,50 @@ async def test_a_dead_letter_queue_declared_the_old_way_is_kept_with_one_warning
     tool = DeadLetterTool(app.settings, "legacy")
     await _wait_for(tool, 1)
     assert [letter.message_id for letter in await tool.list()] == [parked]
+
+
+async def test_a_replayed_event_reaches_only_the_subscription_it_failed_in(
+    start_app: AppFactory, client: Client
+) -> None:
+    """Two groups subscribe to one event; one fails and parks it. The replay runs the failed
+    group's handler again (the event name still its routing key), and the other group's count
+    stays unchanged."""
+    seen: dict[str, list[int]] = {"billing": [], "audit": []}
+    keys: list[str] = []
+    broken = True
+    billing, audit = Service("billing"), Service("audit")
+
+    @billing.subscribe("orders.created")
+    async def invoice(event: Order, ctx: Context) -> None:
+        seen["billing"].append(event.id)
+        keys.append(ctx.routing_key)
+        if broken:
+            raise FailedPrecondition("ledger closed")
+
+    @audit.subscribe("orders.created")
+    async def record(event: Order) -> None:
+        seen["audit"].append(event.id)
+
+    app = await start_app(billing, audit)
+    tool = DeadLetterTool(app.settings, "billing")
+    assert await client.emit("orders.created", {"id": 7})
+    await _wait_for(tool, 1)
+    [letter] = await tool.show(
+        [letter.message_id for letter in await tool.list() if letter.message_id]
+    )
+    assert letter.original_queue == client.names.subscription_queue("billing", "invoice")
+    assert letter.summary()["route"] == "orders.created"
+    assert seen == {"billing": [7], "audit": [7]}
+
+    broken = False
+    report = await tool.replay(None)
+    assert (report.replayed, report.skipped, report.missing) == (1, [], [])
+    for _ in range(100):
+        if len(seen["billing"]) == 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # time enough for a copy that reached audit to run
+    assert seen == {"billing": [7, 7], "audit": [7]}
+    assert keys == ["orders.created", "orders.created"]
+    assert await tool.list() == []
+    assert await DeadLetterTool(app.settings, "audit").list() == []

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import aiormq
 from aiormq.abc import AbstractChannel
 
 from service import (
-    App,
     Client,
     Context,
     DeadlineExceeded,
@@ -83,16 +83,6 @@ async def queue_depth(raw: AbstractChannel, queue: str) -> int:
     return int(declared.message_count or 0)
 
 
-async def stop_and_count(app: App, raw: AbstractChannel, queue: str) -> int:
-    """Stop `app` (in-flight work finishes and is settled) and count what is left in `queue`.
-
-    Unacked deliveries go back to the queue when the app's channel closes, so a request that
-    was handled but never acked shows up here.
-    """
-    await app.stop()
-    return await queue_depth(raw, queue)
-
-
 async def timed(call: Awaitable[Any]) -> tuple[BaseException | None, float]:
     """Await `call`; return what it raised (or None) and how long it took."""
     started = time.perf_counter()
@@ -152,16 +142,87 @@ async def test_calls_after_a_channel_error_raise_only_service_errors(
     assert client.rpc.pending == {}
 
 
-async def test_down_service_deadline_then_request_never_runs(
+async def queue_exists(raw: AbstractChannel, queue: str) -> bool:
+    """Whether `queue` exists (asked on a throwaway channel: a miss closes it)."""
+    probe = await raw.connection.channel()
+    try:
+        await probe.queue_declare(queue, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return True
+
+
+async def test_stopped_service_is_unroutable_at_once_and_served_after_a_start(
+    start_app: AppFactory, client: Client, amqp_channel: aio_pika.abc.AbstractChannel
+) -> None:
+    """A call to a service that ran and was stopped → Unroutable within a second (not at its
+    deadline): the last instance out deleted its request queue; the next start declares it
+    again and serves calls."""
+    lab = make_lab()
+    first = await start_app(lab.service)
+    assert await client.call(lab.route("echo"), {"text": "up"}, timeout=5) == {"text": "up"}
+    await first.stop()
+    queue = Names(client.settings.namespace).request_queue("lab")
+    assert not await queue_exists(await raw_channel(amqp_channel), queue)
+    error, elapsed = await timed(client.call(lab.route("echo"), {"text": "down"}, timeout=10))
+    assert isinstance(error, Unroutable), repr(error)
+    assert elapsed < 1.0 + SLACK
+    assert client.rpc.pending == {}
+
+    await start_app(lab.service)
+    assert await client.call(lab.route("echo"), {"text": "back"}, timeout=5) == {"text": "back"}
+    assert lab.calls == ["up", "back"]
+
+
+async def test_stopping_one_of_two_instances_keeps_calls_served(
+    start_app: AppFactory, client: Client
+) -> None:
+    """With two instances, stopping one leaves the request queue (the other consumes it):
+    calls are still answered; stopping the last makes them Unroutable."""
+    lab = make_lab()
+    first = await start_app(lab.service)
+    second = await start_app(lab.service)
+    await first.stop()
+    for n in range(5):
+        text = f"still {n}"
+        assert await client.call(lab.route("echo"), {"text": text}, timeout=5) == {"text": text}
+    await second.stop()
+    error, elapsed = await timed(client.call(lab.route("echo"), {"text": "down"}, timeout=10))
+    assert isinstance(error, Unroutable), repr(error)
+    assert elapsed < 1.0 + SLACK
+
+
+async def test_casts_keep_queueing_while_the_service_is_stopped(
+    start_app: AppFactory, client: Client
+) -> None:
+    """A cast sent while the service is stopped is accepted (its commands queue stays) and
+    runs once the service starts again."""
+    lab = make_lab()
+    first = await start_app(lab.service)
+    await first.stop()
+    await client.cast(lab.route("echo"), {"text": "queued"})
+    await start_app(lab.service)
+    for _ in range(200):
+        if lab.calls:
+            break
+        await asyncio.sleep(0.05)
+    assert lab.calls == ["queued"]
+
+
+async def test_crashed_service_deadline_then_request_never_runs(
     start_app: AppFactory,
     client: Client,
     amqp_channel: aio_pika.abc.AbstractChannel,
     namespace: str,
 ) -> None:
-    """A call to a stopped service ends at its deadline; on restart that request is not run."""
+    """A service that died without stopping (its connection just closed, as on SIGKILL) leaves
+    its request queue: a call then ends at its deadline; on restart that request is not run."""
     lab = make_lab()
     first = await start_app(lab.service)
-    await first.stop()
+    await first.transport.close()  # no graceful stop: the queue stays, nobody consumes it
     timeout = 1.0
     error, elapsed = await timed(
         client.call(lab.route("echo"), {"text": "while down"}, timeout=timeout)
@@ -173,9 +234,11 @@ async def test_down_service_deadline_then_request_never_runs(
     second = await start_app(lab.service)
     assert await client.call(lab.route("echo"), {"text": "fresh"}, timeout=5) == {"text": "fresh"}
     raw = await raw_channel(amqp_channel)
-    assert await stop_and_count(second, raw, Names(namespace).request_queue("lab")) == 0
+    queue = Names(namespace).request_queue("lab")
+    assert await queue_depth(raw, queue) == 0  # the expired request was dropped, not run
+    await second.stop()
     assert lab.calls == ["fresh"]
-    assert await queue_depth(raw, Names(namespace).request_queue("lab")) == 0
+    assert not await queue_exists(raw, queue)  # a graceful stop deletes it
 
 
 async def test_context_carries_ids_and_deadline(start_app: AppFactory, client: Client) -> None:

@@ -4,6 +4,7 @@ RabbitMQ, and nothing left behind on the real one."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -11,7 +12,7 @@ import pytest
 
 from service import InvalidArgument
 from service.example import calc
-from service.testing import URL_VARIABLE, Served, serve
+from service.testing import BACKEND_VARIABLE, URL_VARIABLE, Served, pytest_plugin, serve
 from tests.brokers import AMQP_URL, TEST_BROKER
 
 __all__: list[str] = []
@@ -73,3 +74,50 @@ async def test_the_real_backend_runs_on_the_test_broker(monkeypatch: pytest.Monk
     monkeypatch.setenv(URL_VARIABLE, "amqp://guest:guest@127.0.0.1:1/")
     async with serve(calc, backend="rabbitmq", queue_type="classic", amqp_url=AMQP_URL) as served:
         assert await served.client.call("calc.add", {"a": 1, "b": 1}) == {"sum": 2}
+
+
+async def test_the_unpacked_broker_on_rabbitmq_refuses_with_why() -> None:
+    """On RabbitMQ `async with serve(...) as (client, broker)` still unpacks, and any use of
+    `broker` raises a RuntimeError naming the backend and what to write instead (not an
+    AttributeError on None)."""
+    async with serve(calc, backend="rabbitmq", queue_type="classic") as (client, broker):
+        assert await client.call("calc.add", {"a": 1, "b": 1}) == {"sum": 2}
+        assert not broker
+        with pytest.raises(RuntimeError, match="BURROW_TEST_BACKEND=rabbitmq") as refused:
+            await broker.drain()
+        assert "served.settle()" in str(refused.value)
+        assert 'backend="memory"' in str(refused.value)
+        with pytest.raises(RuntimeError, match=r"broker\.published"):
+            _ = broker.published
+
+
+class _Options:
+    """A pytest config that answers `getoption` from a dict."""
+
+    def __init__(self, **options: str | None) -> None:
+        self.options = options
+
+    def getoption(self, name: str, default: object = None) -> object:
+        return self.options.get(name.lstrip("-").replace("-", "_"), default)
+
+
+async def test_the_plugin_options_make_plain_serve_follow_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--burrow-backend rabbitmq --burrow-amqp-url URL` switch `serve()` itself (not only the
+    `burrow_serve` fixture) for the run, and the variables are put back afterwards."""
+    monkeypatch.delenv(BACKEND_VARIABLE, raising=False)
+    monkeypatch.setenv(URL_VARIABLE, "amqp://guest:guest@127.0.0.1:1/")
+    config = _Options(burrow_backend="rabbitmq", burrow_amqp_url=AMQP_URL)
+    pytest_plugin.pytest_configure(config)  # type: ignore[arg-type]
+    try:
+        assert os.environ[BACKEND_VARIABLE] == "rabbitmq"
+        async with serve(calc, queue_type="classic") as served:
+            assert not served.in_memory
+            assert await served.client.call("calc.add", {"a": 1, "b": 1}) == {"sum": 2}
+    finally:
+        pytest_plugin.pytest_unconfigure(config)  # type: ignore[arg-type]
+    assert BACKEND_VARIABLE not in os.environ
+    assert os.environ[URL_VARIABLE] == "amqp://guest:guest@127.0.0.1:1/"
+    async with serve(calc) as served:
+        assert served.in_memory

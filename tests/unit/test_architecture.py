@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("service._observe", "service._stores"),  # logs and metrics; job and key stores
     ("service._amqp",),  # the link seam, the AMQP transport, the shim
     ("service._serving", "service._calling"),  # dispatch … settle; client internals
+    ("service._outbox",),  # the transactional outbox and inbox (PostgreSQL)
     ("service._runtime", "service.blocking"),  # App and its HTTP port; the sync client
     ("service.gateway", "service.testing"),  # the HTTP face; the in-memory broker
     ("service.cli",),  # the `burrow` command

@@ -1,18 +1,39 @@
 """The blocking client without a broker: an unreachable broker is Unavailable, the loop thread
-is a daemon. (Moved from tests/integration/test_blocking.py: neither needs RabbitMQ.)"""
+is a daemon (moved from tests/integration/test_blocking.py: neither needs RabbitMQ); on the
+in-memory broker, every `Client` argument and `headers=` are used."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
-from service import Settings, Unavailable
+from service import (
+    App,
+    ConfigError,
+    Model,
+    Next,
+    Publishing,
+    PublishNext,
+    Request,
+    Result,
+    Service,
+    Settings,
+    Unavailable,
+)
 from service.blocking import BlockingClient
+from service.testing import InMemoryBroker
 
 __all__: list[str] = []
+
+
+class Said(Model):
+    """What the echo service is told, and answers."""
+
+    text: str
 
 
 async def test_unreachable_broker_is_unavailable(settings: Settings) -> None:
@@ -37,3 +58,62 @@ def test_loop_thread_is_a_daemon(settings: Settings) -> None:
     assert all(t.daemon for t in threads)
     client.close()
     assert client.closed
+
+
+async def test_every_client_argument_is_used(settings: Settings) -> None:
+    """`BlockingClient(link_factory=…, outbound=[…])` uses both (outbound was once ignored),
+    and call, cast, submit and emit pass `headers=` on: the service's middleware sees them."""
+    seen: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def record(request: Request, call_next: Next) -> Result:
+        seen.put_nowait(dict(request.delivery.headers))
+        return await call_next(request)
+
+    async def sign(publishing: Publishing, call_next: PublishNext) -> None:
+        publishing.message.headers["x-signed"] = "by-outbound"
+        await call_next(publishing)
+
+    svc = Service("echo", middleware=[record])
+    svc.event("echo.said", Said)
+
+    @svc.operation()
+    async def say(req: Said) -> Said:
+        return req
+
+    @svc.subscribe("echo.said", group="log")
+    async def heard(event: Said) -> None:
+        pass
+
+    broker = InMemoryBroker()
+    app = App(svc, settings=settings, http=False, link_factory=broker.link_factory)
+    await app.start()
+    await app.wait_ready(5)
+    client = BlockingClient(settings, link_factory=broker.link_factory, outbound=[sign])
+    try:
+        token = {"x-service-token": "secret"}
+        said = {"text": "hi"}
+        assert await asyncio.to_thread(client.call, "echo.say", said, headers=token) == said
+        await asyncio.to_thread(client.cast, "echo.say", said, headers=token)
+        job = await asyncio.to_thread(client.submit, "echo.say", said, headers=token)
+        assert await asyncio.to_thread(job.result, 5) == said
+        assert await asyncio.to_thread(client.emit, "echo.said", said, headers=token)
+        for _ in range(4):
+            async with asyncio.timeout(5):
+                headers = await seen.get()
+            assert (headers["x-service-token"], headers["x-signed"]) == ("secret", "by-outbound")
+        with pytest.raises(ValueError, match="x-burrow-kind"):
+            await asyncio.to_thread(client.call, "echo.say", said, headers={"x-burrow-kind": "x"})
+    finally:
+        await asyncio.to_thread(client.close)
+        await app.stop()
+
+
+def test_unknown_argument_names_the_closest(settings: Settings) -> None:
+    """A misspelt argument is a ConfigError naming the closest setting or argument; no loop
+    thread is left behind."""
+    threads = threading.active_count()
+    with pytest.raises(ConfigError, match="did you mean outbound"):
+        BlockingClient(settings, outbond=[])
+    with pytest.raises(ConfigError, match="did you mean namespace"):
+        BlockingClient(namspace="orders")
+    assert threading.active_count() == threads

@@ -370,6 +370,50 @@ def test_load_settings_warns_once_per_unknown_variable(
     assert "did you mean BURROW_PREFETCH?" in messages[0]
 
 
+def test_unknown_settings_argument_names_the_closest_field() -> None:
+    """`load_settings(namspace=…)` and `Settings(namspace=…)` refuse the argument instead of
+    dropping it; load_settings names the closest field."""
+    with pytest.raises(
+        ConfigError, match="'namspace' is not a Burrow setting; did you mean namespace"
+    ):
+        load_settings(namspace="orders")
+    with pytest.raises(ConfigError, match="'zzzqq' is not a Burrow setting; the README lists"):
+        load_settings(zzzqq=1)
+    with pytest.raises(ValueError, match="namspace"):
+        Settings(namspace="orders")  # type: ignore[call-arg]
+
+
+def test_unknown_variable_is_still_only_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown BURROW_* variable keeps being warned about, never an error."""
+    monkeypatch.setattr(config, "_warned", set())
+    monkeypatch.setenv("BURROW_NAMSPACE", "orders")
+    assert load_settings().namespace == "burrow"
+
+
+def test_settings_from_applies_overrides_over_settings() -> None:
+    """settings_from: the environment when no settings, the settings as they are without
+    overrides, and overrides validated over the settings (a bad value names its variable)."""
+    base = Settings(prefetch=3)
+    assert config.settings_from(base, {}) is base
+    merged = config.settings_from(base, {"namespace": "orders"})
+    assert (merged.namespace, merged.prefetch) == ("orders", 3)
+    assert config.settings_from(None, {"prefetch": 9}).prefetch == 9
+    with pytest.raises(ConfigError, match="BURROW_PREFETCH"):
+        config.settings_from(base, {"prefetch": 0})
+    with pytest.raises(ConfigError, match="did you mean outbound"):
+        config.settings_from(base, {"outbond": []}, arguments=("outbound",))
+
+
+def test_gateway_forward_headers_are_header_names() -> None:
+    """BURROW_GATEWAY_FORWARD_HEADERS is comma-separated header names, case-insensitive; a
+    name that is no HTTP token names the variable."""
+    settings = load_settings(gateway_forward_headers=" X-Service-Token, x-tenant,,x-SERVICE-token")
+    assert config.header_list(settings.gateway_forward_headers) == ["x-service-token", "x-tenant"]
+    assert config.header_list(load_settings().gateway_forward_headers) == []
+    with pytest.raises(ConfigError, match="BURROW_GATEWAY_FORWARD_HEADERS: 'x token'"):
+        load_settings(gateway_forward_headers="x token")
+
+
 def _open_refused(reply_code: int, reply_text: str) -> aiormq.exceptions.InvalidFrameError:
     """The error a Burrow connection raises when the broker answers Connection.Open with a
     close: aiormq's InvalidFrameError, keeping the frame (`shim.HandshakeRefused`)."""

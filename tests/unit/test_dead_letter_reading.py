@@ -20,7 +20,8 @@ from pamqp.header import ContentHeader
 from service import Settings
 from service._amqp.tools import delivery_from_message
 from service._protocol.types import Delivery, Outgoing, Undecodable
-from service._serving.dead_letters import MAX_ERROR_CHARS, DeadLetter, json_line
+from service._protocol.vocabulary import Names
+from service._serving.dead_letters import MAX_ERROR_CHARS, DeadLetter, json_line, replay_target
 from service.testing import InMemoryBroker
 
 __all__: list[str] = []
@@ -175,6 +176,82 @@ def test_a_long_error_is_clipped_in_a_summary_only() -> None:
     assert summary.error == long[:MAX_ERROR_CHARS] + "…"
     full = DeadLetter.from_delivery(letter(parked(**{"x-burrow-dead-error": long})), full=True)
     assert full.error == {"message": "x" * MAX_ERROR_CHARS}
+
+
+# -- where a replay puts it ------------------------------------------------------------------
+
+NAMES = Names("rt")
+
+
+def test_an_event_letter_is_replayed_onto_its_own_queue_only() -> None:
+    """An event's x-burrow-original-queue is the replay's target, through the default
+    exchange (not the events exchange: every group would get it); `show` prints it."""
+    event = parked(**{
+        "x-burrow-original-exchange": "rt.events",
+        "x-burrow-original-routing-key": "orders.created",
+        "x-burrow-original-queue": "rt.billing.on_created.events",
+    })  # fmt: skip
+    found = DeadLetter.from_delivery(letter(event), full=True)
+    assert found.original_queue == "rt.billing.on_created.events"
+    assert found.summary()["route"] == "orders.created"
+    assert found.detail()["original_queue"] == "rt.billing.on_created.events"
+    assert replay_target(found, NAMES, "orders") == ("", "rt.billing.on_created.events")
+
+
+@pytest.mark.parametrize("queue", ["rt.orders.commands", b"rt.orders.requests"])
+def test_a_call_or_cast_letter_keeps_its_route_to_the_same_queue(queue: object) -> None:
+    """A letter from the service's own commands or request queue goes to its original
+    exchange and routing key (which reach that queue and name the operation when `type` is
+    absent)."""
+    found = DeadLetter.from_delivery(letter(parked(**{"x-burrow-original-queue": queue})))
+    assert found.original_queue == (queue.decode() if isinstance(queue, bytes) else queue)
+    assert replay_target(found, NAMES, "orders") == ("rt.commands", "orders.place")
+
+
+def test_an_event_letter_without_its_queue_is_not_sent_to_every_subscription() -> None:
+    """An event parked without x-burrow-original-queue (an earlier Burrow) is not replayed to
+    the events exchange; a cast without it still goes to its exchange and routing key."""
+    event = parked(**{
+        "x-burrow-original-exchange": "rt.events",
+        "x-burrow-original-routing-key": "orders.created",
+    })  # fmt: skip
+    target = replay_target(DeadLetter.from_delivery(letter(event)), NAMES, "orders")
+    assert isinstance(target, str)
+    assert "every subscription" in target
+    cast = DeadLetter.from_delivery(letter(parked()))
+    assert cast.original_queue is None
+    assert replay_target(cast, NAMES, "orders") == ("rt.commands", "orders.place")
+
+
+@pytest.mark.parametrize(
+    ("queue", "problem"),
+    [(5, "not text"), ("", "empty"), ("q" * 256, "255 bytes"), (DLQ, "back into the DLQ")],
+    ids=["not-text", "empty", "too-long", "the-dlq"],
+)
+def test_an_unusable_original_queue_is_a_problem(queue: object, problem: str) -> None:
+    """An original queue that is not text, empty, too long or the DLQ itself is not a target."""
+    found = DeadLetter.from_delivery(letter(parked(**{"x-burrow-original-queue": queue})))
+    target = replay_target(found, NAMES, "orders")
+    assert isinstance(target, str)
+    assert problem in target
+    _readable(found)
+
+
+def test_a_broker_dead_letter_goes_back_to_the_queue_of_its_latest_death() -> None:
+    """No x-burrow-* headers: x-last-death-queue, else the newest x-death entry's queue, else
+    x-first-death-queue (not where it first died: a retried message died in a holding queue
+    first)."""
+    retried = [
+        broker_death(reason="rejected", queue="rt.audit.on_created.events"),
+        broker_death(queue="rt.retry.0.wait", reason="expired", exchange="rt.retry.0"),
+    ]
+    headers = dead_lettered(*retried, **{"x-first-death-queue": "rt.retry.0.wait"})
+    found = DeadLetter.from_delivery(letter(headers))
+    assert replay_target(found, NAMES, "orders") == ("", "rt.audit.on_created.events")
+    headers["x-last-death-queue"] = "rt.orders.commands"
+    assert DeadLetter.from_delivery(letter(headers)).original_queue == "rt.orders.commands"
+    only_first = {"x-first-death-queue": "rt.orders.commands", "x-first-death-reason": "expired"}
+    assert DeadLetter.from_delivery(letter(only_first)).original_queue == "rt.orders.commands"
 
 
 # -- dead-lettered by the broker -------------------------------------------------------------

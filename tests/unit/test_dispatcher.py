@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
-from service import Model, Service, Settings, Unavailable
-from service._protocol.types import Outgoing, Undecodable
-from service._protocol.vocabulary import H_DEAD_REASON, H_KIND, Names
+from service import Context, Model, Service, Settings, Unavailable
+from service._protocol.types import Delivery, Outgoing, Undecodable
+from service._protocol.vocabulary import H_DEAD_ERROR, H_DEAD_REASON, H_KIND, Names
+from service._serving.dead_letters import DeadLetter
 from service.testing import InMemoryBroker
 from tests.unit.conftest import ServeApp
 
@@ -133,6 +135,79 @@ async def test_a_dispatch_bug_parks_instead_of_requeueing(
     assert letter.headers[H_DEAD_REASON] == "internal"
 
 
+async def test_a_crashed_handler_and_its_dead_letter_find_each_other(
+    serve_app: ServeApp, settings: Settings
+) -> None:
+    """A cast whose handler raises KeyError: the `handler raised` line has the ids, and the
+    dead letter (as `burrow dlq show` reads it) names the exception and carries the same
+    message id and trace id."""
+    svc = Service("crash")
+
+    @svc.operation()
+    async def boom(req: Job) -> Job:
+        """Fail with a bug."""
+        raise KeyError("secret")
+
+    _, client, broker = await serve_app(svc)
+    with capture_logs() as logs:
+        sent = await client.cast("crash.boom", {"n": 1})
+        await broker.drain()
+    [raised] = [entry for entry in logs if entry["event"] == "handler raised"]
+    [parked] = broker.queue(Names(settings.namespace).dead_letter_queue("crash")).messages
+    letter = DeadLetter.from_delivery(
+        Delivery(body=parked.body, routing_key="", message_id=parked.message_id,
+                 headers=parked.headers),
+        full=True,
+    )  # fmt: skip
+    shown = letter.detail()
+    assert shown["message_id"] == raised["message_id"] == sent
+    assert shown["error"]["code"] == "INTERNAL"
+    assert shown["error"]["details"] == {"exception": "KeyError", "trace_id": raised["trace_id"]}
+    assert raised["trace_id"] in shown["headers"]["traceparent"]
+    assert "secret" not in parked.headers[H_DEAD_ERROR]
+
+
+async def test_every_dispatcher_line_about_a_message_carries_its_ids(
+    serve_app: ServeApp, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line of a dispatch bug and of a requeue after a failed publish carry the message's
+    ids, like the `handled` line."""
+    runs: list[int] = []
+    app, client, broker = await serve_app(_work(runs))
+    [dispatcher] = app.servers
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in planning")
+
+    with capture_logs() as logs, monkeypatch.context() as patch:
+        patch.setattr(dispatcher, "_plan", broken)
+        sent = await client.cast("work.echo", {"n": 7})
+        await broker.drain()
+    [bug] = [entry for entry in logs if entry["event"] == "dispatch failed; dead-lettering"]
+    assert bug["message_id"] == sent
+    assert bug["trace_id"]
+    assert bug["span_id"]
+    assert "correlation_id" in bug
+
+    publish, failed = dispatcher._publish, list[Any]()
+
+    async def away_once(step: Any) -> None:
+        if not failed:
+            failed.append(step)
+            raise Unavailable("the broker is away")
+        await publish(step)
+
+    with capture_logs() as logs, monkeypatch.context() as patch:
+        patch.setattr(dispatcher, "_publish", away_once)
+        assert await client.call("work.echo", {"n": 8}) == {"n": 8}  # answered once requeued
+        await broker.drain()
+    [requeued] = [entry for entry in logs if entry["event"] == "publish failed; requeueing"]
+    handled = [entry for entry in logs if entry["event"] == "handled"]
+    assert requeued["message_id"] == handled[-1]["message_id"]
+    assert requeued["correlation_id"] == handled[-1]["correlation_id"] != ""
+    assert requeued["trace_id"] == handled[-1]["trace_id"]
+
+
 async def test_call_is_answered_and_acked(serve_app: ServeApp) -> None:
     """A call gets its reply and leaves nothing in the request queue."""
     runs: list[int] = []
@@ -142,3 +217,47 @@ async def test_call_is_answered_and_acked(serve_app: ServeApp) -> None:
     queue = broker.queue(Names(app.settings.namespace).request_queue("work"))
     assert queue.messages == []
     assert queue.unacked == 0
+
+
+async def test_operation_without_reply_model_answers_an_empty_object(
+    serve_app: ServeApp,
+) -> None:
+    """A `-> None` operation runs for a cast, answers a call with `{}` and completes a submit
+    with `{}`."""
+    noted: list[int] = []
+    svc = Service("notes")
+
+    @svc.operation()
+    async def note(req: Job) -> None:
+        """Record the job."""
+        noted.append(req.n)
+
+    _, client, broker = await serve_app(svc)
+    await client.cast("notes.note", {"n": 1})
+    assert await client.call("notes.note", {"n": 2}) == {}
+    job = await client.submit("notes.note", {"n": 3})
+    assert await job.result(timeout=5) == {}
+    await broker.drain()
+    assert sorted(noted) == [1, 2, 3]
+
+
+async def test_a_retried_event_shows_its_event_name_as_routing_key(
+    serve_app: ServeApp,
+) -> None:
+    """An event retried through the default exchange (keyed by its queue, as a replayed one
+    is) still shows the event name in `ctx.routing_key`."""
+    seen: list[str] = []
+    svc = Service("audit")
+
+    @svc.subscribe("orders.#", retries=2)
+    async def record(event: Job, ctx: Context) -> None:
+        seen.append(ctx.routing_key)
+        if len(seen) == 1:
+            raise Unavailable("the ledger is away")
+
+    _, client, broker = await serve_app(svc, retry_base_delay=0.01)
+    assert await client.emit("orders.created", {"n": 1})
+    await broker.drain()
+    assert seen == ["orders.created", "orders.created"]
+    retried = [m for m in broker.published if m.kind == "retry"]
+    assert [m.routing_key for m in retried] == [client.names.subscription_queue("audit", "record")]

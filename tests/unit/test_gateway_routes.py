@@ -145,12 +145,14 @@ async def test_a_route_added_to_a_table_is_served_documented_and_counted() -> No
 
 
 async def test_a_path_naming_no_operation_is_unmatched() -> None:
-    """POST to an operation the gateway does not serve: 404, counted as `unmatched`."""
+    """POST to a service the gateway does not serve: 404, counted as `unmatched` (an
+    undeclared operation of a served service is passed on: tests/unit/test_gateway_metadata)."""
     app = _gateway().make_app()
     before = _requests("unmatched", "404")
     async with TestClient(TestServer(app)) as client:
-        answer = await client.post("/v1/calc/nope", json={})
+        answer = await client.post("/v1/shop/nope", json={})
         assert answer.status == 404
+        assert (await answer.json())["detail"] == "no operation shop.nope"
     assert _requests("unmatched", "404") == before + 1
 
 

@@ -6,6 +6,7 @@ JSON lines in production, a console renderer otherwise; the library loggers keep
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from service._observe.log import configure_logging
+from service._observe.log import configure_logging, get_logger
 
 
 @pytest.fixture(autouse=True)
@@ -80,3 +81,45 @@ def test_level_filters_burrow_records(capsys: pytest.CaptureFixture[str]) -> Non
     log.info("quiet")
     log.warning("loud")
     assert [line["event"] for line in _json_lines(capsys.readouterr().err)] == ["loud"]
+
+
+def test_burrow_loggers_print_on_stderr_while_structlog_is_unconfigured(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With no logging configuration (a script using a Client), Burrow's lines go to stderr,
+    never stdout, and structlog's configuration is left as it was."""
+    structlog.reset_defaults()
+    before = structlog.get_config()
+    log = get_logger("burrow.transport")
+    log.info("broker connected", url="amqp://guest:***@127.0.0.1:5672/")
+    log.bind(link="client").warning("broker connection lost")
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "broker connected" in err
+    assert "broker connection lost" in err
+    assert structlog.get_config() == before
+    assert not structlog.is_configured()
+
+
+def test_burrow_loggers_follow_the_users_structlog_configuration() -> None:
+    """Once the user configured structlog, Burrow's lines go where theirs go, even through a
+    logger made before the configuration."""
+    log = get_logger("burrow.transport")
+    out = io.StringIO()
+    structlog.configure(
+        processors=[structlog.processors.JSONRenderer()],
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+    )
+    log.info("broker connected", link="client")
+    assert json.loads(out.getvalue()) == {"event": "broker connected", "link": "client"}
+
+
+def test_burrow_loggers_go_through_configure_logging(capsys: pytest.CaptureFixture[str]) -> None:
+    """Under `configure_logging` (burrow run, the CLI) they are the pipeline's JSON lines on
+    stderr, with their logger name."""
+    configure_logging("json", "info")
+    get_logger("burrow.transport").info("broker connected")
+    out, err = capsys.readouterr()
+    assert out == ""
+    [line] = _json_lines(err)
+    assert (line["event"], line["logger"]) == ("broker connected", "burrow.transport")

@@ -11,6 +11,7 @@ import time
 import pytest
 from structlog.testing import capture_logs
 
+from service._protocol import tracing
 from service._protocol.errors import DeadlineExceeded, ErrorCode, Internal, InvalidArgument
 from service._protocol.types import Delivery, Outcome
 from service._serving.middleware import (
@@ -23,6 +24,7 @@ from service._serving.middleware import (
     decision_middleware,
     error_middleware,
     failure,
+    log_middleware,
 )
 
 __all__: list[str] = []
@@ -212,3 +214,36 @@ def test_failure_with_and_without_caller() -> None:
     lone = _request(reply_to=None)
     parked = decide(lone, failure(lone, error, "invalid", Outcome.REJECTED))
     assert (parked.outcome, parked.dead_reason) == (Outcome.DEAD_LETTERED, "invalid")
+
+
+async def test_handler_raised_line_carries_the_message_ids() -> None:
+    """The `handler raised` line has the message, correlation, trace and span ids of the
+    `handled` line beside it, and the error names the exception type and that trace id."""
+    trace = tracing.child(None)
+    request = _request(reply_to=None)
+    request.delivery = Delivery(
+        body=b"{}", routing_key="calc.add", message_id="m-1", correlation_id="c-1"
+    )
+
+    async def boom(request: Request) -> Result:
+        raise KeyError("secret")
+
+    token = tracing.activate(trace)
+    try:
+        chain = compose([log_middleware, decision_middleware, error_middleware], boom)
+        with capture_logs() as logs:
+            result = await chain(request)
+    finally:
+        tracing.deactivate(token)
+    [raised] = [entry for entry in logs if entry["event"] == "handler raised"]
+    [handled] = [entry for entry in logs if entry["event"] == "handled"]
+    ids = ("message_id", "correlation_id", "trace_id", "span_id")
+    assert {key: raised[key] for key in ids} == {key: handled[key] for key in ids}
+    assert (raised["message_id"], raised["correlation_id"]) == ("m-1", "c-1")
+    assert raised["trace_id"] == tracing.trace_id(trace)
+    assert (raised["service"], raised["operation"], raised["kind"]) == ("calc", "calc.add", "cast")
+    assert result.outcome is Outcome.DEAD_LETTERED
+    assert isinstance(result.error, Internal)
+    assert result.error.message == "the handler failed"
+    assert result.error.details == {"exception": "KeyError", "trace_id": raised["trace_id"]}
+    assert "secret" not in str(result.error.to_wire())

@@ -163,3 +163,21 @@ def test_failed_declaration_leaves_service_unchanged() -> None:
     with pytest.raises(TypeError):
         svc.add_operation(ping)
     assert svc.operations == {}
+
+
+def test_operation_without_reply_model_is_declared_with_none() -> None:
+    """`-> None` declares an operation without a reply model (for casts); a missing return
+    annotation is still refused."""
+    svc = Service("pinger")
+
+    @svc.operation()
+    async def note(req: Ping) -> None:
+        """Record it."""
+
+    assert svc.operations["note"].reply is None
+
+    async def bare(req: Ping):  # type: ignore[no-untyped-def]
+        return None
+
+    with pytest.raises(TypeError, match="or None"):
+        svc.add_operation(bare)

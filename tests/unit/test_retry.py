@@ -374,3 +374,11 @@ def test_retry_copy_without_an_id_gets_one() -> None:
     """A message that arrived without a message id is copied with a fresh one."""
     copy = retry_copy(_failed(message_id=None), NAMES, 0, 0)
     assert copy.message_id
+
+
+def test_a_copy_of_a_message_without_type_keeps_its_route_as_type() -> None:
+    """A cast that named its operation only by its routing key comes back (keyed by the queue)
+    with that route as its `type`, so the retry reaches the same operation."""
+    copy = retry_copy(_failed(type=None, routing_key="notes.write"), NAMES, 0, 0)
+    assert (copy.routing_key, copy.type) == ("rt.notes.commands", "notes.write")
+    assert retry_copy(_failed(), NAMES, 0, 0).type == "notes.write"  # a type is kept as it is

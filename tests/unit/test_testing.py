@@ -35,7 +35,7 @@ from service._amqp.transport import AmqpLink
 from service._observe import metrics
 from service._protocol.topology import BindingDecl, QueueDecl, Topology
 from service._protocol.types import Delivery, Outgoing
-from service._protocol.vocabulary import DIRECT_REPLY_TO
+from service._protocol.vocabulary import DIRECT_REPLY_TO, Names
 from service.example import calc
 from service.testing import InMemoryBroker, MemoryLink, topic_matches
 
@@ -432,6 +432,57 @@ async def test_delete_queue_deletes_messages_bindings_and_consumers(settings: Se
     assert broker.queue("q").consumer_count == 1
     await pub.publish(out("ex", "k", b"after"), kind="event", mandatory=True)
     assert (await sink.next()).body == b"after"
+
+
+async def test_delete_queue_if_unused_and_if_empty(settings: Settings) -> None:
+    """With if_unused / if_empty a queue with a consumer / a ready message is kept (False);
+    once unused and empty it is deleted (True)."""
+    broker = InMemoryBroker()
+    sink = Sink()
+    consumer = broker.link_factory("c", settings, topology=Topology(queues=[QueueDecl("q")]))
+    consumer.add_consumer(ConsumerSpec("q", sink))
+    consumer.start()
+    pub = await started(broker, settings)
+    await pub.declare_queue(QueueDecl("idle"))
+    await pub.publish(out("", "idle", b"waiting"), kind="command", mandatory=True)
+    assert await pub.delete_queue("idle", if_empty=True) is False
+    assert await pub.delete_queue("idle", if_unused=True) is True
+    assert await pub.delete_queue("idle", if_unused=True) is False  # gone already
+
+    await pub.publish(out("", "q", b"held"), kind="command", mandatory=True)
+    held = await sink.next()
+    assert await pub.delete_queue("q", if_unused=True) is False  # a consumer is attached
+    await consumer.cancel_consumers()
+    await held.ack()
+    assert await pub.delete_queue("q", if_unused=True, if_empty=True) is True
+    assert "q" not in broker.queues
+
+
+async def test_app_stop_deletes_its_request_queue_but_not_a_shared_one(
+    settings: Settings,
+) -> None:
+    """Stopping the last App of a service deletes its request queue (calls then Unroutable);
+    while another instance consumes it, the queue stays. The commands queue always stays."""
+    broker = InMemoryBroker()
+    names = Names(settings.namespace)
+    apps = [App(calc, settings=settings, http=False, link_factory=broker.link_factory)]
+    apps.append(App(calc, settings=settings, http=False, link_factory=broker.link_factory))
+    for app in apps:
+        await app.start()
+        await app.wait_ready(5)
+    client = Client(settings, link_factory=broker.link_factory)
+    await client.start()
+    try:
+        await apps[0].stop()
+        assert names.request_queue("calc") in broker.queues
+        assert await client.call("calc.add", {"a": 1, "b": 2}) == {"sum": 3}
+        await apps[1].stop()
+        assert names.request_queue("calc") not in broker.queues
+        assert names.commands_queue("calc") in broker.queues
+        with pytest.raises(Unroutable):
+            await client.call("calc.add", {"a": 1, "b": 2}, timeout=5)
+    finally:
+        await client.close()
 
 
 async def test_bindings_of_a_deleted_queue_do_not_come_back(settings: Settings) -> None:
