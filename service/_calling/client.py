@@ -24,7 +24,14 @@ from service._protocol import codec, tracing, vocabulary
 from service._protocol.config import Settings, settings_from
 from service._protocol.errors import Internal, NotFound, QueueFull, ServiceError
 from service._protocol.jobs import JobState, JobStatus
-from service._protocol.messages import command, event_message, schedule, submit_request
+from service._protocol.messages import (
+    command,
+    due_time,
+    event_message,
+    schedule,
+    submit_request,
+    version_header,
+)
 from service._protocol.registry import Operation
 from service._protocol.topology import client_topology
 from service._protocol.types import Outgoing
@@ -181,7 +188,7 @@ class Client:
         route, reply = _route(operation), reply or _reply_model(operation)
         timeout = self.settings.default_deadline if timeout is None else timeout
         started = time.monotonic()
-        sent = {**check_headers(headers), **_version_header(operation)}
+        sent = {**check_headers(headers), **version_header(operation)}
         body = codec.encode(payload)
 
         def decode(answer: bytes) -> Any:
@@ -226,10 +233,10 @@ class Client:
             codec.encode(payload),
             Kind.CAST,
             trace=tracing.current(),
-            headers={**check_headers(headers), **_version_header(operation)},
+            headers={**check_headers(headers), **version_header(operation)},
         )
         try:
-            await self._publish_command(message, _due(delay, at))
+            await self._publish_command(message, due_time(delay, at))
         except ServiceError as exc:
             tag(exc, message_id=message.message_id)
             raise
@@ -269,8 +276,8 @@ class Client:
             codec.encode(payload),
             callback=callback,
             callback_data=callback_data,
-            due_at=_due(delay, at),
-            headers={**check_headers(headers), **_version_header(operation)},
+            due_at=due_time(delay, at),
+            headers={**check_headers(headers), **version_header(operation)},
         )
 
     def job(self, job_id: str, route: str = "", *, headers: Headers | None = None) -> Job:
@@ -349,7 +356,7 @@ class Client:
             codec.encode(payload),
             headers={**check_headers(headers), tracing.HEADER: tracing.child(tracing.current())},
         )
-        due_at = _due(delay, at)
+        due_at = due_time(delay, at)
         if due_at is not None:
             await self.link.publish(
                 schedule(self.names, message, due_at), kind=PublishKind.SCHEDULED, mandatory=True
@@ -438,24 +445,5 @@ def _route(operation: str | Operation[Any, Any]) -> str:
     return operation.route if isinstance(operation, Operation) else operation
 
 
-def _version_header(operation: str | Operation[Any, Any]) -> dict[str, Any]:
-    # Callers built against a declared Operation say which contract they speak.
-    return {H_VERSION: str(operation.major)} if isinstance(operation, Operation) else {}
-
-
 def _reply_model(operation: str | Operation[Any, Any]) -> type[BaseModel] | None:
     return operation.reply if isinstance(operation, Operation) else None
-
-
-def _due(delay: float | None, at: datetime | None) -> float | None:
-    if delay is not None and at is not None:
-        raise ValueError("give delay or at, not both")
-    if at is not None:
-        if at.tzinfo is None:
-            raise ValueError("at must be timezone-aware")
-        return at.timestamp()
-    if delay is not None:
-        if delay < 0:
-            raise ValueError("delay must not be negative")
-        return time.time() + delay
-    return None

@@ -18,7 +18,6 @@ through the session first: the outbox refuses a connection that is not in a tran
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from typing import Any
 
@@ -32,10 +31,17 @@ from service._protocol import codec, tracing
 from service._protocol.config import Settings, settings_from
 from service._protocol.errors import FailedPrecondition, InvalidArgument
 from service._protocol.jobs import JobStatus, valid_callback
-from service._protocol.messages import command, event_message, schedule, submit_request
+from service._protocol.messages import (
+    command,
+    due_time,
+    event_message,
+    schedule,
+    submit_request,
+    version_header,
+)
 from service._protocol.registry import Operation
 from service._protocol.types import Outgoing
-from service._protocol.vocabulary import H_VERSION, Kind, Names, PublishKind
+from service._protocol.vocabulary import Kind, Names, PublishKind
 
 
 class Outbox:
@@ -108,7 +114,7 @@ class Outbox:
             codec.encode(payload),
             headers={**check_headers(headers), tracing.HEADER: tracing.child(tracing.current())},
         )
-        await self._write(conn, message, PublishKind.EVENT, _due(delay, at), key)
+        await self._write(conn, message, PublishKind.EVENT, due_time(delay, at), key)
         return True
 
     async def cast(
@@ -137,9 +143,9 @@ class Outbox:
             codec.encode(payload),
             Kind.CAST,
             trace=tracing.current(),
-            headers={**check_headers(headers), **_version_header(operation)},
+            headers={**check_headers(headers), **version_header(operation)},
         )
-        await self._write(conn, message, PublishKind.COMMAND, _due(delay, at), key)
+        await self._write(conn, message, PublishKind.COMMAND, due_time(delay, at), key)
         return message.message_id
 
     async def submit(
@@ -171,10 +177,10 @@ class Outbox:
             trace=tracing.current(),
             callback=callback,
             callback_data=callback_data,
-            headers={**check_headers(headers), **_version_header(operation)},
+            headers={**check_headers(headers), **version_header(operation)},
         )
         message.reply_to = None  # the relay's connection has no reply consumer
-        await self._write(conn, message, PublishKind.COMMAND, _due(delay, at), key)
+        await self._write(conn, message, PublishKind.COMMAND, due_time(delay, at), key)
         if self._client is not None:
             return self._client.job(message.message_id, route)
         return Job(message.message_id, route, _no_reader)
@@ -230,23 +236,3 @@ def _route(operation: str | Operation[Any, Any]) -> str:
     if not isinstance(route, str) or "." not in route or valid_callback(route) is None:
         raise InvalidArgument(f"{str(route)[:80]!r} is not an operation (service.operation)")
     return route
-
-
-def _version_header(operation: str | Operation[Any, Any]) -> dict[str, Any]:
-    # As `Client`: a writer built against a declared Operation says which contract it speaks.
-    return {H_VERSION: str(operation.major)} if isinstance(operation, Operation) else {}
-
-
-def _due(delay: float | None, at: datetime | None) -> float | None:
-    """As `Client`: the absolute due time of `delay` seconds from now, or of `at`."""
-    if delay is not None and at is not None:
-        raise ValueError("give delay or at, not both")
-    if at is not None:
-        if at.tzinfo is None:
-            raise ValueError("at must be timezone-aware")
-        return at.timestamp()
-    if delay is not None:
-        if delay < 0:
-            raise ValueError("delay must not be negative")
-        return time.time() + delay
-    return None

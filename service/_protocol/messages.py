@@ -23,6 +23,7 @@ from typing import Any
 from service._protocol import codec, tracing
 from service._protocol.errors import InvalidArgument, ServiceError
 from service._protocol.jobs import valid_callback, valid_callback_data
+from service._protocol.registry import Operation
 from service._protocol.types import Delivery, Headers, Outgoing, Undecodable, new_id
 from service._protocol.vocabulary import (
     DIRECT_REPLY_TO,
@@ -308,6 +309,32 @@ def forward(
         priority=_priority(delivery.priority),
         timestamp=delivery.timestamp if isinstance(delivery.timestamp, datetime.datetime) else None,
     )
+
+
+def version_header(operation: str | Operation[Any, Any]) -> dict[str, Any]:
+    """The contract-version header of a request made against a declared `Operation` (which
+    says which contract its caller speaks); none for a route given as text."""
+    return {H_VERSION: str(operation.major)} if isinstance(operation, Operation) else {}
+
+
+def due_time(delay: float | None, at: datetime.datetime | None) -> float | None:
+    """The absolute due time (seconds since the epoch) of `delay` seconds from now, or of the
+    timezone-aware `at`; None for now.
+
+    Raises:
+        ValueError: both given, `at` naive, or `delay` negative.
+    """
+    if delay is not None and at is not None:
+        raise ValueError("give delay or at, not both")
+    if at is not None:
+        if at.tzinfo is None:
+            raise ValueError("at must be timezone-aware")
+        return at.timestamp()
+    if delay is not None:
+        if delay < 0:
+            raise ValueError("delay must not be negative")
+        return time.time() + delay
+    return None
 
 
 def event_message(
