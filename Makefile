@@ -103,7 +103,8 @@ $(TOOLS_STAMP): $(STAMP) Makefile
 	$(BIN)/pip install -q $(DEPLOY_TOOLS)
 	@touch $@
 
-# Benchmarks (bench/README.md): peers, plotting and the Java client for the broker's limit.
+# Benchmarks (bench/README.md): peers, plotting and the Java client for the broker's limit;
+# PostgreSQL for W8 (the outbox).
 BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: bench bench-quick
@@ -117,8 +118,8 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 		 echo "warning: no Java client; the LIMIT java row will fail")
 	@touch $@
 
-bench: install broker $(BENCH_STAMP)
+bench: install broker postgres $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
-bench-quick: install broker $(BENCH_STAMP)
+bench-quick: install broker postgres $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick

@@ -51,6 +51,10 @@ class Sizes:
     w7_requests: int
     w7_warmup: int
     w7_concurrency: int
+    w8_events: int  # W8: events through the outbox, and through Client.emit
+    w8_window: int  # W8: outbox transactions in flight (= the writers' pool of connections)
+    w8_paced_events: int  # W8's paced run: events at `w8_rate` per second
+    w8_rate: float
 
 
 FULL = Sizes(
@@ -69,6 +73,10 @@ FULL = Sizes(
     w7_requests=10_000,
     w7_warmup=500,
     w7_concurrency=64,
+    w8_events=20_000,
+    w8_window=16,
+    w8_paced_events=3_000,
+    w8_rate=500.0,
 )
 QUICK = Sizes(
     reps=1,
@@ -86,6 +94,10 @@ QUICK = Sizes(
     w7_requests=1_000,
     w7_warmup=128,
     w7_concurrency=64,
+    w8_events=2_000,
+    w8_window=16,
+    w8_paced_events=300,
+    w8_rate=500.0,
 )
 
 EVENT_EXCHANGE = "events"  # suffix of `<ns>.events`, a durable topic exchange

@@ -65,8 +65,12 @@ SUBMIT_TOOLS = ["burrow", "celery-rpc", "celery-redis"]
 # W7: HTTP -> AMQP -> reply. Burrow's row is `burrow gateway`; the peer is FastAPI on uvicorn
 # calling Burrow's Client by hand (bench/http_peer.py). Both call the same `calc` App.
 HTTP_TOOLS = ["burrow-gateway", "fastapi-client"]
+# W8: events through the transactional outbox (bench/tools/outbox_tool.py) against direct
+# `Client.emit`, same payload and subscriber; read as outbox over emit. burrow-dual-write
+# (full runs only) is a diagnostic: the same transaction without the outbox row, then emit.
+OUTBOX_TOOLS = ["burrow-outbox", "burrow-emit", "burrow-dual-write"]
 # The row Burrow is read from, per workload (default "burrow").
-BURROW_ROW = {"W7": "burrow-gateway"}
+BURROW_ROW = {"W7": "burrow-gateway", "W8": "burrow-outbox"}
 # Every row Burrow is divided by, in table order; burrow-quorum and burrow-link are Burrow
 # itself (quorum queues; the transport alone) and show what HA costs and what the API adds.
 PEERS = [
@@ -93,6 +97,9 @@ SHORT = {
     "celery-redis": "credis",
     "burrow-gateway": "gw",
     "fastapi-client": "fapi",
+    "burrow-outbox": "bo",
+    "burrow-emit": "be",
+    "burrow-dual-write": "bd",
 }
 # W5: CPU seconds per 10,000 W2 calls, per process (client, server, broker) and their sum.
 CPU_METRICS = (
@@ -433,6 +440,68 @@ class Bench:
         argv = [sys.executable, "-m", "service.cli", "gateway", "service.example:calc"]
         return HttpServer(argv, log, env)
 
+    def outbox_round(self, tool: str) -> None:
+        """W8: the subscriber, then the producer, twice: saturated (`w8_events` as fast as the
+        row goes: events/s from the first commit or publish to the last consumed, and the p50
+        and p99 of each event's producer stamp to its handler), then paced (`w8_paced_events`
+        at `w8_rate`/s: `paced_p50_us`, the latency of a pipeline that keeps up).
+
+        Rows: `burrow-outbox` (transactions through the outbox, the relay in the producer's
+        process), `burrow-emit` (`Client.emit`), `burrow-dual-write` (the transaction without
+        the outbox row, then `Client.emit`). The PostgreSQL schema is made afresh before each
+        run and dropped after the round; what the round declared on the broker is deleted.
+        """
+        from bench.tools import outbox_tool  # noqa: PLC0415 - needs asyncpg: W8 only
+
+        s = self.sizes
+        ns = self.ns(tool)
+        database = tool != "burrow-emit"
+        role = {"burrow-outbox": "outbox", "burrow-emit": "emit"}.get(tool, "dual")
+        window = s.w3_window if tool == "burrow-emit" else s.w8_window
+        rate_metric = "publish_per_s" if tool == "burrow-emit" else "commit_per_s"
+        try:
+            phases = []
+            for events, rate in ((s.w8_events, 0.0), (s.w8_paced_events, s.w8_rate)):
+                if database:  # afresh: the same order ids again
+                    asyncio.run(outbox_tool.prepare(ns))
+                phases.append(self._outbox_phase(tool, role, events, window, rate=rate))
+        finally:
+            if database:
+                asyncio.run(outbox_tool.drop(ns))
+            self.cleanup(ns)
+        (produced, consumed), (_, paced) = phases
+        elapsed = consumed["last"] - produced["first"]
+        self.add("W8", tool, "events_per_s", s.w8_events / elapsed)
+        self.add("W8", tool, "p50_us", consumed["p50_us"])
+        self.add("W8", tool, "p99_us", consumed["p99_us"])
+        self.add("W8", tool, rate_metric, produced[rate_metric])
+        self.add("W8", tool, "paced_p50_us", paced["p50_us"])
+
+    def _outbox_phase(
+        self, tool: str, role: str, events: int, window: int, *, rate: float
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One W8 run: (the producer's RESULT, the subscriber's RESULT)."""
+        consumer = self._outbox_proc(
+            tool, "consume", events=events, prefetch=self.sizes.w3_prefetch
+        )
+        try:
+            consumer.expect("READY", self.timeout)
+            producer = self._outbox_proc(tool, role, events=events, window=window, rate=rate)
+            try:
+                produced = producer.result(self.timeout)
+                consumed = consumer.result(self.timeout)
+            finally:
+                producer.close()
+        finally:
+            consumer.close()
+        return produced, consumed
+
+    def _outbox_proc(self, tool: str, role: str, **args: Any) -> Proc:
+        """A W8 process (`bench.tools.outbox_tool`), its stderr in `<tool>-<role>.log`."""
+        payload = orjson.dumps({"ns": self.ns(tool), "loop": self.loop, **args}).decode()
+        argv = [sys.executable, "-m", "bench.tools.outbox_tool", role, payload]
+        return Proc(argv, self.logs / f"{tool}-{role}.log")
+
     def scale_round(self, workers: int) -> None:
         """W4: W2 against `workers` Burrow server processes; broker CPU alongside."""
         s = self.sizes
@@ -510,25 +579,30 @@ class Bench:
         """Every workload, tools alternating within each repetition.
 
         Args:
-            extras: also run the `burrow-quorum` row (left out of the quick smoke run).
+            extras: also run the `burrow-quorum` and `burrow-dual-write` rows (left out of the
+                quick smoke run).
         """
-        want = only or {"W1", "W2", "W3", "W4", "W5", "W6", "W7", "LIMIT"}
+        want = only or {"W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "LIMIT"}
         rpc_tools = RPC_TOOLS if extras else [t for t in RPC_TOOLS if t != "burrow-quorum"]
         event_tools = EVENT_TOOLS if extras else [t for t in EVENT_TOOLS if t != "burrow-quorum"]
+        outbox_tools = OUTBOX_TOOLS if extras else [t for t in OUTBOX_TOOLS if "dual" not in t]
+        # (label, tools alternating, round) per workload group, in run order.
+        groups: list[tuple[str, list[Any], Any]] = []
+        if want & {"W1", "W2", "W5"}:
+            groups.append(("W1+W2+W5", rpc_tools, self.rpc_round))
+        if "W3" in want:
+            groups.append(("W3", event_tools, self.event_round))
+        if "W6" in want:
+            groups.append(("W6", SUBMIT_TOOLS, self.submit_round))
+        if "W7" in want:
+            groups.append(("W7", HTTP_TOOLS, self.http_round))
+        if "W8" in want:
+            groups.append(("W8", outbox_tools, self.outbox_round))
         for rep in range(self.sizes.reps):
             print(f"repetition {rep + 1}/{self.sizes.reps}", flush=True)
-            if want & {"W1", "W2", "W5"}:
-                for tool in _rotate(rpc_tools, rep):
-                    self.attempt(f"W1+W2+W5 {tool}", self.rpc_round, tool)
-            if "W3" in want:
-                for tool in _rotate(event_tools, rep):
-                    self.attempt(f"W3 {tool}", self.event_round, tool)
-            if "W6" in want:
-                for tool in _rotate(SUBMIT_TOOLS, rep):
-                    self.attempt(f"W6 {tool}", self.submit_round, tool)
-            if "W7" in want:
-                for tool in _rotate(HTTP_TOOLS, rep):
-                    self.attempt(f"W7 {tool}", self.http_round, tool)
+            for label, tools, round_ in groups:
+                for tool in _rotate(tools, rep):
+                    self.attempt(f"{label} {tool}", round_, tool)
             if "W4" in want:
                 for workers in _rotate(list(W4_WORKERS), rep):
                     self.attempt(f"W4 {workers} worker(s)", self.scale_round, workers)
@@ -552,13 +626,14 @@ class Bench:
             }
             for (workload, tool, metric), values in self.samples.items()
         ]
+        results += _added_latency(self.samples)
         results.sort(key=lambda r: (r["workload"], r["metric"], _tool_rank(r["tool"])))
         by_key: dict[tuple[str, str, str], float] = {
             (r["workload"], r["tool"], r["metric"]): r["median"] for r in results
         }
         ratios: list[dict[str, Any]] = []
         for (workload, tool, metric), value in by_key.items():
-            if workload not in {"W1", "W2", "W3", "W5", "W6", "W7"}:
+            if workload not in {"W1", "W2", "W3", "W5", "W6", "W7"}:  # W8: _outbox_ratios
                 continue
             if tool != BURROW_ROW.get(workload, "burrow"):
                 continue
@@ -575,6 +650,7 @@ class Bench:
                         "burrow_over_peer": round(ratio, 3),
                     }
                 )
+        ratios += _outbox_ratios(by_key)
         one = by_key.get(("W4", "burrow-workers-1", "calls_per_s"))
         for workers in (2, 4):
             many = by_key.get(("W4", f"burrow-workers-{workers}", "calls_per_s"))
@@ -596,13 +672,57 @@ class Bench:
         }
 
     def cleanup(self, prefix: str | None = None) -> None:
-        """Delete every queue, exchange and Redis key this run (or one tool) declared.
+        """Delete every queue, exchange and Redis key this run (or one tool) declared, and at
+        the end of the run W8's PostgreSQL schemas.
 
         Every name holds the run's random prefix (Celery's control reply exchange puts
         `reply.` before it).
         """
         asyncio.run(_delete_prefixed(prefix or self.prefix))
         _delete_redis_keys(prefix or self.prefix)
+        if prefix is None:
+            _drop_outbox_schemas(self.prefix)
+
+
+def _outbox_ratios(by_key: dict[tuple[str, str, str], float]) -> list[dict[str, Any]]:
+    """W8: the outbox row over direct emit (events/s: outbox's over emit's, the target's
+    definition, >= 0.5; latency: emit's over outbox's, so above 1 still means the outbox is
+    better) and over the dual write (events/s only: what the outbox itself costs)."""
+    found: list[dict[str, Any]] = []
+    for peer, metrics in (
+        ("burrow-emit", ("events_per_s", "p50_us", "p99_us", "paced_p50_us")),
+        ("burrow-dual-write", ("events_per_s",)),
+    ):
+        for metric in metrics:
+            mine = by_key.get(("W8", "burrow-outbox", metric))
+            theirs = by_key.get(("W8", peer, metric))
+            if not mine or not theirs:
+                continue
+            lower = metric in LOWER_IS_BETTER or metric == "paced_p50_us"
+            ratio = theirs / mine if lower else mine / theirs
+            found.append(
+                {"workload": "W8", "metric": metric, "peer": peer,
+                 "burrow_over_peer": round(ratio, 3)}
+            )  # fmt: skip
+    return found
+
+
+def _added_latency(samples: dict[tuple[str, str, str], list[float]]) -> list[dict[str, Any]]:
+    """W8 result rows `added_p50_us` and `added_paced_p50_us`: the outbox row's p50 minus
+    direct emit's, per repetition (the rows alternate within each one)."""
+    rows: list[dict[str, Any]] = []
+    for metric in ("p50_us", "paced_p50_us"):
+        mine = samples.get(("W8", "burrow-outbox", metric), [])
+        theirs = samples.get(("W8", "burrow-emit", metric), [])
+        if not mine or len(mine) != len(theirs):
+            continue
+        added = [a - b for a, b in zip(mine, theirs, strict=True)]
+        rows.append(
+            {"workload": "W8", "tool": "burrow-outbox", "metric": f"added_{metric}",
+             "median": round(median(added), 3), "min": round(min(added), 3),
+             "max": round(max(added), 3), "reps": len(added)}
+        )  # fmt: skip
+    return rows
 
 
 def _stop(popen: subprocess.Popen[Any], timeout: float) -> None:
@@ -700,6 +820,17 @@ async def _delete_prefixed(prefix: str) -> None:
         await connection.close()
 
 
+def _drop_outbox_schemas(prefix: str) -> None:
+    """Drop W8's PostgreSQL schemas of this run (each round drops its own; this catches a
+    round that died half-way). Best effort: no asyncpg or no database, nothing to drop."""
+    try:
+        from bench.tools import outbox_tool  # noqa: PLC0415 - needs asyncpg: W8 only
+
+        asyncio.run(outbox_tool.drop(prefix))
+    except Exception as exc:
+        print(f"  (W8 schemas not dropped: {exc})", flush=True)
+
+
 def _delete_redis_keys(prefix: str) -> None:
     """Delete the Redis keys (celery-redis results) under `prefix` in the bench's db."""
     import redis  # noqa: PLC0415 - a bench-only dependency (celery[redis])
@@ -740,7 +871,9 @@ def table(doc: dict[str, Any]) -> str:
         "ratios: burrow_over_peer, above 1 = Burrow better (latency/CPU: peer's over Burrow's;",
         "        W4-Nw: N workers over 1; peer burrow-quorum: classic Burrow over quorum Burrow;",
         "        peer burrow-link: the public API over the transport alone;",
-        "        W7: burrow-gateway over fastapi-client)",
+        "        W7: burrow-gateway over fastapi-client;",
+        "        W8: burrow-outbox over burrow-emit (target events_per_s >= 0.5) and over",
+        "        burrow-dual-write (the same transaction, then emit: what the outbox costs))",
         f"{'workload':<8} {'metric':<22} {'peer':<22} {'burrow_over_peer':>16}",
     ]
     for r in doc["ratios"]:
@@ -754,7 +887,9 @@ def main() -> int:
     """Run the suite; exit 1 only if a step failed (never because of a ratio)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="every workload once at 1/10 size")
-    parser.add_argument("--only", nargs="*", help="workloads to run (W1 W2 W3 W4 W5 W6 W7 LIMIT)")
+    parser.add_argument(
+        "--only", nargs="*", help="workloads to run (W1 W2 W3 W4 W5 W6 W7 W8 LIMIT)"
+    )
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument(
         "--out",

@@ -3,7 +3,9 @@
 Every module offers the same four coroutines: `serve`, `open_caller`, `consume`, `open_publisher`
 (`burrow-unconfirmed`, what confirms cost Burrow in `bench.hops`, only the first two); W6's tools
 also offer `open_submitter`. A tool whose API is blocking (Celery) sets `BLOCKING` and offers
-`serve_blocking` and `open_submitter_blocking` instead, driven from threads.
+`serve_blocking` and `open_submitter_blocking` instead, driven from threads. W8's
+`outbox_tool` (the outbox against direct emit) runs its own processes
+(`python -m bench.tools.outbox_tool ROLE`), so it is not in `TOOLS`.
 """
 
 from __future__ import annotations
