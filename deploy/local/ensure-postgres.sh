@@ -9,8 +9,18 @@ port="${BURROW_POSTGRES_PORT:-5432}"
 
 reachable() { (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; }
 
+# The tests' database (`test`), made once when this machine's server lacks it.
+ensure_test_db() {
+    if command -v psql >/dev/null 2>&1 \
+        && ! psql -h "$host" -p "$port" -U postgres -tAc "select 1" test >/dev/null 2>&1; then
+        psql -h "$host" -p "$port" -U postgres -c "create database test" postgres >/dev/null 2>&1 \
+            || echo "postgres: no database 'test' and could not create it" >&2
+    fi
+}
+
 if reachable; then
     echo "postgres: reachable on $host:$port"
+    ensure_test_db
     exit 0
 fi
 
@@ -40,6 +50,7 @@ done
 for _ in $(seq 1 60); do
     if reachable; then
         echo "postgres: running on $host:$port"
+        ensure_test_db
         exit 0
     fi
     sleep 1
