@@ -74,7 +74,7 @@ def till(*, later: bool, seen: asyncio.Queue[dict[str, Any]] | None = None) -> S
     return svc
 
 
-Start = Callable[..., Awaitable[TestClient[Any, Any]]]
+Start = Callable[..., Awaitable["TestClient[Any, Any]"]]
 
 
 @pytest.fixture
