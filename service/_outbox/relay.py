@@ -574,8 +574,17 @@ async def run_relay(
     Raises:
         ConfigError: no outbox database configured (`BURROW_OUTBOX_DSN`), or asyncpg missing.
     """
+    return await configured_relay(settings, link_factory).run(stop)
+
+
+def configured_relay(settings: Settings, link_factory: LinkFactory = AmqpLink) -> Relay:
+    """The relay `settings` configure, not started, for running on its own.
+
+    Raises:
+        ConfigError: no outbox database configured (`BURROW_OUTBOX_DSN`), or asyncpg missing.
+    """
     relay = Relay.from_settings(settings, link_factory)
     if relay is None:
         raise ConfigError("no outbox database: set BURROW_OUTBOX_DSN")
     db.driver()  # fail now, not in the background, when asyncpg is missing
-    return await relay.run(stop)
+    return relay

@@ -87,10 +87,13 @@ def retry_level(attempt: int, levels: int) -> int:
     return min(attempt, levels - 1)
 
 
-def attempts(headers: dict[str, Any], names: Names) -> int:
+def attempts(headers: dict[str, Any], names: Names, kind: str | None = None) -> int:
     """How many retries this message has already had: Burrow's own count (x-burrow-attempt, as
     the envelope reader coerces it) when readable, else the broker's x-death records of this
-    namespace's holding queues."""
+    namespace's holding queues. 0 without reading anything for a `kind` never retried (a
+    call): its count decides nothing."""
+    if kind is not None and kind not in _RETRIED_KINDS:
+        return 0
     counted = envelope.attempt(headers.get(H_ATTEMPT))
     return _deaths(headers, names) if counted is None else counted
 

@@ -35,9 +35,8 @@ from service._amqp.tools import tail
 from service._calling.client import Client, HeaderValue, check_headers
 from service._calling.rpc_client import tag
 from service._observe.log import configure_logging, get_logger
-from service._outbox import db as outbox_db
 from service._outbox import schema as outbox_schema
-from service._outbox.relay import Relay
+from service._outbox.relay import configured_relay
 from service._protocol import codec, contracts
 from service._protocol.config import Settings, load_settings
 from service._protocol.errors import (
@@ -465,10 +464,7 @@ async def _outbox_init(dsn: str, schema: str) -> int:
 async def _outbox_relay(settings: Settings) -> int:
     """`burrow outbox relay` until SIGTERM/SIGINT (exit 0), or 1 if the broker refused it; with
     `/metrics`, `/healthz` and `/readyz` on BURROW_HTTP_PORT, as `burrow run` serves them."""
-    relay = Relay.from_settings(settings)
-    if relay is None:
-        raise ConfigError("no outbox database: set BURROW_OUTBOX_DSN")
-    outbox_db.driver()  # fail now, not in the background, when asyncpg is missing
+    relay = configured_relay(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
