@@ -534,6 +534,8 @@ _names = st.sampled_from(
         "x-burrow-dead-error",
         "x-burrow-original-exchange",
         "x-burrow-original-routing-key",
+        "x-burrow-original-queue",
+        "x-last-death-queue",
         "x-burrow-dead-at",
         "x-burrow-undecodable",
         "x-first-death-reason",
